@@ -1,0 +1,122 @@
+"""Run directories, atomic checkpoints, and safe weight loading (never unpickling arbitrary objects)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from core.config import Config, config_hash, dump_yaml, read_yaml, validate
+from core.errors import CheckpointError, VaeflowError
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoints/last.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically torch.save a dict of tensors and plain values."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; a corrupt file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train first with `vaeflow train CONFIG --out RUN_DIR`")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a vaeflow checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); delete it to train from scratch") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a vaeflow checkpoint (missing model/step)")
+    return state
+
+
+def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+    """Atomically write the model's state dict as safetensors, with string metadata."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The resolved config stored in a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist; pass the --out folder of `vaeflow train`")
+    return validate(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+
+
+def write_run_config(run_dir: str | Path, cfg: Config) -> None:
+    """Store the resolved config (every default filled in) in the run directory."""
+    write_text(Path(run_dir) / CONFIG_FILE, dump_yaml(cfg))
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild a trained model from a run directory: config + model.safetensors, through the plugin registry."""
+    from core.model import build_model  # local: model imports config, which this module also needs
+
+    run_dir = Path(source)
+    cfg = read_run_config(run_dir)
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        hint = " (training did not finish: `vaeflow train --resume RUN_DIR`)" if (run_dir / CHECKPOINT_FILE).exists() else ""
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {run_dir}{hint}")
+    model = build_model(cfg)
+    try:
+        state = safetensors.torch.load_file(weights, device=str(device))
+    except Exception as exc:
+        raise CheckpointError(f"{weights} is corrupt ({type(exc).__name__}: {exc})") from None
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match its config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match its config: {exc}") from None
+    return model.to(device).eval(), cfg
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch metric records of a run."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def weights_metadata(cfg: Config) -> dict[str, str]:
+    """Deterministic metadata stored in model.safetensors."""
+    from core import __version__
+
+    return {"config_hash": config_hash(cfg), "vaeflow_version": __version__, "format": "vaeflow-vae-1"}
+
+
+__all__ = ["VaeflowError", "atomic_write", "load_checkpoint", "load_model", "save_checkpoint", "save_weights"]

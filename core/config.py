@@ -1,0 +1,371 @@
+"""The run config: pydantic models, YAML loading, overrides, canonical hash.
+
+Static sections are declared here; the component fields (``data.dataset``,
+``model.encoder`` ...) become discriminated unions on ``name`` once plugins are
+discovered (:func:`config_model`), so validation and the JSON schema both know
+every plugin's options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from core.errors import ConfigError
+from core.registry import Registry, get_registry
+
+ENV_PREFIX = "VAEFLOW_"
+
+
+class Section(BaseModel):
+    """Base of every config section: typos are errors with their field path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(Section):
+    """A component chosen by `name`; replaced by a union of plugin option models after discovery."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="registered component name (see `vaeflow plugins`)")
+
+
+# --- beta schedules (Higgins et al. 2017; Bowman et al. 2016; Fu et al. 2019; Burgess et al. 2018)
+class BetaConstant(Section):
+    """loss = -log p(x|z) + beta * KL, beta fixed."""
+
+    schedule: Literal["constant"] = "constant"
+    value: float = Field(1.0, ge=0, description="beta; 1 gives the ELBO, >1 a beta-VAE")
+
+
+class BetaLinear(Section):
+    """KL annealing: beta rises linearly from 0 to `value` over `warmup_steps` (Bowman et al. 2016)."""
+
+    schedule: Literal["linear"]
+    value: float = Field(1.0, ge=0, description="beta after warm-up")
+    warmup_steps: int = Field(gt=0, description="optimizer steps to reach `value`")
+
+
+class BetaCyclical(Section):
+    """Cyclical annealing (Fu et al. 2019): each cycle rises linearly for `ratio` of it, then holds."""
+
+    schedule: Literal["cyclical"]
+    value: float = Field(1.0, ge=0, description="beta at the top of each cycle")
+    cycle_steps: int = Field(gt=0, description="optimizer steps per cycle")
+    ratio: float = Field(0.5, gt=0, le=1, description="fraction of a cycle spent rising")
+
+
+class BetaCapacity(Section):
+    """Controlled capacity (Burgess et al. 2018): loss = -log p(x|z) + gamma * |KL - C(t)|."""
+
+    schedule: Literal["capacity"]
+    gamma: float = Field(1000.0, gt=0, description="weight of the capacity penalty")
+    max_capacity: float = Field(25.0, ge=0, description="C at the end of the ramp, nats per image")
+    capacity_steps: int = Field(gt=0, description="optimizer steps over which C rises from 0")
+
+
+BetaConfig = Annotated[
+    Union[BetaConstant, BetaLinear, BetaCyclical, BetaCapacity], Field(discriminator="schedule")
+]
+
+
+class DataConfig(Section):
+    """Which dataset, and how it reaches the model."""
+
+    dataset: ComponentSpec = Field(description="dataset plugin and its options")
+    pad_to: Optional[int] = Field(None, gt=0, description="zero-pad images to pad_to x pad_to (e.g. 28 -> 32)")
+    loader: Literal["memory", "stream"] = Field(
+        "memory", description="memory: whole split as tensors on the device; stream: DataLoader with workers"
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader workers for loader=stream")
+
+
+class ModelConfig(Section):
+    """The model: an encoder, a decoder and a likelihood around a latent of size latent_dim."""
+
+    kind: Literal["vae", "ae", "dae"] = Field("vae", description="vae, plain autoencoder, or denoising autoencoder")
+    latent_dim: int = Field(gt=0, description="J, the number of latent dimensions")
+    encoder: ComponentSpec
+    decoder: ComponentSpec
+    likelihood: ComponentSpec
+    noise: Optional[ComponentSpec] = Field(None, description="input corruption; required for kind=dae")
+
+
+class TrainConfig(Section):
+    """Optimization: AdamW, optional clipping, seeding, device and precision."""
+
+    epochs: int = Field(10, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many steps in total (smoke runs)")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up: constant or cosine to 0")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global grad norm to this (off: null)")
+    seed: int = Field(0, description="seeds init, shuffling and sampling; same seed, same run on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    bf16: bool = Field(False, description="bf16 autocast (CUDA first; works on CPU)")
+    compile: bool = Field(False, description="torch.compile the model")
+    num_threads: Optional[int] = Field(None, gt=0, description="CPU threads (null: torch default)")
+    log_every: int = Field(50, gt=0, description="steps between progress/metric syncs")
+    checkpoint_every: Optional[int] = Field(None, gt=0, description="steps between checkpoints; always at epoch end")
+    beta: BetaConfig = Field(default_factory=BetaConstant, description="KL weight schedule")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class EvalConfig(Section):
+    """Test-split metrics."""
+
+    iwae_k: int = Field(1000, gt=0, description="importance samples for the IWAE bound (Burda et al. 2016)")
+    max_examples: Optional[int] = Field(None, gt=0, description="evaluate on the first N test images (null: all)")
+    batch_size: int = Field(100, gt=0)
+    active_threshold: float = Field(0.01, gt=0, description="a unit is active if Cov_x E_q[z_i] exceeds this")
+    seed: int = 0
+
+
+class TrackingConfig(Section):
+    """Where runs go and what they are called."""
+
+    runs_dir: str = Field("runs", description="parent folder of run directories")
+    model_name: str = Field("vae", description="registered model name (pipelines issue)")
+
+
+class Config(Section):
+    """A whole vaeflow run."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+COMPONENT_FIELDS = {  # (section, field) -> family
+    ("data", "dataset"): "dataset",
+    ("model", "encoder"): "encoder",
+    ("model", "decoder"): "decoder",
+    ("model", "likelihood"): "likelihood",
+    ("model", "noise"): "noise",
+}
+
+
+def _component_type(registry: Registry, family: str) -> Any:
+    """A discriminated union on `name` over the options models of one family."""
+    members = []
+    for name in registry.names(family):
+        opts = registry.get(family, name).cls.Options
+        tag = (Literal[name], Field(description=f"{family} {name!r}"))
+        ident = "".join(c if c.isalnum() else "_" for c in name)
+        members.append(create_model(f"{family.title()}_{ident}", __base__=opts, name=tag))
+    if not members:
+        return ComponentSpec
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="name")]
+
+
+def config_model(registry: Registry | None = None) -> type[Config]:
+    """Build the full Config model with each component field typed by the discovered plugins."""
+    return _config_model(registry or get_registry())
+
+
+@lru_cache(maxsize=8)
+def _config_model(registry: Registry) -> type[Config]:
+    sections = {}
+    for section, base in (("data", DataConfig), ("model", ModelConfig)):
+        fields = {}
+        for (sec, fname), family in COMPONENT_FIELDS.items():
+            if sec == section:
+                t = _component_type(registry, family)
+                info = base.model_fields[fname]
+                fields[fname] = (Optional[t], None) if fname == "noise" else (t, Field(description=info.description))
+        sections[section] = (create_model(base.__name__, __base__=base, **fields), ...)
+    return create_model("Config", __base__=Config, **sections)
+
+
+Registry.__hash__ = object.__hash__  # registries are compared by identity for the cache above
+
+
+# --- loading, overrides, errors -----------------------------------------------------------------
+def _set_path(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        nxt = node.setdefault(key, {})
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError([(".".join(keys[: i + 1]), f"is not a section, cannot set {dotted} ({origin})")])
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_set(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse `--set a.b=value` items; values are YAML scalars (3, 1e-3, true, [1, 2], null)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([(item, "expected --set section.field=value, e.g. --set train.epochs=3")], "--set")
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as exc:
+            raise ConfigError([(key, f"value {raw!r} is not valid YAML: {exc}")], "--set") from None
+    return out
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, Any]]:
+    """VAEFLOW_SECTION__FIELD=value -> (section.field, value); variables without '__' are not config."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for var, raw in sorted(environ.items()):
+        if var.startswith(ENV_PREFIX) and "__" in var:
+            dotted = var[len(ENV_PREFIX):].lower().replace("__", ".")
+            out.append((dotted, yaml.safe_load(raw) if raw else raw))
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with errors that name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([(str(path), "file not found; pass an existing YAML file, e.g. configs/vae-shapes-tiny.yaml")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([(str(path), f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([(str(path), "must be a YAML mapping with sections data, model, train, eval, tracking")])
+    return data
+
+
+def _walk(model: Any, data: Any, loc: tuple) -> Any:
+    """The pydantic model class that validates the value at `loc`, following union tags in `data`."""
+    for part in loc:
+        model = _resolve(model, data)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = model.model_fields[part].annotation
+        data = data.get(part) if isinstance(data, dict) else None
+    return _resolve(model, data)
+
+
+def _resolve(tp: Any, data: Any) -> Any:
+    """Unwrap Optional/Annotated/Union to the member model that `data` selects."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) is Union:
+        members = [m for m in get_args(tp) if m is not type(None)]
+        for m in members:
+            m = _resolve(m, data)
+            if isinstance(m, type) and issubclass(m, BaseModel) and isinstance(data, dict):
+                for key in ("name", "schedule"):
+                    f = m.model_fields.get(key)
+                    if f is not None and get_args(f.annotation) and data.get(key) in get_args(f.annotation):
+                        return m
+        return members[0] if len(members) == 1 else None
+    return tp
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], data: dict, registry: Registry) -> list:
+    """(field path, message with what is allowed) for each pydantic error."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        clean = _strip_tags(loc, data)
+        path = ".".join(str(p) for p in clean) or "(top level)"
+        msg, kind = err["msg"], err["type"]
+        family = next((fam for key, fam in COMPONENT_FIELDS.items() if tuple(clean[:2]) == key), None)
+        if kind == "union_tag_invalid" and family:
+            bad = (err.get("ctx") or {}).get("tag")
+            msg = f"unknown {family} {bad!r}; known {family}s: {', '.join(registry.names(family)) or 'none'}"
+        elif kind == "union_tag_not_found" and family:
+            msg = f"missing `name`; choose one of: {', '.join(registry.names(family))}"
+        elif kind == "literal_error" and family and clean[-1] == "name":
+            msg = f"unknown {family} {err['input']!r}; known {family}s: {', '.join(registry.names(family))}"
+        elif kind == "extra_forbidden":
+            allowed = sorted(_fields_at(model, data, tuple(clean[:-1])))
+            msg = f"unknown key {clean[-1]!r}; allowed keys here: {', '.join(allowed)}"
+        elif kind == "missing":
+            msg = "required field is missing"
+        problems.append((path, msg))
+    return problems
+
+
+def _strip_tags(loc: tuple, data: Any) -> list:
+    """Drop the union tags pydantic puts in error paths (model.encoder.conv.x -> model.encoder.x)."""
+    clean, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part in (node.get("name"), node.get("schedule")):
+            continue  # a discriminator tag, not a key the user wrote
+        clean.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return clean
+
+
+def _fields_at(model: type[BaseModel], data: dict, loc: tuple) -> set[str]:
+    target = _walk(model, data, loc)
+    if isinstance(target, type) and issubclass(target, BaseModel):
+        return set(target.model_fields)
+    return set()
+
+
+def validate(raw: dict, registry: Registry | None = None, source: str = "config") -> Config:
+    """Validate a config mapping against the discovered plugins, or raise ConfigError."""
+    registry = registry or get_registry()
+    model = config_model(registry)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, raw, registry), source) from None
+
+
+def load_config(
+    path: str | Path, sets: list[str] | tuple[str, ...] = (), environ: dict[str, str] | None = None
+) -> Config:
+    """Read YAML, apply VAEFLOW_* env overrides then --set overrides, and validate."""
+    raw = read_yaml(path)
+    for dotted, value in env_overrides(environ) + parse_set(list(sets)):
+        _set_path(raw, dotted, value, "override")
+    return validate(raw, source=str(path))
+
+
+def apply_sets(cfg: Config, sets: list[str] | tuple[str, ...]) -> Config:
+    """Apply --set overrides to an already validated config (e.g. one stored in a run dir)."""
+    if not sets:
+        return cfg
+    raw = cfg.model_dump(mode="json")
+    for dotted, value in parse_set(list(sets)):
+        _set_path(raw, dotted, value, "--set")
+    return validate(raw, source="--set")
+
+
+def canonical_json(cfg: BaseModel | dict) -> str:
+    """Sorted-key JSON of a config with every default filled in."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(cfg: Config, section: str | None = None) -> str:
+    """sha256 of the canonical JSON of the config, or of one section, for caching and lineage."""
+    data = cfg.model_dump(mode="json")
+    if section is not None:
+        data = data[section]
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, every default filled in."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

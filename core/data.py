@@ -1,0 +1,81 @@
+"""Getting a dataset split onto the training device, and iterating it in shuffled batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from core.config import Config
+from core.errors import DataError
+from core.interfaces import Dataset, to_unit_float
+from core.registry import Registry, get_registry
+
+
+def open_dataset(cfg: Config, registry: Registry | None = None) -> Dataset:
+    """The dataset plugin instance named by data.dataset."""
+    registry = registry or get_registry()
+    cls = registry.get("dataset", cfg.data.dataset.name).cls
+    return cls(cls.Options.model_validate(cfg.data.dataset.model_dump(exclude={"name"})))
+
+
+def pad(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Zero-pad (N, C, H, W) images symmetrically to (N, C, size, size); None leaves them as they are."""
+    if size is None:
+        return images
+    h, w = images.shape[-2:]
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(images, (left, size - w - left, top, size - h - top))
+
+
+def load_split(cfg: Config, split: str, device: torch.device | str = "cpu", registry: Registry | None = None) -> torch.Tensor:
+    """A whole split as float images in [0, 1] on `device`, padded per data.pad_to: (N, C, H, W)."""
+    ds = open_dataset(cfg, registry)
+    images = ds.tensors(split)
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(ds.shape):
+        raise DataError(f"dataset {cfg.data.dataset.name!r} split {split!r} has shape {tuple(images.shape)}, "
+                        f"but declares images of shape {ds.shape}")
+    return pad(to_unit_float(images.to(device)), cfg.data.pad_to)
+
+
+class Batches:
+    """Shuffled minibatches of one split; epochs are driven by an explicit permutation for exact resume.
+
+    The memory path keeps the split on the device and gathers index batches (no per-sample Python).
+    The stream path feeds the same index batches to a DataLoader with workers, for data that does
+    not fit in memory.
+    """
+
+    def __init__(self, cfg: Config, split: str, device: torch.device, registry: Registry | None = None):
+        self.cfg, self.device = cfg, device
+        self.batch_size = cfg.train.batch_size
+        if cfg.data.loader == "memory":
+            self.images = load_split(cfg, split, device, registry)  # (N, C, H, W)
+            self.n = len(self.images)
+        else:
+            self.images = None
+            self.stream = open_dataset(cfg, registry).torch_dataset(split)
+            self.n = len(self.stream)
+        if self.n == 0:
+            raise DataError(f"dataset {cfg.data.dataset.name!r} split {split!r} is empty")
+
+    def __len__(self) -> int:
+        """Batches per epoch (the last one may be smaller)."""
+        return -(-self.n // self.batch_size)
+
+    def epoch(self, perm: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
+        """Batches (B, C, H, W) in the order of `perm` (N,), from batch index `start`."""
+        bs = self.batch_size
+        if self.images is not None:
+            perm = perm.to(self.device)
+            for i in range(start, len(self)):
+                yield self.images[perm[i * bs : (i + 1) * bs]]
+            return
+        index_batches = [perm[i * bs : (i + 1) * bs].tolist() for i in range(start, len(self))]
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_sampler=index_batches, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for batch in loader:
+            yield pad(batch.to(self.device, non_blocking=True), self.cfg.data.pad_to)

@@ -1,0 +1,245 @@
+"""The training engine: AdamW on the negative (beta-)ELBO, exact resume, NaN guard, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from core.beta import BetaSchedule
+from core.checkpoint import (
+    CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, load_checkpoint, read_run_config, save_checkpoint,
+    save_weights, weights_metadata, write_run_config, write_text,
+)
+from core.config import Config, config_hash
+from core.data import Batches
+from core.errors import CheckpointError, NonFiniteError
+from core.model import VAE, build_model
+
+TERMS = ("loss", "reconstruction", "kl", "grad_norm")  # recorded every step, checked at every sync
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW, fused where the build supports it (one kernel for all parameters)."""
+    t = cfg.train
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Linear warm-up, then constant or cosine decay to zero, per optimizer step."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "cosine":
+            progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TrainResult:
+    """What a finished `fit` returns."""
+
+    run_dir: Path
+    steps: int
+    epochs: int
+    img_per_s: float  # over the last epoch's step loop
+    final: dict  # the last epoch's metric record
+
+
+class Trainer:
+    """Owns the model, optimizer, beta schedule, data and RNG streams of one run directory."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.device = resolve_device(t.device)
+        torch.manual_seed(t.seed)  # model init
+        self.model: VAE = build_model(cfg).to(self.device)
+        self.step_model = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.beta = BetaSchedule(t.beta)
+        self.data = Batches(cfg, "train", self.device)
+        self.total_steps = t.epochs * len(self.data) if t.max_steps is None else min(t.max_steps, t.epochs * len(self.data))
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        self.shuffle = torch.Generator().manual_seed(t.seed + 1)  # epoch permutations, CPU
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.epoch_shuffle_state = self.shuffle.get_state()
+        self.hash = config_hash(cfg)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if resume:
+            self._restore()
+        else:
+            write_run_config(self.run_dir, cfg)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "shuffle_epoch_start": self.epoch_shuffle_state}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": "vaeflow-checkpoint-1", "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "beta": self.beta.state_dict(), "rng": rng,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "config_hash": self.hash, "config": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
+        }
+
+    def save(self) -> None:
+        """Write checkpoints/last.pt atomically."""
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE, self._state())
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device)
+        if state.get("config_hash") != self.hash:
+            raise CheckpointError(f"{self.run_dir / CHECKPOINT_FILE} was written for another config "
+                                  f"(hash {str(state.get('config_hash'))[:12]} != {self.hash[:12]}); start a new run dir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.beta.load_state_dict(state["beta"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_shuffle_state = state["rng"]["shuffle_epoch_start"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        # metrics written after this checkpoint belong to the lost tail of the run
+        path = self.run_dir / METRICS_FILE
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= self.epoch]
+            write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # --- the hot path ------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch (B, C, H, W); returns the TERMS as a (4,) tensor, no host sync."""
+        with self.autocast:
+            out = self.step_model(x)
+        reconstruction = -out.log_likelihood.mean()  # nats per image
+        kl = out.kl.mean()
+        loss = reconstruction + self.beta.penalty(kl)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+        else:
+            grad_norm = loss.new_zeros(())
+        self.optimizer.step()
+        self.scheduler.step()
+        self.beta.step += 1
+        self.step += 1
+        return torch.stack([loss.detach(), reconstruction.detach(), kl.detach(), grad_norm])
+
+    def _check(self, pending: list[torch.Tensor], first_step: int) -> torch.Tensor:
+        """Sync the recorded terms to the host; raise NonFiniteError naming the first bad step and term."""
+        terms = torch.stack(pending).float().cpu()  # (S, 4), the one host sync per log interval
+        bad = ~torch.isfinite(terms)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            ckpt = self.run_dir / CHECKPOINT_FILE
+            kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
+            raise NonFiniteError(
+                f"training diverged: {TERMS[col]} became {terms[row, col].item()} at step {first_step + row} "
+                f"(epoch {self.epoch + 1}); {kept}. Try a lower train.lr, set train.grad_clip, "
+                f"or check the data range for the likelihood."
+            )
+        return terms
+
+    def fit(self) -> TrainResult:
+        """Train to cfg.train.epochs (or max_steps), checkpointing atomically, then write model.safetensors."""
+        t = self.cfg.train
+        total_steps = self.total_steps
+        bar = tqdm(total=total_steps, initial=self.step, unit="step", disable=not t.progress, dynamic_ncols=True)
+        record, img_per_s = {}, 0.0
+        self.model.train()
+        try:
+            while self.epoch < t.epochs and self.step < total_steps:
+                if self.batch_in_epoch == 0:
+                    self.epoch_shuffle_state = self.shuffle.get_state()
+                else:  # resumed mid-epoch: replay this epoch's permutation
+                    self.shuffle.set_state(self.epoch_shuffle_state)
+                perm = torch.randperm(self.data.n, generator=self.shuffle)  # (N,)
+                sums, n_seen, pending, first = torch.zeros(len(TERMS)), 0, [], self.step
+                loop_time, t0 = 0.0, time.perf_counter()
+                for x in self.data.epoch(perm, self.batch_in_epoch):
+                    pending.append(self.train_step(x))
+                    self.batch_in_epoch += 1
+                    n_seen += len(x)
+                    last = self.batch_in_epoch == len(self.data) or self.step >= total_steps
+                    ckpt_due = t.checkpoint_every is not None and self.step % t.checkpoint_every == 0
+                    if len(pending) == t.log_every or last or ckpt_due:
+                        terms = self._check(pending, first)
+                        sums += terms.sum(0)
+                        bar.update(len(pending))
+                        bar.set_postfix(loss=f"{terms[-1, 0]:.2f}", img_s=f"{n_seen / max(loop_time + time.perf_counter() - t0, 1e-9):.0f}")
+                        pending, first = [], self.step
+                    if last:
+                        break
+                    if ckpt_due:
+                        loop_time += time.perf_counter() - t0
+                        self.save()
+                        t0 = time.perf_counter()
+                loop_time += time.perf_counter() - t0
+                img_per_s = n_seen / max(loop_time, 1e-9)
+                epoch_done = self.batch_in_epoch == len(self.data)
+                if epoch_done:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                record = self._epoch_record(sums, max(1, math.ceil(n_seen / self.data.batch_size)), img_per_s, loop_time)
+                self.save()
+                if epoch_done:
+                    with open(self.run_dir / METRICS_FILE, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+        finally:
+            bar.close()
+        save_weights(self.run_dir / WEIGHTS_FILE, self.model, weights_metadata(self.cfg))
+        return TrainResult(self.run_dir, self.step, self.epoch, img_per_s, record)
+
+    def _epoch_record(self, sums: torch.Tensor, n_steps: int, img_per_s: float, seconds: float) -> dict:
+        mean = (sums / n_steps).tolist()
+        rec = {"epoch": self.epoch, "step": self.step}
+        rec.update({k: v for k, v in zip(TERMS, mean) if k != "grad_norm" or self.cfg.train.grad_clip})
+        rec.update({"beta": self.beta.beta(), "lr": self.optimizer.param_groups[0]["lr"],
+                    "img_per_s": img_per_s, "seconds": seconds})
+        cap = self.beta.capacity()
+        if cap is not None:
+            rec["capacity"] = cap
+        return rec
+
+
+def train(cfg: Config, run_dir: str | Path) -> TrainResult:
+    """Train a new run in run_dir (which must not hold a run yet)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{run_dir} already holds a run; use `vaeflow train --resume {run_dir}` or another --out")
+    return Trainer(cfg, run_dir).fit()
+
+
+def resume(run_dir: str | Path) -> TrainResult:
+    """Continue the run in run_dir from its last checkpoint, exactly."""
+    cfg = read_run_config(run_dir)
+    return Trainer(cfg, run_dir, resume=True).fit()

@@ -1,0 +1,185 @@
+"""Base classes for every component family; plugins subclass these.
+
+Each component sets a class attribute ``name`` and a nested pydantic ``Options``
+model (``extra="forbid"``). Constructors take the validated options first, then
+the shapes the host derives from the data and the model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Shape = tuple[int, int, int]  # (C, H, W)
+
+
+class Options(BaseModel):
+    """Base for component options: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component:
+    """Mixin carrying the registry name and the options model of a component."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    FAMILY: ClassVar[str]
+
+
+class Encoder(Component, nn.Module):
+    """x (B, C, H, W) -> posterior parameters (B, out_features)."""
+
+    FAMILY = "encoder"
+
+    def __init__(self, options: Options, in_shape: Shape, out_features: int):
+        nn.Module.__init__(self)
+        self.options, self.in_shape, self.out_features = options, in_shape, out_features
+
+
+class Decoder(Component, nn.Module):
+    """z (B, latent_dim) -> likelihood parameters (B, *out_shape)."""
+
+    FAMILY = "decoder"
+
+    def __init__(self, options: Options, latent_dim: int, out_shape: Shape):
+        nn.Module.__init__(self)
+        self.options, self.latent_dim, self.out_shape = options, latent_dim, out_shape
+
+
+class Likelihood(Component, nn.Module):
+    """p(x | z) given the decoder's parameters; may own parameters (a learned sigma)."""
+
+    FAMILY = "likelihood"
+
+    def __init__(self, options: Options, data_shape: Shape):
+        nn.Module.__init__(self)
+        self.options, self.data_shape = options, data_shape
+
+    def param_channels(self, channels: int) -> int:
+        """How many channels of parameters the decoder must output per data channel set."""
+        return channels
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log p(x | params) summed over pixels: x (B, C, H, W), params (B, P, H, W) -> (B,)."""
+        raise NotImplementedError
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x | params]: (B, P, H, W) -> (B, C, H, W), used for reconstructions and samples."""
+        raise NotImplementedError
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw x ~ p(x | params): (B, P, H, W) -> (B, C, H, W)."""
+        raise NotImplementedError
+
+
+@dataclass
+class QuantizerOutput:
+    """Named outputs of a quantizer (van den Oord et al. 2017)."""
+
+    quantized: torch.Tensor  # (B, D, h, w), straight-through to z_e
+    indices: torch.Tensor  # (B, h, w) int64 codebook indices
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. codebook, commitment
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. perplexity, usage
+
+
+class Quantizer(Component, nn.Module):
+    """z_e (B, D, h, w) -> QuantizerOutput. Implementations arrive with the VQ-VAE issue."""
+
+    FAMILY = "quantizer"
+
+    def __init__(self, options: Options, embedding_dim: int):
+        nn.Module.__init__(self)
+        self.options, self.embedding_dim = options, embedding_dim
+
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
+        """Quantize a feature map to its nearest codebook vectors."""
+        raise NotImplementedError
+
+
+class Prior(Component, nn.Module):
+    """A density over latents or code grids, with log_prob and sample."""
+
+    FAMILY = "prior"
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """log p(z) per example: (B, ...) -> (B,)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
+        """Draw n latents: -> (n, ...)."""
+        raise NotImplementedError
+
+
+class Dataset(Component):
+    """A dataset of images in [0, 1] with a fixed shape and train/test splits."""
+
+    FAMILY = "dataset"
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    @property
+    def shape(self) -> Shape:
+        """(C, H, W) of one image, known without loading pixels."""
+        raise NotImplementedError
+
+    def tensors(self, split: str) -> torch.Tensor:
+        """The whole split in memory: (N, C, H, W) uint8 in [0, 255] or float in [0, 1]."""
+        raise NotImplementedError
+
+    def torch_dataset(self, split: str) -> torch.utils.data.Dataset:
+        """A map-style dataset of (C, H, W) float images, for the streaming DataLoader path."""
+        return _ImageTensorDataset(self.tensors(split))
+
+
+class _ImageTensorDataset(torch.utils.data.Dataset):
+    """Map-style view over an in-memory (N, C, H, W) tensor, scaling uint8 to [0, 1]."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_unit_float(self.images[i])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; float input passes through as float32."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
+
+
+class Noise(Component):
+    """Input corruption for the denoising autoencoder (Vincent et al. 2008)."""
+
+    FAMILY = "noise"
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Corrupt x (B, C, H, W) -> (B, C, H, W), drawing from the global torch RNG."""
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, type[Component]] = {
+    cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise)
+}
+HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
+    "encoder": "register_encoders",
+    "decoder": "register_decoders",
+    "quantizer": "register_quantizers",
+    "likelihood": "register_likelihoods",
+    "prior": "register_priors",
+    "dataset": "register_datasets",
+    "noise": "register_noises",
+}

@@ -1,0 +1,87 @@
+"""Test-split evaluation: negative ELBO, IWAE bound, reconstruction error, active units, per-dim KL."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from core.config import EvalConfig
+from core.model import VAE
+
+LN2 = math.log(2.0)
+
+
+def bits_per_dim(nats_per_image: float, dims: int) -> float:
+    """Convert nats per image to bits per dimension."""
+    return nats_per_image / (dims * LN2)
+
+
+@torch.no_grad()
+def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int = 100) -> torch.Tensor:
+    """Importance-weighted bound (Burda et al. 2016): log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q: (B,).
+
+    k = 1 gives a single-sample ELBO estimate; the bound rises with k towards log p(x).
+    Samples are drawn in chunks of at most `chunk` so memory stays O(chunk * B).
+    """
+    parts = []
+    for start in range(0, k, chunk):
+        parts.append(model.log_joint_terms(x, min(chunk, k - start)))  # (k_i, B)
+    log_w = torch.cat(parts)  # (k, B)
+    return torch.logsumexp(log_w, dim=0) - math.log(k)
+
+
+@torch.no_grad()
+def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E_q log p(x|z) by one sample, KL closed form, KL per dim): (B,), (B,), (B, J)."""
+    q = model.posterior(x)
+    log_px = model.likelihood.log_prob(x, model.decode(q.rsample()))
+    kl_dims = q.kl_per_dim()  # (B, J)
+    return log_px, kl_dims.sum(1), kl_dims
+
+
+@torch.no_grad()
+def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
+    """Every metric over a test split (N, C, H, W) in [0, 1]; ELBO-based ones only for variational models."""
+    model.eval()
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        if cfg.max_examples is not None:
+            images = images[: cfg.max_examples]
+        n, dims = len(images), images[0].numel()
+        sums = {"neg_elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0, "sq_err": 0.0}
+        means, kl_dims = [], torch.zeros(model.latent_dim, dtype=torch.float64)
+        for batch in images.split(cfg.batch_size):
+            q = model.posterior(batch)
+            means.append(q.mode().double().cpu())  # E_q[z]: (B, J)
+            recon = model.likelihood.mean(model.decode(q.mode()))  # (B, C, H, W)
+            sums["sq_err"] += (recon - batch).pow(2).sum().item()
+            if model.variational:
+                log_px, kl, kd = elbo_terms(model, batch)
+                sums["reconstruction"] -= log_px.sum().item()
+                sums["kl"] += kl.sum().item()
+                sums["neg_elbo"] += (kl - log_px).sum().item()
+                kl_dims += kd.double().sum(0).cpu()
+                sums["iwae"] -= iwae_log_likelihood(model, batch, cfg.iwae_k).sum().item()
+        mse = sums["sq_err"] / (n * dims)
+        mu = torch.cat(means)  # (N, J)
+        unit_var = mu.var(dim=0, unbiased=True) if n > 1 else torch.zeros(model.latent_dim)  # Cov_x E_q[z_i]
+        out = {
+            "examples": n, "dims": dims,
+            "mse": mse, "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
+            "active_units": int((unit_var > cfg.active_threshold).sum()),
+            "latent_dim": model.latent_dim, "active_threshold": cfg.active_threshold,
+            "unit_variance": unit_var.tolist(),
+        }
+        if model.variational:
+            neg_elbo, iwae = sums["neg_elbo"] / n, sums["iwae"] / n
+            out.update({
+                "neg_elbo_nats": neg_elbo, "neg_elbo_bits_per_dim": bits_per_dim(neg_elbo, dims),
+                "reconstruction_nats": sums["reconstruction"] / n, "kl_nats": sums["kl"] / n,
+                "iwae_k": cfg.iwae_k, "iwae_nll_nats": iwae, "iwae_nll_bits_per_dim": bits_per_dim(iwae, dims),
+                "kl_per_dim": (kl_dims / n).tolist(),
+            })
+        return out
+    finally:
+        torch.set_rng_state(gen_state)

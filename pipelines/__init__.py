@@ -1,0 +1,1 @@
+"""vaeflow pipelines: the CLI and (later) the Prefect flows."""

@@ -1,0 +1,229 @@
+"""The `vaeflow` command line. Every user error exits with code 2 and a message, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from core.errors import CheckpointError, VaeflowError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Train, evaluate and ship variational autoencoders.")
+config_app = typer.Typer(no_args_is_help=True, help="Validate configs and print their JSON schema.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save measured ratios.")
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+
+SetOption = Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set train.epochs=3")]
+
+
+def user_errors(fn):
+    """Turn VaeflowError into `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VaeflowError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; resume with `vaeflow train --resume RUN_DIR`", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _report_failures() -> None:
+    from core.registry import get_registry
+
+    for plugin, reason in get_registry().failures:
+        typer.echo(f"warning: plugin {plugin!r} did not load: {reason}", err=True)
+
+
+@app.command()
+@user_errors
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="print {family: [{name, source}]} as JSON")] = False):
+    """List every registered component by family, with its source and options."""
+    from core.registry import get_registry
+
+    registry = get_registry()
+    _report_failures()
+    if as_json:
+        typer.echo(json.dumps(registry.as_json(), indent=2))
+        return
+    for family, entries in registry.entries.items():
+        typer.echo(f"{family}s:")
+        if not entries:
+            typer.echo("  (none)")
+        for name, entry in sorted(entries.items()):
+            opts = ", ".join(
+                f"{k}={f.default!r}" if not f.is_required() else f"{k} (required)"
+                for k, f in entry.cls.Options.model_fields.items()
+            )
+            typer.echo(f"  {name:<18} {entry.source}")
+            if opts:
+                typer.echo(f"  {'':<18} options: {opts}")
+
+
+@config_app.command("validate")
+@user_errors
+def config_validate(file: Path, set_: SetOption = []):
+    """Exit 0 when FILE (with overrides) is valid, including shapes; else list each problem and exit 2."""
+    from core.config import config_hash, load_config
+    from core.model import build_model
+
+    _report_failures()
+    cfg = load_config(file, set_)
+    build_model(cfg)  # shape checks against the data
+    typer.echo(f"{file}: valid (config hash {config_hash(cfg)[:12]})")
+
+
+@config_app.command("schema")
+@user_errors
+def config_schema():
+    """Print the JSON schema of the config, with every discovered plugin's options."""
+    from core.config import config_model
+
+    typer.echo(json.dumps(config_model().model_json_schema(), indent=2))
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="run directory to create")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory exactly")] = None,
+    set_: SetOption = [],
+):
+    """Train a model: `vaeflow train CONFIG --out RUN_DIR` or `vaeflow train --resume RUN_DIR`."""
+    from core import engine
+    from core.config import load_config
+
+    if resume is not None:
+        if config is not None or out is not None or set_:
+            raise VaeflowError("--resume RUN_DIR takes no CONFIG, --out or --set: the run dir holds its config")
+        result = engine.resume(resume)
+    else:
+        if config is None:
+            raise VaeflowError("give a CONFIG file (e.g. configs/vae-shapes-tiny.yaml) or --resume RUN_DIR")
+        cfg = load_config(config, set_)
+        run_dir = out or Path(cfg.tracking.runs_dir) / f"{config.stem}"
+        result = engine.train(cfg, run_dir)
+    typer.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs, "steps": result.steps,
+                           "img_per_s": round(result.img_per_s, 1), **{k: result.final.get(k) for k in ("loss", "reconstruction", "kl")}}))
+
+
+def _load(model: str, sets: list[str]):
+    from core import load_model
+    from core.config import apply_sets
+
+    net, cfg = load_model(model)
+    return net, apply_sets(cfg, sets)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: Path,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default RUN_DIR/eval.json)")] = None,
+    set_: SetOption = [],
+):
+    """Compute test-split metrics (negative ELBO, bits/dim, IWAE NLL, MSE/PSNR, active units, KL per dim)."""
+    from core.checkpoint import write_text
+    from core.data import load_split
+    from core.metrics import evaluate as run_eval
+
+    net, cfg = _load(str(run_dir), set_)
+    metrics = run_eval(net, load_split(cfg, "test"), cfg.eval)
+    path = out or Path(run_dir) / "eval.json"
+    write_text(path, json.dumps(metrics, indent=2))
+    for key in ("neg_elbo_nats", "neg_elbo_bits_per_dim", "iwae_nll_nats", "iwae_nll_bits_per_dim", "mse", "psnr",
+                "active_units"):
+        if key in metrics:
+            typer.echo(f"{key:<24} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"{key:<24} {metrics[key]}")
+    typer.echo(f"wrote {path}")
+
+
+def _save_grid(images, out: Path, nrow: int) -> None:
+    from torchvision.utils import save_image
+
+    from core.checkpoint import atomic_write
+
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise VaeflowError(f"--out {out}: use a .png or .jpg file name")
+    atomic_write(out, lambda tmp: save_image(images.clamp(0, 1), tmp, nrow=nrow, padding=2, format=out.suffix[1:].upper().replace("JPG", "JPEG")))
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Annotated[str, typer.Option("--model", help="run directory")],
+    n: Annotated[int, typer.Option("-n", min=1, help="number of samples")] = 64,
+    out: Annotated[Path, typer.Option("--out")] = Path("samples.png"),
+    seed: int = 0,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    set_: SetOption = [],
+):
+    """Draw z ~ N(0, I), decode, and save a grid (option 1 of the notes)."""
+    import torch
+
+    net, _ = _load(model, set_)
+    images = net.generate(n, torch.Generator().manual_seed(seed), temperature)
+    _save_grid(images, out, nrow=math.ceil(math.sqrt(n)))
+    typer.echo(f"wrote {n} samples to {out}")
+
+
+@app.command()
+@user_errors
+def interpolate(
+    model: Annotated[str, typer.Option("--model", help="run directory")],
+    pairs: Annotated[int, typer.Option(min=1, help="rows: pairs of test images")] = 8,
+    steps: Annotated[int, typer.Option(min=2, help="columns: points from one image to the other")] = 10,
+    out: Annotated[Path, typer.Option("--out")] = Path("interpolation.png"),
+    seed: int = 0,
+    set_: SetOption = [],
+):
+    """Interpolate between the posterior means of pairs of test images and save a grid (option 2)."""
+    import torch
+
+    from core.data import load_split
+
+    net, cfg = _load(model, set_)
+    test = load_split(cfg, "test")
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
+    if len(idx) < 2 * pairs:
+        raise VaeflowError(f"the test split has {len(test)} images, fewer than 2 x pairs={pairs}")
+    grid = net.interpolate(test[idx[:pairs]], test[idx[pairs:]], steps)  # (pairs, steps, C, H, W)
+    _save_grid(grid.flatten(0, 1), out, nrow=steps)
+    typer.echo(f"wrote {pairs} interpolations of {steps} steps to {out}")
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/train.json"),
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats of each variant")] = 5,
+    steps: Annotated[int, typer.Option(min=10, help="training steps per repeat")] = 200,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads")] = 2,
+):
+    """Engine vs a pytorch/examples-style loop vs the fp32 matmul roofline, side by side."""
+    from pipelines.bench import bench_train as run
+
+    result = run(out=out, repeats=repeats, steps=steps, threads=threads)
+    typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except CheckpointError as exc:  # pragma: no cover - commands catch these; belt and braces
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

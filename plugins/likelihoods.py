@@ -1,0 +1,145 @@
+"""Built-in likelihoods p(x | z): log_prob returns log-densities (higher is better), summed over pixels.
+
+The seed notes drop the minus sign of the Gaussian term; the correct form is
+log N(x; mu, sigma^2) = -1/2 ((x - mu) / sigma)^2 - log sigma - 1/2 log 2 pi.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from core.hookspecs import hookimpl
+from core.interfaces import Likelihood, Options, Shape
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class _BernoulliLogProb(torch.autograd.Function):
+    """sum_pixels x*l - softplus(l), with the backward x - sigmoid(l) computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        flat_l, flat_x = logits.flatten(1), x.flatten(1)  # (B, D)
+        # softplus(l) = log(1 + e^l) = l - log(sigmoid(l)); one exp serves value and gradient
+        p = torch.sigmoid(flat_l)  # (B, D)
+        log_prob = (flat_x * flat_l + torch.log(torch.where(flat_l > 0, p, 1 - p))
+                    - torch.where(flat_l > 0, flat_l, 0)).sum(1)  # (B,)
+        ctx.save_for_backward(flat_x.sub(p).view_as(logits))
+        return log_prob
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dlogits,) = ctx.saved_tensors  # d log p / d l = x - sigmoid(l): (B, C, H, W)
+        return dlogits * grad.view(-1, *([1] * (dlogits.dim() - 1))), None
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli pixels with logits l: log p(x|l) = sum x l - softplus(l), for x in [0, 1]."""
+
+    name = "bernoulli"
+
+    class Options(Options):
+        pass
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) in [0, 1], logits (B, C, H, W) -> (B,)."""
+        if torch.is_grad_enabled() and params.requires_grad:
+            return _BernoulliLogProb.apply(params, x)
+        return -F.binary_cross_entropy_with_logits(params, x, reduction="none").flatten(1).sum(1)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """sigmoid(logits): (B, C, H, W)."""
+        return torch.sigmoid(params)
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ Bernoulli(sigmoid(logits)): (B, C, H, W)."""
+        return torch.bernoulli(torch.sigmoid(params), generator=generator)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor | float) -> torch.Tensor:
+    """sum over pixels of log N(x; mean, sigma^2) = -((x-mean)/sigma)^2/2 - log sigma - log(2 pi)/2: -> (B,)."""
+    if isinstance(log_sigma, float):
+        sq = (x - mean).pow(2).flatten(1).sum(1) * (0.5 * math.exp(-2 * log_sigma))  # (B,)
+        return -sq - x[0].numel() * (log_sigma + HALF_LOG_2PI)
+    z = (x - mean) * torch.exp(-log_sigma)  # (B, C, H, W)
+    return -(0.5 * z.pow(2) + log_sigma + HALF_LOG_2PI).flatten(1).sum(1)
+
+
+class Gaussian(Likelihood):
+    """Gaussian pixels with a fixed sigma; the decoder outputs the mean."""
+
+    name = "gaussian"
+
+    class Options(Options):
+        sigma: float = Field(0.1, gt=0, description="fixed standard deviation of every pixel")
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """x, mean (B, C, H, W) -> (B,)."""
+        return gaussian_log_prob(x, params, math.log(self.options.sigma))
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The decoder output itself: (B, C, H, W)."""
+        return params
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + sigma * eps: (B, C, H, W)."""
+        eps = torch.randn(params.shape, generator=generator, device=params.device, dtype=params.dtype)
+        return params + self.options.sigma * eps
+
+
+class GaussianLearned(Likelihood):
+    """Gaussian pixels with a learned sigma: one per pixel (decoder output) or one shared parameter."""
+
+    name = "gaussian-learned"
+
+    class Options(Options):
+        sigma: Literal["per-pixel", "shared"] = Field(
+            "shared", description="per-pixel: the decoder outputs log sigma per pixel; shared: one learned log sigma"
+        )
+        init_sigma: float = Field(0.1, gt=0, description="initial sigma of the shared parameter")
+        min_sigma: float = Field(1e-3, gt=0, description="lower bound on sigma, for stability")
+
+    def __init__(self, options: Options, data_shape: Shape):
+        super().__init__(options, data_shape)
+        if options.sigma == "shared":
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(options.init_sigma)))
+
+    def param_channels(self, channels: int) -> int:
+        """Mean and log sigma per channel when per-pixel, else just the mean."""
+        return 2 * channels if self.options.sigma == "per-pixel" else channels
+
+    def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.options.sigma == "per-pixel":
+            mean, log_sigma = params.chunk(2, dim=1)  # (B, C, H, W) each
+        else:
+            mean, log_sigma = params, self.log_sigma  # (B, C, H, W), ()
+        floor = math.log(self.options.min_sigma)
+        return mean, floor + F.softplus(log_sigma - floor)  # smooth lower bound
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), params (B, P, H, W) -> (B,)."""
+        mean, log_sigma = self._split(params)
+        return gaussian_log_prob(x, mean, log_sigma)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The mean channels: (B, C, H, W)."""
+        return self._split(params)[0]
+
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + sigma * eps: (B, C, H, W)."""
+        mean, log_sigma = self._split(params)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + log_sigma.exp() * eps
+
+
+@hookimpl
+def register_likelihoods(register):
+    """Register the built-in likelihoods."""
+    for cls in (Bernoulli, Gaussian, GaussianLearned):
+        register(cls)
