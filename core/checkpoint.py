@@ -113,10 +113,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def weights_metadata(cfg: Config) -> dict[str, str]:
-    """Deterministic metadata stored in model.safetensors."""
+    """Metadata stored in model.safetensors: one key of sorted JSON, so the file bytes are deterministic
+    (safetensors writes its metadata map in hash order)."""
     from core import __version__
 
-    return {"config_hash": config_hash(cfg), "vaeflow_version": __version__, "format": "vaeflow-vae-1"}
+    info = {"config_hash": config_hash(cfg), "vaeflow_version": __version__, "format": "vaeflow-vae-1"}
+    return {"vaeflow": json.dumps(info, sort_keys=True)}
 
 
 __all__ = ["VaeflowError", "atomic_write", "load_checkpoint", "load_model", "save_checkpoint", "save_weights"]

@@ -76,6 +76,7 @@ class Batches:
         loader = torch.utils.data.DataLoader(
             self.stream, batch_sampler=index_batches, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),  # worker seeds; keeps the global RNG untouched
         )
         for batch in loader:
             yield pad(batch.to(self.device, non_blocking=True), self.cfg.data.pad_to)

@@ -155,7 +155,7 @@ class Trainer:
         return torch.stack([loss.detach(), reconstruction.detach(), kl.detach(), grad_norm])
 
     def _check(self, pending: list[torch.Tensor], first_step: int) -> torch.Tensor:
-        """Sync the recorded terms to the host; raise NonFiniteError naming the first bad step and term."""
+        """Sync the recorded terms to the host; raise NonFiniteError naming the first bad step (1-based) and term."""
         terms = torch.stack(pending).float().cpu()  # (S, 4), the one host sync per log interval
         bad = ~torch.isfinite(terms)
         if bad.any():
@@ -163,7 +163,7 @@ class Trainer:
             ckpt = self.run_dir / CHECKPOINT_FILE
             kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
             raise NonFiniteError(
-                f"training diverged: {TERMS[col]} became {terms[row, col].item()} at step {first_step + row} "
+                f"training diverged: {TERMS[col]} became {terms[row, col].item()} at step {first_step + row + 1} "
                 f"(epoch {self.epoch + 1}); {kept}. Try a lower train.lr, set train.grad_clip, "
                 f"or check the data range for the likelihood."
             )

@@ -18,7 +18,7 @@ from typing import Callable
 import pluggy
 
 PROJECT = "vaeflow"
-PLUGIN_API_VERSION = 1  # bumped when a hook's contract changes
+PLUGIN_API_VERSION = 1  # bumped when a hook's contract changes; a plugin module may pin it as VAEFLOW_PLUGIN_API
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -27,6 +27,10 @@ ENTRY_POINT_GROUP = "vaeflow"
 ENV_PLUGINS = "VAEFLOW_PLUGINS"
 
 
+class NameClash(PluginError):
+    """Two plugins registered the same name in one family: an error naming both sources."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component: its family, name, class and where it came from."""
@@ -66,9 +70,12 @@ class Registry:
         name = name or getattr(cls, "name", None)
         if not name or not isinstance(name, str):
             raise PluginError(f"{source}: {family} {cls.__name__} has no string `name`")
+        if "name" in cls.Options.model_fields:
+            raise PluginError(f"{source}: {family} {name!r} has an option called `name`, which the config uses "
+                              f"to select the component; rename the option")
         if name in self.entries[family]:
             other = self.entries[family][name]
-            raise PluginError(f"{family} {name!r} is registered twice: by {other.source} and by {source}")
+            raise NameClash(f"{family} {name!r} is registered twice: by {other.source} and by {source}")
         self.entries[family][name] = Entry(family, name, cls, source, package)
 
     def as_json(self) -> dict[str, list[dict[str, str]]]:
@@ -102,9 +109,12 @@ def discover() -> Registry:
             module: ModuleType = load()
             if pm.is_registered(module):
                 continue  # the same module exposed twice
+            api = getattr(module, "VAEFLOW_PLUGIN_API", hookspecs.PLUGIN_API_VERSION)
+            if api != hookspecs.PLUGIN_API_VERSION:
+                raise PluginError(f"targets plugin API {api}, this vaeflow has {hookspecs.PLUGIN_API_VERSION}")
             pm.register(module, name=plugin_name)
         except Exception as exc:  # a broken plugin must not take the others down
-            registry.failures.append((plugin_name, f"{source}: failed to import: {type(exc).__name__}: {exc}"))
+            registry.failures.append((plugin_name, f"{source}: failed to load: {type(exc).__name__}: {exc}"))
             continue
         try:
             pm.check_pending()  # unknown hook names, e.g. a misspelled register_encoder
@@ -122,8 +132,10 @@ def discover() -> Registry:
 
             try:
                 impl.function(register=register)
-            except PluginError:
+            except NameClash:
                 raise
+            except PluginError as exc:
+                registry.failures.append((impl.plugin_name, str(exc)))
             except Exception as exc:
                 registry.failures.append((impl.plugin_name, f"{source}: {hook_name} failed: {type(exc).__name__}: {exc}"))
     return registry

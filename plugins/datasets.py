@@ -5,7 +5,7 @@ found in this order: ``data.dataset.root``, ``$VAEFLOW_DATA_DIR/<Name>`` (defaul
 ``~/.cache/vaeflow/data/<Name>``), then the Debian package folder (``apt-get install
 dataset-fashion-mnist``). Gzipped files are decompressed once into the cache, atomically.
 
-``shapes`` renders binary images with known generative factors in the spirit of dSprites
+``shapes`` renders (near-)binary images with known generative factors in the spirit of dSprites
 (Matthey et al. 2017), so disentanglement can be measured without downloading anything.
 ``image-folder`` reads the user's own images, in memory or lazily one file per item.
 """
@@ -51,7 +51,7 @@ IDX_FILES = {  # split -> (images, labels), the names every mirror and the Debia
 }
 DEFAULT_ROOTS: dict[str, list[str]] = {  # dataset name -> system folders searched last
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],  # Debian: dataset-fashion-mnist
-    "mnist": ["/usr/share/datasets/mnist"],
+    "mnist": ["/usr/share/datasets/mnist"],  # no Debian package ships MNIST yet
 }
 
 
@@ -239,38 +239,44 @@ def _ellipse(u, v):
     return u * u + 4 * v * v <= 1  # semi-axes 1 and 1/2
 
 
-def _heart(u, v):  # the curve (x^2 + y^2 - 1)^3 = x^2 y^3, shifted to its centroid and shrunk to fit
+def _heart(u, v):  # (x^2 + y^2 - 1)^3 <= x^2 y^3 with y up, moved to its centroid and shrunk to fit
     x, y = u * HEART_R, HEART_CY - v * HEART_R
     x2, r = x * x, x * x + y * y - 1
     return r * r * r <= x2 * y * y * y
 
 
-def _triangle(u, v):  # equilateral, apex up; its inradius is half its circumradius
-    a, b = (math.sqrt(3) / 2) * u, v / 2  # distances to the three edges along their outward normals
+def _triangle(u, v):  # equilateral, apex up: inside iff (u, v) projects <= the inradius 1/2 on each edge normal
+    a, b = (math.sqrt(3) / 2) * u, v / 2  # the normals are (0, 1), (sqrt(3)/2, -1/2), (-sqrt(3)/2, -1/2)
     return (v <= 0.5) & (a - b <= 0.5) & (-a - b <= 0.5)
 
 
 SHAPE_TESTS = (_square, _ellipse, _heart, _triangle)  # indexed by shape_id
 
 
-def shape_frame(factors: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel grid in each shape's own frame (u, v), both (B, S, S), from factor rows (B, 5)."""
+def shape_frame(factors: torch.Tensor, grid: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample points grid (G,), in pixel units, seen in each shape's own frame: (u, v), each (B, G, G)."""
     _, scale, rotation, x, y = (c[:, None, None] for c in factors.unbind(1))  # each (B, 1, 1)
-    grid = torch.arange(size, dtype=torch.float32)  # (S,) pixel centres
     radius = scale * RADIUS * size  # (B, 1, 1) circumradius in pixels
-    dx = (grid[None, None, :] - position_to_pixel(x, size)) / radius  # (B, 1, S) along columns
-    dy = (grid[None, :, None] - position_to_pixel(y, size)) / radius  # (B, S, 1) along rows
+    dx = (grid[None, None, :] - position_to_pixel(x, size)) / radius  # (B, 1, G) along columns
+    dy = (grid[None, :, None] - position_to_pixel(y, size)) / radius  # (B, G, 1) along rows
     cos, sin = rotation.cos(), rotation.sin()
-    return cos * dx + sin * dy, cos * dy - sin * dx  # (B, S, S) each
+    return cos * dx + sin * dy, cos * dy - sin * dx  # (B, G, G) each
 
 
-def render_shapes(factors: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Rasterise factor rows [shape_id, scale, rotation, x, y] (N, 5) -> binary float (N, 1, S, S)."""
-    factors = factors.float()
+def render_shapes(factors: torch.Tensor, size: int) -> torch.Tensor:
+    """Rasterise factor rows [shape_id, scale, rotation, x, y] (N, 5) -> float (N, 1, S, S) in [0, 1].
+
+    Images of 32 pixels or more are binary (pixel centre inside the shape); smaller ones average
+    k x k samples per pixel (k = ceil(32 / S)) so that tiny shapes still show, with grey edges.
+    """
+    factors, k = factors.float(), math.ceil(32 / size)
+    grid = (torch.arange(size * k, dtype=torch.float32) + 0.5) / k - 0.5  # (S k,) sample points, pixel units
+    chunk = max(1, (1 << 18) // len(grid) ** 2)  # images per chunk: ~1 MB of samples stays in cache
     images = torch.zeros(len(factors), 1, size, size)  # (N, 1, S, S)
-    for k, inside in enumerate(SHAPE_TESTS):
-        for idx in (factors[:, 0] == k).nonzero().squeeze(1).split(chunk):  # chunks of (B,) indices
-            images[idx, 0] = inside(*shape_frame(factors[idx], size)).float()  # (B, S, S)
+    for shape_id, inside in enumerate(SHAPE_TESTS):
+        for idx in (factors[:, 0] == shape_id).nonzero().squeeze(1).split(chunk):  # chunks of (B,) indices
+            samples = inside(*shape_frame(factors[idx], grid, size)).float()  # (B, S k, S k)
+            images[idx, 0] = samples.view(-1, size, k, size, k).mean((2, 4))  # (B, S, S)
     return images
 
 
@@ -295,7 +301,7 @@ class Shapes(Dataset):
         return (1, self.options.image_size, self.options.image_size)
 
     def tensors(self, split: str) -> torch.Tensor:
-        """Binary images of a split: float (N, 1, S, S) in {0, 1}."""
+        """Images of a split: float (N, 1, S, S) in [0, 1], binary when S >= 32."""
         return self._generate(split)[0]
 
     def factors(self, split: str) -> torch.Tensor:

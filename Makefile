@@ -1,0 +1,50 @@
+# vaeflow: `make run` installs into .venv, gets the data and trains the default config; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/vae-fashion-mnist.yaml
+RUN_DIR ?= runs/vae-fashion-mnist
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install data run test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST: use local files when present; on Debian/Ubuntu without them, install the
+# dataset-fashion-mnist package (needs root); otherwise the loader tries a download.
+data:
+	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FASHION_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else \
+	  echo "Fashion-MNIST not in $(FASHION_DIR) and apt-get unavailable: the loader will try to download it"; \
+	fi
+
+run: install data
+	$(BIN)/vaeflow config validate $(CONFIG)
+	rm -rf $(RUN_DIR)
+	$(BIN)/vaeflow train $(CONFIG) --out $(RUN_DIR)
+	$(BIN)/vaeflow evaluate $(RUN_DIR)
+	$(BIN)/vaeflow generate --model $(RUN_DIR) -n 64 --out $(RUN_DIR)/samples.png
+	$(BIN)/vaeflow interpolate --model $(RUN_DIR) --out $(RUN_DIR)/interpolation.png
+	@echo
+	@echo "Results in $(RUN_DIR)/: model.safetensors, config.yaml, metrics.jsonl, eval.json, samples.png, interpolation.png"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install data
+	$(BIN)/vaeflow bench train --out bench/train.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,342 @@
+"""`vaeflow bench train`: CPU training images/s of the engine, a pytorch/examples-style loop, and the matmul roofline.
+
+All three are measured in one process on the same data and the same model shape (an MLP VAE
+784-400-20 with a Bernoulli likelihood, batch 128), interleaved repeat by repeat so that machine
+noise hits them alike; the report holds the medians, their ratios and every raw value.
+
+- engine: the `vaeflow train` code path, ``core.engine.Trainer(cfg, run_dir).fit()``, whose
+  ``TrainResult.img_per_s`` times the step loop only (data loading and checkpoints are outside it).
+- reference: the loop of pytorch/examples/vae/main.py with its CPU DataLoader settings
+  (num_workers=0): one image at a time through PIL and ToTensor, BCE(sum) + KLD, Adam.
+- roofline: the GFLOP/s of a 1024^3 fp32 matmul divided by the training FLOPs per image,
+  6 x the multiply-adds of the model's linear layers (2 forward, 4 backward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn, optim
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from core.checkpoint import write_text
+from core.config import Config, validate
+from core.data import open_dataset
+from core.engine import Trainer
+from core.errors import VaeflowError
+
+BATCH_SIZE = 128
+SIDE = 28  # images are 1 x 28 x 28
+PIXELS = SIDE * SIDE  # 784
+HIDDEN = 400
+LATENT_DIM = 20
+LR = 1e-3
+SEED = 0
+LOG_EVERY = 50  # engine steps between host syncs, as in the shipped configs
+WARMUP_STEPS = 20  # one unrecorded run of each loop before the repeats
+EXPECTED_FLOPS_PER_IMAGE = 3_907_200  # 6 * (784*400 + 400*40 + 20*400 + 400*784), the check on the counter
+SHAPES_MIN_TRAIN = 10_000
+MATMUL_N = 1024
+MATMUL_WARMUP = 3
+MATMUL_TIMED = 7
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+def linear_macs(model: nn.Module) -> int:
+    """Multiply-adds per image of every nn.Linear in `model` (in_features x out_features each)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def training_flops_per_image(model: nn.Module) -> int:
+    """Training FLOPs per image: 6 x the linear multiply-adds (2 forward, 2 + 2 backward for inputs and weights)."""
+    return 6 * linear_macs(model)
+
+
+# --- data ------------------------------------------------------------------------------------
+def fashion_mnist_available() -> bool:
+    """True when the four Fashion-MNIST IDX files (plain or .gz) are in a folder the dataset plugin searches."""
+    from plugins.datasets import IDX_FILES, FashionMNIST
+
+    names = [name for pair in IDX_FILES.values() for name in pair]
+    folders = FashionMNIST(FashionMNIST.Options()).search_folders()
+    return any(all((f / n).is_file() or (f / f"{n}.gz").is_file() for n in names) for f in folders)
+
+
+def dataset_spec(steps: int) -> dict:
+    """data.dataset: Fashion-MNIST when present (never downloaded), else shapes at 28x28 with one epoch >= steps."""
+    if fashion_mnist_available():
+        return {"name": "fashion-mnist"}
+    n_train = max(SHAPES_MIN_TRAIN, steps * BATCH_SIZE)
+    return {"name": "shapes", "image_size": SIDE, "n_train": n_train, "n_test": 256, "seed": SEED}
+
+
+def engine_config(dataset: dict, steps: int, threads: int) -> Config:
+    """The validated run config of the engine variant: MLP 784-400-20, Bernoulli, batch 128, CPU, `steps` steps."""
+    mlp = {"name": "mlp", "hidden": [HIDDEN], "activation": "relu"}
+    raw = {
+        "data": {"dataset": dataset, "loader": "memory"},
+        "model": {"kind": "vae", "latent_dim": LATENT_DIM, "encoder": mlp, "decoder": mlp,
+                  "likelihood": {"name": "bernoulli"}},
+        "train": {"epochs": 1, "max_steps": steps, "batch_size": BATCH_SIZE, "lr": LR, "seed": SEED,
+                  "device": "cpu", "num_threads": threads, "log_every": LOG_EVERY, "checkpoint_every": None,
+                  "progress": False},
+    }
+    return validate(raw, source="vaeflow bench train")
+
+
+def reference_images(cfg: Config) -> np.ndarray:
+    """The engine's training split as the uint8 (N, 28, 28) array the reference Dataset hands to PIL."""
+    images = open_dataset(cfg).tensors("train")  # (N, 1, 28, 28), uint8 or float in [0, 1]
+    if images.dtype != torch.uint8:
+        images = images.mul(255).round().to(torch.uint8)  # shapes: quantized like a PNG would be
+    return images[:, 0].numpy()  # (N, 28, 28)
+
+
+# --- (a) the engine --------------------------------------------------------------------------
+def run_engine(cfg: Config) -> tuple[float, int]:
+    """One `vaeflow train` run in a throw-away run dir: (TrainResult.img_per_s, the model's training FLOPs per image)."""
+    with tempfile.TemporaryDirectory(prefix="vaeflow-bench-") as tmp:
+        trainer = Trainer(cfg, Path(tmp) / "run")
+        flops = training_flops_per_image(trainer.model)
+        result = trainer.fit()
+    if result.steps != cfg.train.max_steps:
+        raise RuntimeError(f"the engine ran {result.steps} steps, expected {cfg.train.max_steps}")
+    return result.img_per_s, flops
+
+
+# --- (b) the pytorch/examples reference ------------------------------------------------------
+class ReferenceImages(torch.utils.data.Dataset):
+    """One image at a time, as torchvision's MNIST does: Image.fromarray on uint8 (28, 28), then ToTensor."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images  # (N, 28, 28) uint8
+        self.transform = transforms.ToTensor()
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Image i as float (1, 28, 28) in [0, 1]."""
+        return self.transform(Image.fromarray(self.images[i]))  # PIL mode L -> (1, 28, 28)
+
+
+class ReferenceVAE(nn.Module):
+    """The VAE of pytorch/examples/vae/main.py: 784-400-(20, 20), 20-400-784, ReLU, sigmoid output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(PIXELS, HIDDEN)
+        self.fc21 = nn.Linear(HIDDEN, LATENT_DIM)
+        self.fc22 = nn.Linear(HIDDEN, LATENT_DIM)
+        self.fc3 = nn.Linear(LATENT_DIM, HIDDEN)
+        self.fc4 = nn.Linear(HIDDEN, PIXELS)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 784) -> mu, logvar, each (B, 20)."""
+        h1 = F.relu(self.fc1(x))  # (B, 400)
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + eps * std: (B, 20)."""
+        std = torch.exp(0.5 * logvar)  # (B, 20)
+        eps = torch.randn_like(std)  # (B, 20)
+        return mu + eps * std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, 20) -> pixel probabilities (B, 784)."""
+        h3 = F.relu(self.fc3(z))  # (B, 400)
+        return torch.sigmoid(self.fc4(h3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, 1, 28, 28) -> reconstruction (B, 784), mu (B, 20), logvar (B, 20)."""
+        mu, logvar = self.encode(x.view(-1, PIXELS))  # (B, 784) in
+        z = self.reparameterize(mu, logvar)  # (B, 20)
+        return self.decode(z), mu, logvar
+
+
+def reference_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The examples' loss, summed over the batch: BCE(recon (B, 784), x) + KL(q(z|x) || N(0, I))."""
+    bce = F.binary_cross_entropy(recon, x.view(-1, PIXELS), reduction="sum")  # x (B, 1, 28, 28) -> (B, 784)
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())  # over (B, 20)
+    return bce + kld
+
+
+def run_reference(images: np.ndarray, steps: int) -> float:
+    """Images/s of `steps` steps of the examples' train loop from a fresh model, DataLoader included in the time."""
+    torch.manual_seed(SEED)
+    device = torch.device("cpu")
+    model = ReferenceVAE().to(device)
+    optimizer = optim.Adam(model.parameters(), lr=LR)
+    loader = DataLoader(ReferenceImages(images), batch_size=BATCH_SIZE, shuffle=True, num_workers=0)  # examples' CPU kwargs
+    model.train()
+    done, n_images, train_loss = 0, 0, 0.0
+    start = time.perf_counter()
+    while done < steps:
+        for data in loader:  # (B, 1, 28, 28)
+            data = data.to(device)
+            optimizer.zero_grad()
+            recon, mu, logvar = model(data)
+            loss = reference_loss(recon, data, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            optimizer.step()
+            done, n_images = done + 1, n_images + len(data)
+            if done == steps:
+                break
+    seconds = time.perf_counter() - start
+    if not math.isfinite(train_loss):
+        raise RuntimeError("the reference loop diverged")
+    return n_images / seconds
+
+
+# --- (c) the matmul roofline -----------------------------------------------------------------
+def matmul_gflops(n: int = MATMUL_N, warmup: int = MATMUL_WARMUP, timed: int = MATMUL_TIMED) -> float:
+    """GFLOP/s of an fp32 n x n x n matmul: 2 n^3 flops over the median of `timed` runs after `warmup`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)  # (n, n) fp32 each
+    out = torch.empty(n, n)  # (n, n)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    seconds = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(seconds) / 1e9
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+def bench_train(out: str | Path, repeats: int = 5, steps: int = 200, threads: int = 2) -> dict:
+    """Measure engine vs reference vs roofline images/s (interleaved repeats), write the JSON to `out`, return it."""
+    if repeats < 1 or steps < 1 or threads < 1:
+        raise VaeflowError(f"repeats, steps and threads must be >= 1, got {repeats}, {steps}, {threads}")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = _measure(repeats, steps, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    print_summary(result)
+    return result
+
+
+def _measure(repeats: int, steps: int, threads: int) -> dict:
+    """The measurements and the report dict; torch threads are already set."""
+    dataset = dataset_spec(steps)
+    cfg = engine_config(dataset, steps, threads)
+    images = reference_images(cfg)  # (N, 28, 28) uint8
+    if steps > len(images) // BATCH_SIZE:
+        raise VaeflowError(f"--steps {steps} is more than the {len(images) // BATCH_SIZE} full batches of one "
+                           f"{dataset['name']} epoch; the engine times its last epoch only, so use fewer steps")
+    warmup = min(WARMUP_STEPS, steps)
+
+    run_engine(engine_config(dataset, warmup, threads))  # unrecorded: first-touch allocations, lazy inits
+    run_reference(images, warmup)
+    reference_flops = training_flops_per_image(ReferenceVAE())
+
+    engine_runs, reference_runs, gflops_runs, flops = [], [], [], None
+    for r in range(repeats):
+        img_per_s, flops = run_engine(cfg)
+        if flops != EXPECTED_FLOPS_PER_IMAGE or reference_flops != flops:
+            raise RuntimeError(f"training FLOPs per image: engine {flops}, reference {reference_flops}, "
+                               f"expected {EXPECTED_FLOPS_PER_IMAGE} for 784-400-20")
+        engine_runs.append(img_per_s)
+        reference_runs.append(run_reference(images, steps))
+        gflops_runs.append(matmul_gflops())
+        print(f"repeat {r + 1}/{repeats}: engine {engine_runs[-1]:.0f} img/s, reference {reference_runs[-1]:.0f} "
+              f"img/s, matmul {gflops_runs[-1]:.1f} GFLOP/s", file=sys.stderr)
+
+    engine, reference, gflops = (statistics.median(v) for v in (engine_runs, reference_runs, gflops_runs))
+    roofline = gflops * 1e9 / flops
+    return {
+        "benchmark": "vaeflow bench train",
+        "engine_img_per_s": engine,
+        "reference_img_per_s": reference,
+        "speedup": engine / reference,
+        "roofline_img_per_s": roofline,
+        "matmul_gflops": gflops,
+        "roofline_fraction": engine / roofline,
+        "reference_roofline_fraction": reference / roofline,
+        "flops_per_image": flops,
+        "threads": threads,
+        "batch_size": BATCH_SIZE,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "repeats": repeats,
+        "dataset": dataset["name"],
+        "train_images": len(images),
+        "torch_version": torch.__version__,
+        "statistic": "median over repeats",
+        "raw": {"engine_img_per_s": engine_runs, "reference_img_per_s": reference_runs,
+                "matmul_gflops": gflops_runs},
+        "config": _config_summary(cfg, dataset, steps, warmup, repeats, threads),
+    }
+
+
+def _config_summary(cfg: Config, dataset: dict, steps: int, warmup: int, repeats: int, threads: int) -> dict:
+    """What was run, without timestamps or paths, so two reports can be diffed."""
+    return {
+        "device": "cpu",
+        "torch_num_threads": threads,
+        "dataset": dataset,
+        "model": f"MLP VAE {PIXELS}-{HIDDEN}-{LATENT_DIM} (encoder {PIXELS}-{HIDDEN}-{2 * LATENT_DIM}, "
+                 f"decoder {LATENT_DIM}-{HIDDEN}-{PIXELS}), ReLU, Bernoulli likelihood",
+        "batch_size": BATCH_SIZE,
+        "steps": steps,
+        "warmup": f"one unrecorded {warmup}-step run of the engine and of the reference before the repeats",
+        "repeats": f"{repeats}, interleaved: engine, reference, matmul",
+        "engine": {
+            "path": "core.engine.Trainer(cfg, run_dir).fit() (what `vaeflow train` runs), fresh per repeat",
+            "timed": "TrainResult.img_per_s: the step loop of the last (only) epoch",
+            "optimizer": f"AdamW(lr={LR}, weight_decay={cfg.train.weight_decay})",
+            "run_config": cfg.model_dump(mode="json"),
+        },
+        "reference": {
+            "style": "pytorch/examples vae/main.py, fresh model per repeat",
+            "data": f"Dataset: PIL Image.fromarray(uint8 28x28) -> ToTensor; "
+                    f"DataLoader(batch_size={BATCH_SIZE}, shuffle=True, num_workers=0) (the examples' CPU settings)",
+            "loss": "F.binary_cross_entropy(recon, x.view(-1, 784), reduction='sum') + KLD",
+            "optimizer": f"Adam(lr={LR})",
+            "timed": "images / seconds over the steps, DataLoader iteration included",
+        },
+        "roofline": {
+            "matmul": f"{MATMUL_N}x{MATMUL_N}x{MATMUL_N} fp32 torch.mm, median of {MATMUL_TIMED} after "
+                      f"{MATMUL_WARMUP} warm-up, 2*{MATMUL_N}^3 flops",
+            "flops_per_image": "6 x multiply-adds of the engine model's nn.Linear layers",
+            "img_per_s": "matmul_gflops * 1e9 / flops_per_image",
+        },
+    }
+
+
+def print_summary(result: dict) -> None:
+    """A short human table of the report on stderr (stdout carries the JSON)."""
+    raw = result["raw"]
+    lines = [
+        f"vaeflow bench train: {result['dataset']}, MLP 784-400-20, batch {result['batch_size']}, "
+        f"{result['steps']} steps x {result['repeats']} repeats, {result['threads']} threads, torch {result['torch_version']}",
+        f"  {'variant':<22}{'img/s (median)':>15}   per repeat",
+        f"  {'engine':<22}{result['engine_img_per_s']:>15.0f}   {_fmt(raw['engine_img_per_s'])}",
+        f"  {'reference (examples)':<22}{result['reference_img_per_s']:>15.0f}   {_fmt(raw['reference_img_per_s'])}",
+        f"  {'fp32 matmul roofline':<22}{result['roofline_img_per_s']:>15.0f}   "
+        f"{result['matmul_gflops']:.1f} GFLOP/s / {result['flops_per_image'] / 1e6:.4f} MFLOP per image",
+        f"  speedup engine/reference {result['speedup']:.2f}x; of the roofline: engine "
+        f"{100 * result['roofline_fraction']:.1f}%, reference {100 * result['reference_roofline_fraction']:.1f}%",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _fmt(values: list[float]) -> str:
+    """Per-repeat values, rounded, space separated."""
+    return " ".join(f"{v:.0f}" for v in values)

@@ -1,0 +1,56 @@
+"""Test isolation: no user plugins or VAEFLOW_* settings leak in; data caches go to a temp folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from core.registry import reset_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "vae-shapes-tiny.yaml"
+VAEFLOW = str(Path(sys.executable).parent / "vaeflow")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory):
+    """Strip VAEFLOW_* variables, silence telemetry, keep data caches out of $HOME."""
+    for var in [v for v in os.environ if v.startswith("VAEFLOW_")]:
+        del os.environ[var]
+    os.environ["VAEFLOW_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    os.environ.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
+def local_plugins(tmp_path, monkeypatch):
+    """Write plugin modules into a temp folder and load them through VAEFLOW_PLUGINS; unloaded afterwards.
+
+    Usage: local_plugins({"my_plugin": "source code"}) -> the fresh Registry.
+    """
+    written: list[str] = []
+
+    def load(modules: dict[str, str]):
+        from core.registry import get_registry
+
+        for name, source in modules.items():
+            (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+            written.append(name)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setenv("VAEFLOW_PLUGINS", ",".join(modules))
+        reset_registry()
+        return get_registry()
+
+    try:
+        yield load
+    finally:
+        for name in written:
+            sys.modules.pop(name, None)
+        monkeypatch.delenv("VAEFLOW_PLUGINS", raising=False)
+        reset_registry()

@@ -1,0 +1,117 @@
+"""`vaeflow bench train`: the report is consistent with its own raw values; no assertion is about speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from core.config import validate
+from core.errors import VaeflowError
+from core.model import build_model
+from pipelines import bench
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One tiny benchmark run (2 repeats of 20 steps, 1 thread): (returned dict, path of the JSON file)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VAEFLOW_DATA_DIR", str(tmp / "cache"))  # decompress into tmp, never $HOME
+        out = tmp / "out" / "train.json"
+        return bench.bench_train(out=out, repeats=2, steps=20, threads=1), out
+
+
+def test_file_holds_the_returned_dict(report):
+    result, out = report
+    assert out.is_file()
+    assert json.loads(out.read_text()) == result
+    assert not list(out.parent.glob(".*.tmp"))  # the atomic write left no temp file
+
+
+def test_medians_are_of_the_raw_values(report):
+    result, _ = report
+    raw = result["raw"]
+    for key in ("engine_img_per_s", "reference_img_per_s", "matmul_gflops"):
+        assert len(raw[key]) == result["repeats"] == 2
+        assert all(math.isfinite(v) and v > 0 for v in raw[key])
+        assert result[key] == statistics.median(raw[key])
+
+
+def test_ratios_follow_from_the_medians(report):
+    result, _ = report
+    engine = statistics.median(result["raw"]["engine_img_per_s"])
+    reference = statistics.median(result["raw"]["reference_img_per_s"])
+    roofline = result["matmul_gflops"] * 1e9 / result["flops_per_image"]
+    assert result["speedup"] == pytest.approx(engine / reference, rel=1e-12)
+    assert result["roofline_img_per_s"] == pytest.approx(roofline, rel=1e-12)
+    assert result["roofline_fraction"] == pytest.approx(engine / roofline, rel=1e-12)
+    assert result["reference_roofline_fraction"] == pytest.approx(reference / roofline, rel=1e-12)
+
+
+def test_settings_are_stated(report):
+    result, _ = report
+    assert result["flops_per_image"] == 3_907_200
+    assert (result["threads"], result["batch_size"], result["steps"], result["repeats"]) == (1, 128, 20, 2)
+    assert result["dataset"] == ("fashion-mnist" if bench.fashion_mnist_available() else "shapes")
+    assert result["torch_version"] == torch.__version__
+    cfg = result["config"]
+    assert cfg["device"] == "cpu" and cfg["torch_num_threads"] == 1
+    assert "num_workers=0" in cfg["reference"]["data"]
+    run = cfg["engine"]["run_config"]["train"]
+    assert (run["max_steps"], run["batch_size"], run["progress"], run["checkpoint_every"]) == (20, 128, False, None)
+
+
+def test_bad_arguments_are_user_errors(tmp_path):
+    with pytest.raises(VaeflowError, match="must be >= 1"):
+        bench.bench_train(out=tmp_path / "x.json", repeats=0, steps=20, threads=1)
+
+
+def test_shapes_fallback(tmp_path, monkeypatch):
+    """Without Fashion-MNIST the same report comes from shapes at 28x28, with one epoch covering the steps."""
+    monkeypatch.setattr(bench, "fashion_mnist_available", lambda: False)
+    threads = torch.get_num_threads()
+    result = bench.bench_train(out=tmp_path / "shapes.json", repeats=1, steps=10, threads=1)
+    assert torch.get_num_threads() == threads  # the process setting is restored
+    assert result["dataset"] == "shapes" and result["config"]["dataset"]["image_size"] == 28
+    assert result["train_images"] >= 10 * 128
+    assert result["flops_per_image"] == 3_907_200
+    assert result["speedup"] == result["engine_img_per_s"] / result["reference_img_per_s"]
+
+
+def test_too_many_steps_for_one_epoch(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "dataset_spec", lambda steps: {"name": "shapes", "image_size": 28, "n_train": 300})
+    with pytest.raises(VaeflowError, match="full batches"):
+        bench.bench_train(out=tmp_path / "x.json", repeats=1, steps=3, threads=1)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_flop_counter_on_another_mlp():
+    """6 x multiply-adds, by hand, for a 2-hidden-layer MLP VAE on 16x16 shapes with 5 latents."""
+    raw = {
+        "data": {"dataset": {"name": "shapes", "image_size": 16, "n_train": 8, "n_test": 8}},
+        "model": {"latent_dim": 5, "encoder": {"name": "mlp", "hidden": [64, 32]},
+                  "decoder": {"name": "mlp", "hidden": [32]}, "likelihood": {"name": "bernoulli"}},
+    }
+    model = build_model(validate(raw))
+    encoder = 256 * 64 + 64 * 32 + 32 * 10  # 256 pixels -> 64 -> 32 -> 2 x 5
+    decoder = 5 * 32 + 32 * 256
+    assert bench.linear_macs(model) == encoder + decoder == 27_104
+    assert bench.training_flops_per_image(model) == 6 * 27_104
+
+
+def test_flop_counter_ignores_non_linear_layers():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(10, 7), nn.ReLU(), nn.Sequential(nn.Linear(7, 3)))
+    assert bench.training_flops_per_image(net) == 6 * (10 * 7 + 7 * 3)
+
+
+def test_reference_model_matches_the_engine_shape():
+    assert bench.training_flops_per_image(bench.ReferenceVAE()) == 3_907_200
+    x = torch.rand(3, 1, 28, 28)  # (B, 1, 28, 28)
+    recon, mu, logvar = bench.ReferenceVAE()(x)
+    assert recon.shape == (3, 784) and mu.shape == logvar.shape == (3, 20)
+    assert torch.isfinite(bench.reference_loss(recon, x, mu, logvar))

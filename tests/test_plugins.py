@@ -1,0 +1,153 @@
+"""Plugin discovery: built-ins through entry points, clashes, broken plugins, misspelled hooks, listing."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from core import hookspecs
+from core.errors import PluginError
+from core.interfaces import FAMILIES, HOOKS
+from core.registry import get_registry
+from pipelines.cli import app
+
+GOOD = """
+from core.hookspecs import hookimpl
+from core.interfaces import Noise, Options
+
+class Flip(Noise):
+    name = "flip"
+    def __call__(self, x):
+        return 1 - x
+
+@hookimpl
+def register_noises(register):
+    register(Flip)
+"""
+
+
+def test_builtins_come_from_entry_points():
+    reg = get_registry()
+    assert {"mlp", "conv"} <= set(reg.names("encoder"))
+    assert {"bernoulli", "gaussian", "gaussian-learned"} <= set(reg.names("likelihood"))
+    assert {"fashion-mnist", "mnist", "shapes", "image-folder"} <= set(reg.names("dataset"))
+    assert reg.get("encoder", "mlp").source.startswith("vaeflow ")
+    assert "plugins.encoders" in reg.get("encoder", "mlp").source
+    assert reg.failures == []
+
+
+def test_every_hook_has_a_family_and_a_docstring():
+    specs = {n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("register_")}
+    assert specs == set(HOOKS.values())
+    assert set(HOOKS) == set(FAMILIES)
+    for name in specs:
+        assert getattr(hookspecs, name).__doc__, f"hook {name} needs a docstring"
+
+
+def test_local_module_via_env(local_plugins):
+    reg = local_plugins({"vf_good": GOOD})
+    entry = reg.get("noise", "flip")
+    assert entry.source == "VAEFLOW_PLUGINS:vf_good"
+    assert "gaussian" in reg.names("noise")  # built-ins still there
+
+
+def test_name_clash_names_both_sources(local_plugins):
+    clash = """
+from core.hookspecs import hookimpl
+from plugins.encoders import MLPEncoder
+
+class Mine(MLPEncoder):
+    name = "mlp"
+
+@hookimpl
+def register_encoders(register):
+    register(Mine)
+"""
+    with pytest.raises(PluginError) as info:
+        local_plugins({"vf_clash": clash})
+    msg = str(info.value)
+    assert "'mlp'" in msg and "plugins.encoders" in msg and "VAEFLOW_PLUGINS:vf_clash" in msg
+
+
+def test_broken_plugin_is_reported_and_others_load(local_plugins):
+    reg = local_plugins({"vf_broken": "raise ImportError('needs libfoo')\n", "vf_good": GOOD})
+    names = [name for name, _ in reg.failures]
+    assert names == ["vf_broken"]
+    assert "needs libfoo" in reg.failures[0][1]
+    assert "flip" in reg.names("noise") and "mlp" in reg.names("encoder")
+
+
+def test_misspelled_hook_is_caught(local_plugins):
+    typo = """
+from core.hookspecs import hookimpl
+
+@hookimpl
+def register_encoder(register):  # missing the final s
+    pass
+"""
+    reg = local_plugins({"vf_typo": typo, "vf_good": GOOD})
+    assert [n for n, _ in reg.failures] == ["vf_typo"]
+    assert "register_encoder" in reg.failures[0][1]
+    assert "flip" in reg.names("noise")
+
+
+def test_registration_must_subclass_the_family_base(local_plugins):
+    wrong = """
+from core.hookspecs import hookimpl
+
+class NotAnEncoder:
+    name = "x"
+
+@hookimpl
+def register_encoders(register):
+    register(NotAnEncoder)
+"""
+    reg = local_plugins({"vf_wrong": wrong, "vf_good": GOOD})
+    assert [n for n, _ in reg.failures] == ["vf_wrong"]
+    assert "must subclass core.interfaces.Encoder" in reg.failures[0][1]
+    assert "flip" in reg.names("noise")
+
+
+def test_option_called_name_and_wrong_api_version_are_rejected(local_plugins):
+    named = """
+from core.hookspecs import hookimpl
+from core.interfaces import Noise, Options
+
+class Named(Noise):
+    name = "named"
+    class Options(Options):
+        name: str = "x"
+
+@hookimpl
+def register_noises(register):
+    register(Named)
+"""
+    future = "VAEFLOW_PLUGIN_API = 99\n" + GOOD
+    reg = local_plugins({"vf_named": named, "vf_future": future})
+    reasons = dict(reg.failures)
+    assert "option called `name`" in reasons["vf_named"]
+    assert "plugin API 99" in reasons["vf_future"]
+    assert "named" not in reg.names("noise") and "flip" not in reg.names("noise")
+
+
+def test_unknown_component_lists_known():
+    with pytest.raises(PluginError, match="known encoders: conv, mlp"):
+        get_registry().get("encoder", "cnn")
+
+
+def test_cli_plugins_json_and_text(local_plugins):
+    local_plugins({"vf_good": GOOD, "vf_broken": "import no_such_module_xyz\n"})
+    runner = CliRunner()
+    res = runner.invoke(app, ["plugins", "--json"])
+    assert res.exit_code == 0
+    data = json.loads(res.stdout)
+    assert set(data) == set(FAMILIES)
+    assert {"name": "flip", "source": "VAEFLOW_PLUGINS:vf_good"} in data["noise"]
+    assert all(set(item) == {"name", "source"} for items in data.values() for item in items)
+    assert "vf_broken" in res.stderr  # reported by name, not fatal
+    text = runner.invoke(app, ["plugins"])
+    assert text.exit_code == 0
+    assert "flip" in text.stdout and "options: channels=[32, 64]" in text.stdout
