@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -148,19 +147,6 @@ def test_shapes_area_follows_scale():
         sel = f[:, 0] == k
         ratio = (lit[sel] / (area * radius[sel] ** 2)).mean()
         assert abs(ratio - 1) < 0.05, (k, ratio)
-
-
-def test_shapes_render_is_vectorised():
-    # CPU time on one thread, so that a loaded machine does not make this flaky; ~0.1 s expected
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = time.process_time()
-        make_shapes(n_train=10000).tensors("train")
-        cpu = time.process_time() - t
-    finally:
-        torch.set_num_threads(threads)
-    assert cpu < 2.0, f"{cpu:.2f} s of CPU to render 10000 images of 32x32"
 
 
 def test_shapes_unknown_split():

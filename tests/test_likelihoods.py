@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from plugins.likelihoods import Bernoulli, Gaussian, GaussianLearned, _BernoulliLogProb, gaussian_log_prob
+from plugins import likelihoods
+from plugins.likelihoods import Bernoulli, Gaussian, GaussianLearned, gaussian_log_prob
 
 SHAPE = (2, 2, 3)  # (C, H, W)
 
@@ -54,7 +55,7 @@ def test_bernoulli_matches_hand_fractional_x(bern, dtype, grad):
     logits = (torch.randn(4, *SHAPE, generator=g, dtype=dtype) * 3).requires_grad_(grad)
     out = bern.log_prob(x, logits)
     assert out.shape == (4,) and out.dtype == dtype
-    assert out.requires_grad == grad  # grad=True goes through the custom autograd function
+    assert out.requires_grad == grad  # grad=True takes the autograd path (a custom Function, if there is one)
     want = torch.tensor(_bernoulli_hand(x, logits.detach()), dtype=torch.float64)
     tol = 1e-12 if dtype == torch.float64 else 2e-5  # float32: ~1e-7 relative per pixel, 12 pixels
     torch.testing.assert_close(out.detach().double(), want, rtol=tol, atol=tol)
@@ -89,7 +90,7 @@ def test_bernoulli_custom_grad_equals_no_grad_value(bern):
     with torch.no_grad():
         plain = bern.log_prob(x, logits.requires_grad_(True))  # no_grad -> the BCE path
     custom = bern.log_prob(x, logits)
-    assert custom.grad_fn is not None and "BernoulliLogProb" in type(custom.grad_fn).__name__
+    assert custom.grad_fn is not None
     torch.testing.assert_close(custom.detach(), plain, rtol=1e-5, atol=1e-5)  # float32 rounding
 
 
@@ -98,7 +99,9 @@ def test_bernoulli_gradcheck_float64():
     x = torch.rand(3, *SHAPE, generator=g, dtype=torch.float64)
     logits = (torch.randn(3, *SHAPE, generator=g, dtype=torch.float64) * 2)
     logits = torch.where(logits.abs() < 1e-3, logits + 0.01, logits).requires_grad_(True)  # keep off the l=0 seam
-    assert torch.autograd.gradcheck(lambda l: _BernoulliLogProb.apply(l, x), (logits,), eps=1e-6, atol=1e-6)
+    custom = getattr(likelihoods, "_BernoulliLogProb", None)  # the hand-written backward, where present
+    if custom is not None:
+        assert torch.autograd.gradcheck(lambda l: custom.apply(l, x), (logits,), eps=1e-6, atol=1e-6)
     lik = Bernoulli(Bernoulli.Options(), SHAPE)
     assert torch.autograd.gradcheck(lambda l: lik.log_prob(x, l), (logits,), eps=1e-6, atol=1e-6)
 

@@ -126,10 +126,12 @@ def test_iwae_converges_to_quadrature_log_likelihood():
     gaps = {k: (log_px - iwae_log_likelihood(model, x, k, chunk=1000)) for k in (1, 10000)}
     assert gaps[1].dtype == torch.float64
     # k = 1: a single-sample ELBO, below log p(x) by KL(q || p(z|x)) -- large for random encoder weights
-    assert gaps[1].mean() > 1.0
-    # k = 10000: the remaining bias is O(1/k) and the noise ~ sqrt(Var(w)/k); 0.05 nats on the mean of 20
-    assert gaps[10000].mean().abs() < 0.05, gaps[10000]
-    assert gaps[10000].abs().max() < 0.2
+    # (measured ~1.8 nats; 1.25-1.8 over other seeds)
+    assert gaps[1].mean() > 0.5
+    # k = 10000: the remaining bias is O(1/k) and the noise ~ sqrt(Var(w)/k). Measured: |mean| < 1e-3 and
+    # max |gap| < 0.04 nats over several seeds, so 0.02 on the mean of 20 and 0.1 per example leave margin.
+    assert gaps[10000].mean().abs() < 0.02, gaps[10000]
+    assert gaps[10000].abs().max() < 0.1
 
 
 # ----------------------------------------------------------------------- probabilistic PCA: exact log p(x)
@@ -291,10 +293,11 @@ def test_evaluate_vae_metrics(images):
     assert sum(out["kl_per_dim"]) == pytest.approx(out["kl_nats"], rel=1e-6)
     assert out["kl_nats"] == pytest.approx(kl_dims.sum().item(), rel=1e-5)
 
-    # IWAE (k = 100) <= single-sample ELBO up to noise: the expected gap here is ~1 nat while the single-sample
-    # ELBO over 200 examples has a standard error of ~0.15 nats; 0.5 nats of slack is > 3 SE
-    assert out["iwae_nll_nats"] <= out["neg_elbo_nats"] + 0.5
-    assert out["iwae_nll_nats"] < out["neg_elbo_nats"]  # also holds outright for this seed (gap ~1 nat)
+    # IWAE (k = 100) <= single-sample ELBO up to noise. Measured for this model and data (200 repeats): the
+    # single-sample neg-ELBO mean over 200 examples has SE ~0.06 nats, the IWAE-100 mean ~0.006 nats, and
+    # the expected gap is ~0.46 nats. So 0.3 nats of slack is 5 SE, and the outright check is ~8 SE.
+    assert out["iwae_nll_nats"] <= out["neg_elbo_nats"] + 0.3
+    assert out["iwae_nll_nats"] < out["neg_elbo_nats"]
 
     # unit variances are Var_x of the posterior mean, unbiased
     np.testing.assert_allclose(out["unit_variance"], mean.var(0, unbiased=True).numpy(), rtol=1e-5)
