@@ -43,6 +43,7 @@ def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 @torch.no_grad()
 def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
     """Every metric over a test split (N, C, H, W) in [0, 1]; ELBO-based ones only for variational models."""
+    was_training = model.training
     model.eval()
     gen_state = torch.get_rng_state()
     torch.manual_seed(cfg.seed)
@@ -85,3 +86,4 @@ def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
         return out
     finally:
         torch.set_rng_state(gen_state)
+        model.train(was_training)

@@ -92,7 +92,12 @@ class GaussianLearned(Likelihood):
     def __init__(self, options: Options, data_shape: Shape):
         super().__init__(options, data_shape)
         if options.sigma == "shared":
-            self.log_sigma = nn.Parameter(torch.tensor(math.log(options.init_sigma)))
+            if options.init_sigma <= options.min_sigma:
+                raise ValueError(f"init_sigma ({options.init_sigma}) must exceed min_sigma ({options.min_sigma})")
+            # inverse of the bound in _split, so the effective sigma starts at init_sigma exactly
+            gap = math.log(options.init_sigma) - math.log(options.min_sigma)
+            raw = math.log(options.min_sigma) + gap + math.log(-math.expm1(-gap))  # floor + softplus^-1(gap)
+            self.log_sigma = nn.Parameter(torch.tensor(raw))
 
     def param_channels(self, channels: int) -> int:
         """Mean and log sigma per channel when per-pixel, else just the mean."""

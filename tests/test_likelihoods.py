@@ -231,17 +231,16 @@ def _effective_log_sigma(raw: torch.Tensor | float, min_sigma: float):
     return floor + torch.log1p(torch.exp(raw - floor))
 
 
-@pytest.mark.parametrize("init_sigma,min_sigma", [(0.1, 1e-3), (0.5, 0.2), (0.01, 0.01)])
+@pytest.mark.parametrize("init_sigma,min_sigma", [(0.1, 1e-3), (0.5, 0.2), (0.0101, 0.01)])
 def test_gaussian_learned_shared_value_and_gradient(init_sigma, min_sigma):
     lik = GaussianLearned(GaussianLearned.Options(sigma="shared", init_sigma=init_sigma, min_sigma=min_sigma), SHAPE)
     assert isinstance(lik.log_sigma, torch.nn.Parameter)
     assert any(p is lik.log_sigma for p in lik.parameters())
-    assert lik.log_sigma.item() == pytest.approx(math.log(init_sigma), rel=1e-6)
     assert lik.param_channels(SHAPE[0]) == SHAPE[0]
     lik = lik.double()
     eff_log = _effective_log_sigma(lik.log_sigma.item(), min_sigma)
     eff = eff_log.exp().item()
-    assert eff > min_sigma and eff > init_sigma  # the bound only ever raises sigma
+    assert eff == pytest.approx(init_sigma, rel=1e-5)  # the bound is inverted at init: sigma starts at init_sigma
     g = torch.Generator().manual_seed(10)
     x = torch.rand(3, *SHAPE, generator=g, dtype=torch.float64)
     mu = torch.rand(3, *SHAPE, generator=g, dtype=torch.float64)
@@ -255,6 +254,11 @@ def test_gaussian_learned_shared_value_and_gradient(init_sigma, min_sigma):
     want = (r2 / eff**2 - x.numel()) * dlog
     assert lik.log_sigma.grad.item() == pytest.approx(want, rel=1e-10)
     assert torch.equal(lik.mean(mu), mu)
+
+
+def test_gaussian_learned_rejects_init_at_or_below_the_floor():
+    with pytest.raises(ValueError, match="must exceed min_sigma"):
+        GaussianLearned(GaussianLearned.Options(sigma="shared", init_sigma=0.01, min_sigma=0.01), SHAPE)
 
 
 def test_gaussian_learned_shared_sample_statistics():
