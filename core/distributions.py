@@ -16,6 +16,7 @@ class DiagonalGaussian:
         self.mean, logvar = params.chunk(2, dim=1)  # (B, J), (B, J)
         self.logvar = logvar.clamp(-30.0, 20.0)  # as diffusers: keeps exp() finite
         self.std = torch.exp(0.5 * self.logvar)  # (B, J)
+        self.var = self.std * self.std  # (B, J)
 
     def rsample(self, k: int | None = None) -> torch.Tensor:
         """Reparameterized draw z = mean + std * eps (Kingma & Welling 2014): (B, J), or (k, B, J)."""
@@ -29,7 +30,7 @@ class DiagonalGaussian:
 
     def kl_per_dim(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent dimension, closed form: (B, J)."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar)
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) = 1/2 sum_j (mu^2 + sigma^2 - 1 - log sigma^2): (B,)."""

@@ -92,6 +92,7 @@ class Trainer:
         self.hash = config_hash(cfg)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._no_norm = torch.zeros((), device=self.device)  # grad_norm term when clipping is off
         if resume:
             self._restore()
         else:
@@ -147,7 +148,7 @@ class Trainer:
         if self.cfg.train.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
         else:
-            grad_norm = loss.new_zeros(())
+            grad_norm = self._no_norm
         self.optimizer.step()
         self.scheduler.step()
         self.beta.step += 1
