@@ -81,8 +81,14 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a trained model from a run directory: config + model.safetensors, through the plugin registry."""
+    """Rebuild a trained model from a run directory: config + model.safetensors, through the plugin registry.
+
+    `device` may be "auto": CUDA when present, else CPU.
+    """
     from core.model import build_model  # local: model imports config, which this module also needs
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
     run_dir = Path(source)
     cfg = read_run_config(run_dir)

@@ -64,7 +64,7 @@ class VAE(nn.Module):
     def generate(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """Option 1: z ~ N(0, T^2 I), decoded to the likelihood mean: (n, C, H, W)."""
         device = next(self.parameters()).device
-        z = temperature * torch.randn(n, self.latent_dim, generator=generator, device=device)  # (n, J)
+        z = temperature * torch.randn(n, self.latent_dim, generator=generator).to(device)  # (n, J), CPU-seeded
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()

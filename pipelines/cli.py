@@ -124,7 +124,7 @@ def _load(model: str, sets: list[str]):
     from core import load_model
     from core.config import apply_sets
 
-    net, cfg = load_model(model)
+    net, cfg = load_model(model, device="auto")
     return net, apply_sets(cfg, sets)
 
 
@@ -158,7 +158,7 @@ def _save_grid(images, out: Path, nrow: int) -> None:
 
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise VaeflowError(f"--out {out}: use a .png or .jpg file name")
-    atomic_write(out, lambda tmp: save_image(images.clamp(0, 1), tmp, nrow=nrow, padding=2, format=out.suffix[1:].upper().replace("JPG", "JPEG")))
+    atomic_write(out, lambda tmp: save_image(images.clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2, format=out.suffix[1:].upper().replace("JPG", "JPEG")))
 
 
 @app.command()
@@ -196,7 +196,7 @@ def interpolate(
     from core.data import load_split
 
     net, cfg = _load(model, set_)
-    test = load_split(cfg, "test")
+    test = load_split(cfg, "test", device=next(net.parameters()).device)
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
     if len(idx) < 2 * pairs:
         raise VaeflowError(f"the test split has {len(test)} images, fewer than 2 x pairs={pairs}")
