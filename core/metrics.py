@@ -56,7 +56,7 @@ def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
         n, dims = len(images), images[0].numel()
         sums = {"neg_elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0, "sq_err": 0.0}
         means, kl_dims = [], torch.zeros(model.latent_dim, dtype=torch.float64)
-        device = next(model.parameters()).device
+        device = model.device
         for batch in images.split(cfg.batch_size):
             batch = batch.to(device)  # (B, C, H, W)
             q = model.posterior(batch)

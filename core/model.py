@@ -35,6 +35,12 @@ class VAE(nn.Module):
         self.latent_dim, self.kind, self.noise = latent_dim, kind, noise
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (CPU for a parameter-free model)."""
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
     def variational(self) -> bool:
         """True when q(z|x) is a distribution and the ELBO is defined."""
         return self.kind == "vae"
@@ -63,8 +69,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """Option 1: z ~ N(0, T^2 I), decoded to the likelihood mean: (n, C, H, W)."""
-        device = next(self.parameters()).device
-        z = temperature * torch.randn(n, self.latent_dim, generator=generator).to(device)  # (n, J), CPU-seeded
+        z = temperature * torch.randn(n, self.latent_dim, generator=generator).to(self.device)  # (n, J), CPU-seeded
         return self.likelihood.mean(self.decode(z))
 
     @torch.no_grad()

@@ -196,7 +196,7 @@ def interpolate(
     from core.data import load_split
 
     net, cfg = _load(model, set_)
-    test = load_split(cfg, "test", device=next(net.parameters()).device)
+    test = load_split(cfg, "test", device=net.device)
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
     if len(idx) < 2 * pairs:
         raise VaeflowError(f"the test split has {len(test)} images, fewer than 2 x pairs={pairs}")

@@ -164,6 +164,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
     ["model.kind=dae", "model.noise={name: gaussian, std: 0.2}", "model.likelihood={name: gaussian-learned}"],
     ["train.beta={schedule: capacity, max_capacity: 5, capacity_steps: 20}", "train.lr_schedule=cosine", "train.warmup_steps=4", "train.grad_clip=10"],
     ["train.beta={schedule: cyclical, cycle_steps: 8}"],
+    ["train.compile=true"],
 ])
 def test_variants_train_to_finite_weights(tmp_path, extra):
     result = train(small("train.epochs=1", *extra), tmp_path / "run")
