@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from core.hookspecs import hookimpl
@@ -19,13 +19,11 @@ class MLPDecoder(Decoder):
     name = "mlp"
 
     class Options(Options):
-        hidden: list[int] = Field([400], description="hidden layer widths, e.g. [400] for J-400-784")
+        hidden: list[PositiveInt] = Field([400], description="hidden layer widths, e.g. [400] for J-400-784")
         activation: Activation = Field("relu", description="nonlinearity between layers")
 
     def __init__(self, options: Options, latent_dim: int, out_shape: Shape):
         super().__init__(options, latent_dim, out_shape)
-        if any(h <= 0 for h in options.hidden):
-            raise ValueError(f"hidden widths must be positive, got {options.hidden}")
         self.net = mlp([latent_dim, *options.hidden, math.prod(out_shape)], options.activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -39,14 +37,12 @@ class ConvDecoder(Decoder):
     name = "conv"
 
     class Options(Options):
-        channels: list[int] = Field([64, 32], min_length=1, description="channels per stride-2 stage, coarse to fine")
+        channels: list[PositiveInt] = Field([64, 32], min_length=1, description="channels per stride-2 stage, coarse to fine")
         hidden: int = Field(256, gt=0, description="width of the linear layer before the convolutions")
         activation: Activation = Field("relu", description="nonlinearity")
 
     def __init__(self, options: Options, latent_dim: int, out_shape: Shape):
         super().__init__(options, latent_dim, out_shape)
-        if any(c <= 0 for c in options.channels):
-            raise ValueError(f"channels must be positive, got {options.channels}")
         self.grid = conv_grid(out_shape, len(options.channels), "the conv decoder")  # (h, w)
         c0 = options.channels[0]
         self.head = nn.Sequential(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from core.hookspecs import hookimpl
@@ -19,13 +19,11 @@ class MLPEncoder(Encoder):
     name = "mlp"
 
     class Options(Options):
-        hidden: list[int] = Field([400], description="hidden layer widths, e.g. [400] for 784-400-J")
+        hidden: list[PositiveInt] = Field([400], description="hidden layer widths, e.g. [400] for 784-400-J")
         activation: Activation = Field("relu", description="nonlinearity between layers")
 
     def __init__(self, options: Options, in_shape: Shape, out_features: int):
         super().__init__(options, in_shape, out_features)
-        if any(h <= 0 for h in options.hidden):
-            raise ValueError(f"hidden widths must be positive, got {options.hidden}")
         self.net = mlp([math.prod(in_shape), *options.hidden, out_features], options.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +37,12 @@ class ConvEncoder(Encoder):
     name = "conv"
 
     class Options(Options):
-        channels: list[int] = Field([32, 64], min_length=1, description="output channels per stride-2 stage")
+        channels: list[PositiveInt] = Field([32, 64], min_length=1, description="output channels per stride-2 stage")
         hidden: int = Field(256, gt=0, description="width of the linear layer after the convolutions")
         activation: Activation = Field("relu", description="nonlinearity")
 
     def __init__(self, options: Options, in_shape: Shape, out_features: int):
         super().__init__(options, in_shape, out_features)
-        if any(c <= 0 for c in options.channels):
-            raise ValueError(f"channels must be positive, got {options.channels}")
         h, w = conv_grid(in_shape, len(options.channels), "the conv encoder")
         layers: list[nn.Module] = []
         c_in = in_shape[0]
