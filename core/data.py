@@ -47,10 +47,15 @@ class Batches:
     not fit in memory.
     """
 
-    def __init__(self, cfg: Config, split: str, device: torch.device, registry: Registry | None = None):
+    def __init__(self, cfg: Config, split: str, device: torch.device, registry: Registry | None = None,
+                 images: torch.Tensor | None = None):
+        """`images`: already prepared (padded) split (N, C, H, W), e.g. from the pipeline's data cache."""
         self.cfg, self.device = cfg, device
         self.batch_size = cfg.train.batch_size
-        if cfg.data.loader == "memory":
+        if images is not None:
+            self.images, self.n = to_unit_float(images.to(device)), len(images)
+            self.stream = None
+        elif cfg.data.loader == "memory":
             self.images = load_split(cfg, split, device, registry)  # (N, C, H, W)
             self.n = len(self.images)
         else:
@@ -67,7 +72,7 @@ class Batches:
     def epoch(self, perm: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
         """Batches (B, C, H, W) in the order of `perm` (N,), from batch index `start`."""
         bs = self.batch_size
-        if self.images is not None:
+        if self.images is not None:  # memory path (also for prepared tensors)
             perm = perm.to(self.device)
             for i in range(start, len(self)):
                 yield self.images[perm[i * bs : (i + 1) * bs]]

@@ -72,7 +72,10 @@ class TrainResult:
 class Trainer:
     """Owns the model, optimizer, beta schedule, data and RNG streams of one run directory."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False,
+                 train_images: torch.Tensor | None = None, callbacks: list | None = None):
+        """`train_images`: a prepared train split (N, C, H, W); `callbacks`: objects with optional
+        on_log(step, record) (every sync) and on_epoch(record) methods, e.g. an MLflow logger."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.train
         if t.num_threads:
@@ -83,7 +86,8 @@ class Trainer:
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self.optimizer = make_optimizer(self.model, cfg)
         self.beta = BetaSchedule(t.beta)
-        self.data = Batches(cfg, "train", self.device)
+        self.data = Batches(cfg, "train", self.device, images=train_images)
+        self.callbacks = callbacks or []
         self.total_steps = t.epochs * len(self.data) if t.max_steps is None else min(t.max_steps, t.epochs * len(self.data))
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.shuffle = torch.Generator().manual_seed(t.seed + 1)  # epoch permutations, CPU
@@ -195,8 +199,10 @@ class Trainer:
                     if len(pending) == t.log_every or last or ckpt_due:
                         terms = self._check(pending, first)
                         sums += terms.sum(0)
+                        rate = n_seen / max(loop_time + time.perf_counter() - t0, 1e-9)
                         bar.update(len(pending))
-                        bar.set_postfix(loss=f"{terms[-1, 0]:.2f}", img_s=f"{n_seen / max(loop_time + time.perf_counter() - t0, 1e-9):.0f}")
+                        bar.set_postfix(loss=f"{terms[-1, 0]:.2f}", img_s=f"{rate:.0f}")
+                        self._notify("on_log", self.step, self._record(terms.mean(0), rate))
                         pending, first = [], self.step
                     if last:
                         break
@@ -215,21 +221,29 @@ class Trainer:
                 if epoch_done:
                     with open(self.run_dir / METRICS_FILE, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
+                    self._notify("on_epoch", record)
         finally:
             bar.close()
         save_weights(self.run_dir / WEIGHTS_FILE, self.model, weights_metadata(self.cfg))
         return TrainResult(self.run_dir, self.step, self.epoch, img_per_s, record)
 
-    def _epoch_record(self, sums: torch.Tensor, n_steps: int, img_per_s: float, seconds: float) -> dict:
-        mean = (sums / n_steps).tolist()
-        rec = {"epoch": self.epoch, "step": self.step}
-        rec.update({k: v for k, v in zip(TERMS, mean) if k != "grad_norm" or self.cfg.train.grad_clip})
-        rec.update({"beta": self.beta.beta(), "lr": self.optimizer.param_groups[0]["lr"],
-                    "img_per_s": img_per_s, "seconds": seconds})
+    def _notify(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                hook(*args)
+
+    def _record(self, mean_terms: torch.Tensor, img_per_s: float) -> dict:
+        """Loss terms (means), beta, lr and throughput as one flat record."""
+        rec = {k: v for k, v in zip(TERMS, mean_terms.tolist()) if k != "grad_norm" or self.cfg.train.grad_clip}
+        rec.update({"beta": self.beta.beta(), "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s})
         cap = self.beta.capacity()
         if cap is not None:
             rec["capacity"] = cap
         return rec
+
+    def _epoch_record(self, sums: torch.Tensor, n_steps: int, img_per_s: float, seconds: float) -> dict:
+        return {"epoch": self.epoch, "step": self.step, **self._record(sums / n_steps, img_per_s), "seconds": seconds}
 
 
 def train(cfg: Config, run_dir: str | Path) -> TrainResult:

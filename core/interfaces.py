@@ -7,7 +7,9 @@ the shapes the host derives from the data and the model config.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -137,6 +139,10 @@ class Dataset(Component):
         """A map-style dataset of (C, H, W) float images, for the streaming DataLoader path."""
         return _ImageTensorDataset(self.tensors(split))
 
+    def sources(self) -> list[Path]:
+        """The files this dataset reads, listed with their sha256 in the data manifest; [] if generated."""
+        return []
+
 
 class _ImageTensorDataset(torch.utils.data.Dataset):
     """Map-style view over an in-memory (N, C, H, W) tensor, scaling uint8 to [0, 1]."""
@@ -149,6 +155,15 @@ class _ImageTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return to_unit_float(self.images[i])
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

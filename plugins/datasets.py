@@ -26,7 +26,7 @@ from pydantic import Field
 
 from core.errors import DataError
 from core.hookspecs import hookimpl
-from core.interfaces import Dataset, Shape, to_unit_float
+from core.interfaces import Dataset, Shape, file_sha256, to_unit_float
 from core.interfaces import Options as ComponentOptions
 
 ENV_DATA_DIR = "VAEFLOW_DATA_DIR"
@@ -86,6 +86,7 @@ class _IdxDataset(Dataset):
 
     folder: ClassVar[str]  # torchvision's class name, also the sub-folder under data_dir()
     package: ClassVar[Optional[str]] = None  # Debian package that ships the files, if any
+    content_sha256: ClassVar[dict[str, str]] = {}  # file name -> sha256 of the uncompressed IDX bytes
 
     class Options(ComponentOptions):
         root: Optional[str] = Field(
@@ -95,6 +96,7 @@ class _IdxDataset(Dataset):
     def __init__(self, options: Options):
         super().__init__(options)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (images, labels)
+        self._verified: dict[Path, int] = {}  # path -> mtime when its checksum matched
 
     @property
     def shape(self) -> Shape:
@@ -153,7 +155,28 @@ class _IdxDataset(Dataset):
             if path.suffix == ".gz":
                 found[name] = cache / name
                 _gunzip(path, found[name])
+        self._verify(found)
         return found
+
+    def _verify(self, plain: dict[str, Path]) -> None:
+        """Check the uncompressed files against the known sha256s; a mismatch is a corrupt file."""
+        for name, path in plain.items():
+            want = self.content_sha256.get(name)
+            if want is None or self._verified.get(path) == path.stat().st_mtime_ns:
+                continue
+            got = file_sha256(path)
+            if got != want:
+                raise DataError(f"{path}: checksum mismatch (sha256 {got[:16]}..., expected {want[:16]}...); "
+                                f"the file is corrupt or truncated: delete it and fetch it again")
+            self._verified[path] = path.stat().st_mtime_ns
+
+    def sources(self) -> list[Path]:
+        """The four IDX files as found (before decompression), for the data manifest."""
+        found = self._find()
+        if found is None:
+            self._locate()  # downloads, or raises the DataError that says how to get the files
+            found = self._find()
+        return [found[name] for pair in IDX_FILES.values() for name in pair]
 
     def _missing_message(self, download_error: str) -> str:
         """What was searched, which files are needed, and how to get them."""
@@ -197,6 +220,15 @@ def _read_idx(reader, path: Path) -> torch.Tensor:
 
 class FashionMNIST(_IdxDataset):
     """Fashion-MNIST (Xiao et al. 2017): 70000 28x28 grayscale clothes in 10 classes."""
+
+    # sha256 of the uncompressed IDX files, read off Debian's dataset-fashion-mnist (its .gz files
+    # are recompressed, so only the uncompressed bytes can be compared across mirrors)
+    content_sha256 = {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    }
 
     name = "fashion-mnist"
     folder = "FashionMNIST"

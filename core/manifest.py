@@ -1,0 +1,87 @@
+"""The data manifest and the prepared-tensor cache behind the pipeline's prepare_data stage.
+
+A manifest lists the source files with their sha256, each split's size and shape, and the
+preprocessing applied. Its hash keys a folder holding the prepared splits as one safetensors
+file, which training loads directly; the file's own sha256 is checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from core.checkpoint import atomic_write, write_text
+from core.config import Config, canonical_json
+from core.data import open_dataset, pad
+from core.errors import DataError
+from core.interfaces import file_sha256
+from core.registry import Registry
+
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "splits.safetensors"
+
+
+def _manifest_hash(manifest: dict) -> str:
+    """sha256 over everything but local paths and the hash itself."""
+    portable = {k: v for k, v in manifest.items() if k not in ("manifest_hash", "prepared_sha256")}
+    portable["files"] = [{k: v for k, v in f.items() if k != "path"} for f in manifest["files"]]
+    return hashlib.sha256(canonical_json(portable).encode()).hexdigest()
+
+
+def source_files(cfg: Config, registry: Registry | None = None) -> list[dict]:
+    """[{name, path, bytes, sha256}] of the files the dataset reads (empty for generated data)."""
+    return [
+        {"name": p.name, "path": str(Path(p).resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in open_dataset(cfg, registry).sources()
+    ]
+
+
+def prepare(cfg: Config, cache_dir: str | Path, registry: Registry | None = None) -> tuple[dict, Path]:
+    """Load, preprocess and cache every split; returns (manifest, prepared folder). Reuses a valid cache."""
+    ds = open_dataset(cfg, registry)
+    files = source_files(cfg, registry)
+    splits, tensors = {}, {}
+    for split in ds.SPLITS:
+        images = pad(ds.tensors(split), cfg.data.pad_to)  # (N, C, H, W), uint8 or float
+        tensors[split] = images.contiguous()
+        splits[split] = {"n": len(images), "shape": list(images.shape[1:]), "dtype": str(images.dtype).removeprefix("torch.")}
+    manifest = {
+        "version": 1,
+        "dataset": cfg.data.dataset.model_dump(mode="json"),
+        "files": files,
+        "splits": splits,
+        "preprocessing": {
+            "pad_to": cfg.data.pad_to,
+            "stored_as": "as the dataset yields it (uint8 0..255 or float 0..1)",
+            "at_load": "uint8 / 255 -> float32 in [0, 1]",
+        },
+    }
+    manifest["manifest_hash"] = _manifest_hash(manifest)
+    folder = Path(cache_dir) / manifest["manifest_hash"]
+    try:
+        load_prepared(folder)  # a complete, uncorrupted cache from an earlier run
+        return json.loads((folder / MANIFEST_FILE).read_text()), folder
+    except DataError:
+        pass
+    atomic_write(folder / TENSORS_FILE, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    manifest["prepared_sha256"] = file_sha256(folder / TENSORS_FILE)
+    write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2))  # written last: marks the folder complete
+    return manifest, folder
+
+
+def load_prepared(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The prepared splits {split: (N, C, H, W)} of a cache folder, after checking its sha256."""
+    folder = Path(folder)
+    mpath, tpath = folder / MANIFEST_FILE, folder / TENSORS_FILE
+    if not mpath.is_file() or not tpath.is_file():
+        raise DataError(f"{folder} holds no prepared data (missing {MANIFEST_FILE} or {TENSORS_FILE}); run prepare_data")
+    manifest = json.loads(mpath.read_text())
+    got = file_sha256(tpath)
+    if got != manifest.get("prepared_sha256"):
+        raise DataError(f"{tpath}: checksum mismatch (sha256 {got[:16]}..., manifest says "
+                        f"{str(manifest.get('prepared_sha256'))[:16]}...); the cache is corrupt: delete {folder}")
+    return safetensors.torch.load_file(tpath)
