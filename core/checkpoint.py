@@ -12,12 +12,13 @@ import safetensors.torch
 import torch
 
 from core.config import Config, config_hash, dump_yaml, read_yaml, validate
-from core.errors import CheckpointError, VaeflowError
+from core.errors import CheckpointError, PluginError, VaeflowError
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoints/last.pt"
 METRICS_FILE = "metrics.jsonl"
+PLUGINS_FILE = "plugins.json"
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -76,12 +77,59 @@ def read_run_config(run_dir: str | Path) -> Config:
 
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
-    """Store the resolved config (every default filled in) in the run directory."""
+    """Store the resolved config (every default filled in) and the plugins it needs in the run directory."""
     write_text(Path(run_dir) / CONFIG_FILE, dump_yaml(cfg))
+    write_text(Path(run_dir) / PLUGINS_FILE, json.dumps(plugins_used(cfg), indent=2))
+
+
+def plugins_used(cfg: Config) -> dict[str, dict[str, str]]:
+    """{config field: {family, name, source, package}} for every component the config selects."""
+    from core.config import COMPONENT_FIELDS
+    from core.registry import get_registry
+
+    registry, out = get_registry(), {}
+    for (section, field), family in COMPONENT_FIELDS.items():
+        spec = getattr(getattr(cfg, section), field)
+        if spec is not None:
+            entry = registry.get(family, spec.name)
+            out[field] = {"family": family, "name": entry.name, "source": entry.source, "package": entry.package}
+    return out
+
+
+def check_plugins(folder: Path) -> None:
+    """Fail with the missing plugin and its package when a model needs components not installed here."""
+    from core.registry import get_registry
+
+    path = folder / PLUGINS_FILE
+    if not path.is_file():
+        return
+    registry = get_registry()
+    for field, info in json.loads(path.read_text()).items():
+        if info["name"] not in registry.entries.get(info["family"], {}):
+            raise PluginError(f"this model needs the {info['family']} {info['name']!r} (for {field}) from the package "
+                              f"{info['package']!r}, which is not installed here: `pip install {info['package']}`, "
+                              f"or set VAEFLOW_PLUGINS to the module that provides it")
+
+
+def resolve_model_dir(source: str | Path) -> Path:
+    """A local folder with config.yaml and model.safetensors: a run dir, or a registry model fetched by URI."""
+    text = str(source)
+    if not text.startswith(("models:/", "runs:/")):
+        return Path(source)
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+    except Exception as exc:
+        raise CheckpointError(f"cannot fetch {text} from the MLflow store at {mlflow.get_tracking_uri()}: "
+                              f"{str(exc).splitlines()[0][:300]}. Check the name and alias (`vaeflow models list`) "
+                              f"and MLFLOW_TRACKING_URI") from None
+    inner = local / "artifacts" / "model_dir"
+    return inner if inner.is_dir() else local
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a trained model from a run directory: config + model.safetensors, through the plugin registry.
+    """Rebuild a trained model from a run directory or a registry URI (models:/NAME@alias), through the plugin registry.
 
     `device` may be "auto": CUDA when present, else CPU.
     """
@@ -90,7 +138,8 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    run_dir = Path(source)
+    run_dir = resolve_model_dir(source)
+    check_plugins(run_dir)
     cfg = read_run_config(run_dir)
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():

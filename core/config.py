@@ -134,7 +134,11 @@ class TrackingConfig(Section):
     """Where runs go and what they are called."""
 
     runs_dir: str = Field("runs", description="parent folder of run directories")
-    model_name: str = Field("vae", description="registered model name (pipelines issue)")
+    model_name: str = Field("vae", description="name in the MLflow model registry")
+    experiment: str = Field("vaeflow", description="MLflow experiment of the pipeline runs")
+    workspace: str = Field(".vaeflow", description="folder for the pipeline's cached stage outputs")
+    promote_metric: str = Field("iwae_nll_nats", description="eval metric that decides promotion to champion")
+    promote_lower_is_better: bool = Field(True, description="direction of promote_metric")
 
 
 class Config(Section):

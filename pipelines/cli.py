@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -124,6 +123,10 @@ def _load(model: str, sets: list[str]):
     from core import load_model
     from core.config import apply_sets
 
+    if model.startswith(("models:/", "runs:/")):
+        from pipelines.tracking import get_client
+
+        get_client()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store here
     net, cfg = load_model(model, device="auto")
     return net, apply_sets(cfg, sets)
 
@@ -151,20 +154,10 @@ def evaluate(
     typer.echo(f"wrote {path}")
 
 
-def _save_grid(images, out: Path, nrow: int) -> None:
-    from torchvision.utils import save_image
-
-    from core.checkpoint import atomic_write
-
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise VaeflowError(f"--out {out}: use a .png or .jpg file name")
-    atomic_write(out, lambda tmp: save_image(images.clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2, format=out.suffix[1:].upper().replace("JPG", "JPEG")))
-
-
 @app.command()
 @user_errors
 def generate(
-    model: Annotated[str, typer.Option("--model", help="run directory")],
+    model: Annotated[str, typer.Option("--model", help="run directory or models:/NAME@alias")],
     n: Annotated[int, typer.Option("-n", min=1, help="number of samples")] = 64,
     out: Annotated[Path, typer.Option("--out")] = Path("samples.png"),
     seed: int = 0,
@@ -172,18 +165,17 @@ def generate(
     set_: SetOption = [],
 ):
     """Draw z ~ N(0, I), decode, and save a grid (option 1 of the notes)."""
-    import torch
+    from pipelines.render import samples
 
     net, _ = _load(model, set_)
-    images = net.generate(n, torch.Generator().manual_seed(seed), temperature)
-    _save_grid(images, out, nrow=math.ceil(math.sqrt(n)))
+    samples(net, n, seed, out, temperature)
     typer.echo(f"wrote {n} samples to {out}")
 
 
 @app.command()
 @user_errors
 def interpolate(
-    model: Annotated[str, typer.Option("--model", help="run directory")],
+    model: Annotated[str, typer.Option("--model", help="run directory or models:/NAME@alias")],
     pairs: Annotated[int, typer.Option(min=1, help="rows: pairs of test images")] = 8,
     steps: Annotated[int, typer.Option(min=2, help="columns: points from one image to the other")] = 10,
     out: Annotated[Path, typer.Option("--out")] = Path("interpolation.png"),
@@ -191,18 +183,66 @@ def interpolate(
     set_: SetOption = [],
 ):
     """Interpolate between the posterior means of pairs of test images and save a grid (option 2)."""
-    import torch
-
     from core.data import load_split
+    from pipelines.render import interpolations
 
     net, cfg = _load(model, set_)
-    test = load_split(cfg, "test", device=net.device)
-    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
-    if len(idx) < 2 * pairs:
-        raise VaeflowError(f"the test split has {len(test)} images, fewer than 2 x pairs={pairs}")
-    grid = net.interpolate(test[idx[:pairs]], test[idx[pairs:]], steps)  # (pairs, steps, C, H, W)
-    _save_grid(grid.flatten(0, 1), out, nrow=steps)
+    interpolations(net, load_split(cfg, "test"), pairs, steps, seed, out)
     typer.echo(f"wrote {pairs} interpolations of {steps} steps to {out}")
+
+
+@app.command()
+@user_errors
+def run(config: Path, set_: SetOption = []):
+    """Run the whole pipeline (prepare_data -> train -> evaluate || render -> register) through Prefect."""
+    from core.config import load_config
+    from pipelines.tracking import tracking_uri
+
+    load_config(config, set_)  # fail fast, exit 2, before Prefect starts
+
+    from pipelines.flows import vae_pipeline
+
+    result = vae_pipeline(str(config), list(set_))
+    typer.echo(json.dumps(result, indent=2))
+    model = result["model"]
+    typer.echo(f"\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
+    typer.echo(f"MLflow run {result['mlflow_run_id']} in {tracking_uri()}: `make ui`, then http://127.0.0.1:5000")
+    typer.echo(f"model {model['name']} version {model['version']}"
+               + (" (champion)" if model.get("champion") else "")
+               + f": vaeflow generate --model models:/{model['name']}@champion -n 64 --out samples.png")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+@user_errors
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Registered models: versions, aliases and key metrics."""
+    from pipelines.registry import list_models
+    from pipelines.tracking import get_client
+
+    rows = list_models(get_client())
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no registered models; `vaeflow run CONFIG` registers one")
+    for r in rows:
+        metrics = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(r["metrics"].items()))
+        typer.echo(f"{r['name']:<24} v{r['version']:<4} {','.join(r['aliases']) or '-':<20} {metrics}")
+
+
+@models_app.command("promote")
+@user_errors
+def models_promote(name: str, version: int, alias: Annotated[str, typer.Option(help="alias to set")] = "champion"):
+    """Point an alias (default: champion) at a model version."""
+    from pipelines.registry import promote
+    from pipelines.tracking import get_client
+
+    promote(get_client(), name, version, alias)
+    typer.echo(f"{name}@{alias} -> version {version}")
 
 
 @bench_app.command("train")

@@ -1,0 +1,264 @@
+"""The VAE pipeline as a Prefect flow of cached stages, every run tracked in MLflow.
+
+    prepare_data -> train -> (evaluate || render) -> register
+
+Each stage is a task keyed by the hash of its own config section, the data manifest hash and
+its parent artifact's hash, so an unchanged re-run is all cache hits, an `eval` change re-runs
+only evaluate and register, and a `train` change leaves prepare_data cached. Tasks exchange
+paths and hashes (JSON), never models. MLflow's active run is thread-local, so run ids are
+passed explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.states import State
+
+from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics
+from core.config import Config, canonical_json, config_hash, load_config, validate
+from core.interfaces import file_sha256
+
+for _var, _value in (("DO_NOT_TRACK", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                     ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")):
+    os.environ.setdefault(_var, _value)
+
+STAGES = ("prepare_data", "train", "evaluate", "render", "register")
+
+
+def _digest(*parts: object) -> str:
+    """sha256 of the canonical JSON of the parts, shortened for folder names."""
+    return hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()[:32]
+
+
+def _cfg(config: str) -> Config:
+    return validate(json.loads(config))
+
+
+def _workspace(cfg: Config) -> Path:
+    from pipelines.tracking import project_root
+
+    ws = Path(cfg.tracking.workspace)
+    return ws if ws.is_absolute() else project_root() / ws
+
+
+# --- stage keys: own section + parent hashes --------------------------------------------------
+def prepare_key(config: str) -> str:
+    """data section + the sha256 of every source file (a changed file invalidates the cache)."""
+    from core.manifest import source_files
+
+    cfg = _cfg(config)
+    return "prepare_data-" + _digest(config_hash(cfg, "data"), [f["sha256"] for f in source_files(cfg)])
+
+
+def train_key(config: str, data: dict) -> str:
+    """model + train sections + the data manifest hash."""
+    cfg = _cfg(config)
+    return "train-" + _digest(config_hash(cfg, "model"), config_hash(cfg, "train"), data["manifest_hash"])
+
+
+def evaluate_key(config: str, data: dict, trained: dict) -> str:
+    """eval section + the trained weights + the data manifest."""
+    return "evaluate-" + _digest(config_hash(_cfg(config), "eval"), trained["weights_sha256"], data["manifest_hash"])
+
+
+def render_key(config: str, data: dict, trained: dict) -> str:
+    """the trained weights + the data manifest (render has no options of its own yet)."""
+    return "render-" + _digest(trained["weights_sha256"], data["manifest_hash"])
+
+
+def register_key(config: str, data: dict, trained: dict, evaluated: dict) -> str:
+    """tracking section + the weights + the metrics that decide promotion."""
+    return "register-" + _digest(config_hash(_cfg(config), "tracking"), trained["weights_sha256"],
+                                 evaluated["metrics_sha256"])
+
+
+def _key_fn(fn):
+    return lambda context, params: fn(**{k: v for k, v in params.items() if k != "run"})
+
+
+# --- stages ----------------------------------------------------------------------------------
+@task(name="prepare_data", cache_key_fn=_key_fn(prepare_key), persist_result=True, result_serializer="json",
+      retries=3, retry_delay_seconds=[2, 10, 30])
+def prepare_data(config: str, run: dict) -> dict:
+    """Load, check and cache the splits; write the data manifest."""
+    from core.manifest import MANIFEST_FILE, prepare
+    from pipelines.tracking import get_client, log_params, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    with stage_run(client, run["experiment_id"], run["parent_id"], "prepare_data", run["tags"]) as run_id:
+        manifest, folder = prepare(cfg, _workspace(cfg) / "data")
+        log_params(client, run_id, {f"data.split.{k}.n": str(v["n"]) for k, v in manifest["splits"].items()})
+        client.log_artifact(run_id, str(folder / MANIFEST_FILE))
+    return {"manifest_hash": manifest["manifest_hash"], "folder": str(folder), "run_id": run_id}
+
+
+@task(name="train", cache_key_fn=_key_fn(train_key), persist_result=True, result_serializer="json", retries=1)
+def train(config: str, data: dict, run: dict) -> dict:
+    """Train on the prepared split; a re-run or retry with the same key resumes from its checkpoint."""
+    from core.engine import Trainer
+    from core.manifest import load_prepared
+    from pipelines.tracking import MetricsLogger, get_client, log_metrics, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    run_dir = _workspace(cfg) / "train" / train_key(config, data).removeprefix("train-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "train", run["tags"]) as run_id:
+        if not (run_dir / WEIGHTS_FILE).exists():
+            resume = (run_dir / CHECKPOINT_FILE).exists()
+            if resume:
+                get_run_logger().info("resuming %s from its last checkpoint", run_dir)
+            trainer = Trainer(cfg, run_dir, resume=resume, train_images=load_prepared(data["folder"])["train"],
+                              callbacks=[MetricsLogger(client, run_id)])
+            trainer.fit()
+        records = read_metrics(run_dir)
+        if records:
+            log_metrics(client, run_id, {f"final/{k}": v for k, v in records[-1].items()})
+        _loss_curve(run_dir)
+        for name in ("config.yaml", "plugins.json", WEIGHTS_FILE, METRICS_FILE, "loss_curve.png"):
+            client.log_artifact(run_id, str(run_dir / name))
+        client.log_artifact(run_id, str(run_dir / CHECKPOINT_FILE), "checkpoints")
+    return {"run_dir": str(run_dir), "weights_sha256": file_sha256(run_dir / WEIGHTS_FILE), "run_id": run_id}
+
+
+@task(name="evaluate", cache_key_fn=_key_fn(evaluate_key), persist_result=True, result_serializer="json")
+def evaluate(config: str, data: dict, trained: dict, run: dict) -> dict:
+    """Test-split metrics of the trained model."""
+    from core.checkpoint import load_model, write_text
+    from core.interfaces import to_unit_float
+    from core.manifest import load_prepared
+    from core.metrics import evaluate as run_eval
+    from pipelines.tracking import get_client, log_metrics, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    out = _workspace(cfg) / "evaluate" / evaluate_key(config, data, trained).removeprefix("evaluate-") / "eval.json"
+    with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
+        model, _ = load_model(trained["run_dir"], device="auto")
+        metrics = run_eval(model, to_unit_float(load_prepared(data["folder"])["test"]), cfg.eval)
+        write_text(out, json.dumps(metrics, indent=2))
+        log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
+        client.log_artifact(run_id, str(out))
+    return {"path": str(out), "metrics_sha256": file_sha256(out), "run_id": run_id}
+
+
+@task(name="render", cache_key_fn=_key_fn(render_key), persist_result=True, result_serializer="json")
+def render(config: str, data: dict, trained: dict, run: dict) -> dict:
+    """Reconstruction, sample and interpolation grids."""
+    from core.checkpoint import load_model
+    from core.interfaces import to_unit_float
+    from core.manifest import load_prepared
+    from pipelines import render as grids
+    from pipelines.tracking import get_client, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    folder = _workspace(cfg) / "render" / render_key(config, data, trained).removeprefix("render-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "render", run["tags"]) as run_id:
+        model, _ = load_model(trained["run_dir"], device="auto")
+        test = to_unit_float(load_prepared(data["folder"])["test"])
+        paths = [grids.reconstructions(model, test, 32, folder / "reconstructions.png"),
+                 grids.samples(model, 64, cfg.eval.seed, folder / "samples.png"),
+                 grids.interpolations(model, test, 8, 10, cfg.eval.seed, folder / "interpolations.png")]
+        for path in paths:
+            client.log_artifact(run_id, str(path), "images")
+    return {"folder": str(folder), "files": [str(p) for p in paths], "run_id": run_id}
+
+
+@task(name="register", cache_key_fn=_key_fn(register_key), persist_result=True, result_serializer="json")
+def register(config: str, data: dict, trained: dict, evaluated: dict, run: dict) -> dict:
+    """Log the model (python_function flavor) and register it; promote on the configured metric."""
+    from pipelines.registry import register as register_model
+    from pipelines.tracking import get_client, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    metrics = json.loads(Path(evaluated["path"]).read_text())
+    lineage = {"data_manifest_hash": data["manifest_hash"], "parent_model_version": "",
+               "train_run_id": trained["run_id"], "weights_sha256": trained["weights_sha256"]}
+    with stage_run(client, run["experiment_id"], run["parent_id"], "register", run["tags"]) as run_id:
+        info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage)
+    return {**info, "run_id": run_id}
+
+
+def _loss_curve(run_dir: Path) -> None:
+    """loss_curve.png: per-epoch loss, reconstruction and KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from core.checkpoint import atomic_write
+
+    records = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "reconstruction", "kl"):
+        ax.plot([r["epoch"] for r in records], [r.get(key) for r in records], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(run_dir / "loss_curve.png", lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _outputs_exist(stage: str, result: dict) -> bool:
+    """Whether a cached stage's files are still on disk (else it must run again)."""
+    paths = {"prepare_data": lambda: [Path(result["folder"]) / "manifest.json"],
+             "train": lambda: [Path(result["run_dir"]) / WEIGHTS_FILE],
+             "evaluate": lambda: [Path(result["path"])],
+             "render": lambda: [Path(p) for p in result["files"]],
+             "register": lambda: []}[stage]()
+    return all(p.exists() for p in paths)
+
+
+def _finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
+    """(result, 'ran' | 'cached'); a cached result whose files are gone runs again with refresh_cache."""
+    result = state.result()  # raises the stage's own error if it failed
+    if state.name == "Cached" and not _outputs_exist(stage, result):
+        state = resubmit()
+        result = state.result()
+    return result, "cached" if state.name == "Cached" else "ran"
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+@flow(name="vae_pipeline", log_prints=True)
+def vae_pipeline(config_path: str, overrides: list[str] | None = None) -> dict:
+    """prepare_data -> train -> (evaluate || render) -> register, tracked as one MLflow parent run."""
+    from core.engine import resolve_device
+    from pipelines.tracking import experiment_id, flatten, get_client, log_params, run_tags, set_tags, start_run
+
+    cfg = load_config(config_path, overrides or [])
+    config = canonical_json(cfg)
+    client = get_client()
+    exp = experiment_id(client, cfg.tracking.experiment)
+    tags = run_tags(cfg, str(resolve_device(cfg.train.device)))
+    parent = start_run(client, exp, f"vae_pipeline {Path(config_path).stem}", tags=tags)
+    log_params(client, parent, flatten(cfg.model_dump(mode="json")))
+    run = {"experiment_id": exp, "parent_id": parent, "tags": tags}
+    status: dict[str, str] = {}
+    try:
+        data, status["prepare_data"] = _finish("prepare_data", prepare_data(config, run, return_state=True),
+                                               lambda: prepare_data.with_options(refresh_cache=True)(config, run, return_state=True))
+        trained, status["train"] = _finish("train", train(config, data, run, return_state=True),
+                                           lambda: train.with_options(refresh_cache=True)(config, data, run, return_state=True))
+        ev_future = evaluate.submit(config, data, trained, run)
+        rd_future = render.submit(config, data, trained, run)
+        ev_future.wait()
+        rd_future.wait()
+        evaluated, status["evaluate"] = _finish("evaluate", ev_future.state,
+                                                lambda: evaluate.with_options(refresh_cache=True)(config, data, trained, run, return_state=True))
+        rendered, status["render"] = _finish("render", rd_future.state,
+                                             lambda: render.with_options(refresh_cache=True)(config, data, trained, run, return_state=True))
+        registered, status["register"] = _finish("register", register(config, data, trained, evaluated, run, return_state=True),
+                                                 lambda: register.with_options(refresh_cache=True)(config, data, trained, evaluated, run, return_state=True))
+    except BaseException as exc:
+        set_tags(client, parent, {**{f"stage.{k}": v for k, v in status.items()}, "error": f"{type(exc).__name__}: {exc}"})
+        client.set_terminated(parent, "FAILED")
+        raise
+    set_tags(client, parent, {f"stage.{k}": v for k, v in status.items()} | {
+        "registered_model": f"{registered['name']}/{registered['version']}"})
+    client.set_terminated(parent, "FINISHED")
+    return {"mlflow_run_id": parent, "stages": status, "run_dir": trained["run_dir"], "eval": evaluated["path"],
+            "images": rendered["files"], "model": registered}

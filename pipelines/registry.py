@@ -1,0 +1,98 @@
+"""The MLflow model registry: register a trained run, aliases, promotion, listing."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from core import __version__
+from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE
+from core.config import Config, config_hash
+from core.errors import VaeflowError
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+CANDIDATE, CHAMPION = "candidate", "champion"
+MODEL_DIR = "model_dir"  # artifacts/model_dir/ inside a registered model holds weights, config, plugins
+
+
+def export_model_dir(run_dir: Path, dest: Path) -> Path:
+    """The files a registered model carries: weights, resolved config, the plugins it needs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, CONFIG_FILE, PLUGINS_FILE):
+        shutil.copy2(run_dir / name, dest / name)
+    return dest
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="vaeflow model; see the version tags for lineage")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+
+
+def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metrics: dict,
+             lineage: dict[str, str]) -> dict:
+    """Log the model (python_function flavor) in run_id, register a version, alias it candidate,
+    and promote it to champion when its metric beats the current champion's."""
+    name = cfg.tracking.model_name
+    metric, lower = cfg.tracking.promote_metric, cfg.tracking.promote_lower_is_better
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_model_dir(Path(run_dir), Path(tmp) / MODEL_DIR)  # the artifact folder keeps this name
+        with mlflow.start_run(run_id=run_id):  # fluent API, this task's own thread
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
+                pip_requirements=[f"vaeflow=={__version__}"],
+                metadata={"vaeflow_version": __version__, "config_hash": config_hash(cfg)},
+            )
+    _ensure_registered_model(client, name)
+    tags = {**lineage, "run_id": run_id, "config_hash": config_hash(cfg)}
+    if metric in metrics:
+        tags[f"metric.{metric}"] = repr(float(metrics[metric]))
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    promoted = False
+    if metric in metrics:
+        champion = _alias_version(client, name, CHAMPION)
+        best = None if champion is None else champion.tags.get(f"metric.{metric}")
+        new = float(metrics[metric])
+        if best is None or (new < float(best) if lower else new > float(best)):
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            promoted = True
+    return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
+            "champion": promoted, "metric": metric, "value": metrics.get(metric)}
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(client: MlflowClient, name: str, version: int, alias: str = CHAMPION) -> None:
+    """Point `alias` at a version, checking that the version exists."""
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise VaeflowError(f"model {name!r} has no version {version}; see `vaeflow models list`") from None
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def list_models(client: MlflowClient) -> list[dict]:
+    """Every registered model's versions with aliases and key metrics."""
+    rows = []
+    for rm in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            metrics = {k.removeprefix("metric."): v for k, v in mv.tags.items() if k.startswith("metric.")}
+            rows.append({"name": rm.name, "version": int(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
+                         "run_id": mv.run_id, "metrics": metrics, "config_hash": mv.tags.get("config_hash", "")})
+    return sorted(rows, key=lambda r: (r["name"], r["version"]))
