@@ -4,8 +4,8 @@
     recon = model.predict(images)                             # (N, C, H, W) floats in [0, 1]
     z = model.predict(images, params={"output": "latent"})    # (N, latent_dim) posterior means
 
-`images` is a float array (N, C, H, W) in [0, 1], or (N, C*H*W) flattened. The weights and config
-travel as the `model_dir` artifact and are rebuilt through vaeflow's plugin registry.
+`images` is a float32 array (N, C, H, W) in [0, 1] (the signature enforces it). The weights and
+config travel as the `model_dir` artifact and are rebuilt through vaeflow's plugin registry.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ class VaeflowPyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.cfg = load_model(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
-        """images (N, C, H, W) or (N, C*H*W) in [0, 1] -> reconstructions (N, C, H, W) or latents (N, J)."""
+        """images (N, C, H, W) in [0, 1] -> reconstructions (N, C, H, W) or latents (N, J)."""
         import torch
 
         from core.model import data_shape
 
+        if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
+            model_input = next(iter(model_input.values()))
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         shape = data_shape(self.cfg)
         x = x.view(-1, *shape)  # (N, C, H, W)

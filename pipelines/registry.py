@@ -28,6 +28,18 @@ def export_model_dir(run_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def signature(cfg: Config):
+    """Input: float32 images (N, C, H, W) in [0, 1]; param `output`: "reconstruction" (default) or "latent"."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from core.model import data_shape
+
+    images = Schema([TensorSpec(np.dtype(np.float32), (-1, *data_shape(cfg)))])
+    return ModelSignature(inputs=images, params=ParamSchema([ParamSpec("output", "string", "reconstruction")]))
+
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name, description="vaeflow model; see the version tags for lineage")
@@ -47,6 +59,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
         with mlflow.start_run(run_id=run_id):  # fluent API, this task's own thread
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
+                signature=signature(cfg),
                 pip_requirements=[f"vaeflow=={__version__}"],
                 metadata={"vaeflow_version": __version__, "config_hash": config_hash(cfg)},
             )

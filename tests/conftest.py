@@ -22,7 +22,10 @@ def _isolated_env(tmp_path_factory):
     for var in [v for v in os.environ if v.startswith("VAEFLOW_")]:
         del os.environ[var]
     os.environ["VAEFLOW_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
-    os.environ.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                      PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
+                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     reset_registry()
     yield
     reset_registry()

@@ -1,0 +1,202 @@
+"""The Prefect pipeline against a real temporary Prefect server and a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from core import load_model
+from core.errors import PluginError
+from core.interfaces import file_sha256, to_unit_float
+from core.manifest import load_prepared
+
+from conftest import TINY
+
+SETS = ["data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=1", "eval.iwae_k=8",
+        "train.progress=false", "train.log_every=2"]
+NAME = "vae-shapes-tiny"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A project folder holding mlflow.db, mlartifacts/ and .vaeflow/, with a Prefect test server."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("project")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VAEFLOW_HOME", str(root))
+    mp.chdir(root)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runs(home):
+    """Four pipeline runs: first, unchanged, eval changed, train.lr changed."""
+    from pipelines.flows import vae_pipeline
+
+    out = {}
+    out["first"] = vae_pipeline(str(TINY), SETS)
+    out["again"] = vae_pipeline(str(TINY), SETS)
+    out["eval"] = vae_pipeline(str(TINY), SETS + ["eval.iwae_k=16"])
+    out["lr"] = vae_pipeline(str(TINY), SETS + ["train.lr=2e-3"])
+    return out
+
+
+def prepared_folder(runs, version) -> Path:
+    """The prepare_data output a model version was trained on, by its lineage tag."""
+    return Path(runs["first"]["run_dir"]).parents[1] / "data" / version.tags["data_manifest_hash"]
+
+
+def client():
+    from pipelines.tracking import get_client
+
+    return get_client()
+
+
+def test_stages_rerun_only_where_their_inputs_changed(runs):
+    assert set(runs["first"]["stages"].values()) == {"ran"}
+    assert set(runs["again"]["stages"].values()) == {"cached"}
+    assert runs["eval"]["stages"] == {"prepare_data": "cached", "train": "cached", "evaluate": "ran",
+                                      "render": "cached", "register": "ran"}
+    assert runs["lr"]["stages"] == {"prepare_data": "cached", "train": "ran", "evaluate": "ran",
+                                    "render": "ran", "register": "ran"}
+    assert runs["again"]["run_dir"] == runs["first"]["run_dir"] != runs["lr"]["run_dir"]
+
+
+def test_mlflow_parent_and_nested_stage_runs(runs):
+    c = client()
+    parent = c.get_run(runs["first"]["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.lr"] == "0.001" and parent.data.params["model.encoder.name"] == "conv"
+    for tag in ("git_commit", "vaeflow_version", "torch_version", "device", "config_hash", "plugin.encoder"):
+        assert parent.data.tags[tag], tag
+    assert parent.data.tags["stage.train"] == "ran"
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "prepare_data", "register", "render", "train"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    train_run = next(r for r in children if r.data.tags["stage"] == "train")
+    history = c.get_metric_history(train_run.info.run_id, "train/loss")
+    assert len(history) == 512 // 64 // 2  # every log_every=2 steps of 8
+    assert [m.step for m in history] == [2, 4, 6, 8]
+    for name in ("train/kl", "train/reconstruction", "train/beta", "train/lr", "train/img_per_s", "epoch/loss"):
+        assert c.get_metric_history(train_run.info.run_id, name), name
+    artifacts = {a.path for a in c.list_artifacts(train_run.info.run_id)}
+    assert {"config.yaml", "model.safetensors", "metrics.jsonl", "loss_curve.png", "checkpoints"} <= artifacts
+    eval_run = next(r for r in children if r.data.tags["stage"] == "evaluate")
+    metrics = json.loads(Path(runs["first"]["eval"]).read_text())
+    assert eval_run.data.metrics["eval/iwae_nll_nats"] == pytest.approx(metrics["iwae_nll_nats"])
+    assert {"eval/neg_elbo_bits_per_dim", "eval/mse", "eval/psnr", "eval/active_units"} <= set(eval_run.data.metrics)
+    render_run = next(r for r in children if r.data.tags["stage"] == "render")
+    images = {a.path for a in c.list_artifacts(render_run.info.run_id, "images")}
+    assert images == {"images/reconstructions.png", "images/samples.png", "images/interpolations.png"}
+    prep = next(r for r in children if r.data.tags["stage"] == "prepare_data")
+    assert {a.path for a in c.list_artifacts(prep.info.run_id)} == {"manifest.json"}
+
+
+def test_registry_versions_aliases_and_lineage(runs):
+    c = client()
+    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'"))
+    assert versions == [1, 2, 3]  # the unchanged re-run registered nothing new
+    assert int(c.get_model_version_by_alias(NAME, "candidate").version) == 3
+    v1 = c.get_model_version(NAME, "1")
+    assert v1.tags["config_hash"] and v1.tags["run_id"] and "parent_model_version" in v1.tags
+    manifest = json.loads((prepared_folder(runs, v1) / "manifest.json").read_text())
+    assert manifest["manifest_hash"] == v1.tags["data_manifest_hash"]
+    assert v1.tags["weights_sha256"] == file_sha256(Path(runs["first"]["run_dir"]) / "model.safetensors")
+    # champion = the best iwae_nll_nats among the versions
+    scores = {int(v.version): float(v.tags["metric.iwae_nll_nats"]) for v in c.search_model_versions(f"name='{NAME}'")}
+    assert int(c.get_model_version_by_alias(NAME, "champion").version) == min(scores, key=scores.get)
+
+
+def test_pyfunc_and_core_load_model_from_the_registry(runs):
+    uri = f"models:/{NAME}@candidate"
+    model, cfg = load_model(uri)
+    local, _ = load_model(runs["lr"]["run_dir"])
+    for k, v in local.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    test = to_unit_float(load_prepared(prepared_folder(runs, client().get_model_version(NAME, "3")))["test"][:5])
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    recon = pyfunc.predict(test.numpy())
+    assert recon.shape == (5, 1, 32, 32)
+    np.testing.assert_allclose(recon, local.reconstruct(test).numpy(), atol=1e-6)
+    latents = pyfunc.predict(test.numpy(), params={"output": "latent"})
+    assert latents.shape == (5, 8)
+    np.testing.assert_allclose(latents, local.posterior(test).mode().detach().numpy(), atol=1e-6)
+
+
+def test_cli_models_list_promote_and_generate(runs, tmp_path):
+    from pipelines.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["models", "promote", NAME, "1"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)
+    assert [r["aliases"] for r in rows if r["version"] == 1] == [["champion"]]
+    bad = runner.invoke(app, ["models", "promote", NAME, "99"])
+    assert bad.exit_code == 2 and "no version 99" in bad.stderr
+    res = runner.invoke(app, ["generate", "--model", f"models:/{NAME}@champion", "-n", "4", "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "g.png").stat().st_size > 0
+    missing = runner.invoke(app, ["generate", "--model", "models:/no-such-model@champion", "--out", str(tmp_path / "x.png")])
+    assert missing.exit_code == 2 and "cannot fetch" in missing.stderr
+
+
+def test_missing_plugin_names_its_package(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["first"]["run_dir"], run)
+    plugins = json.loads((run / "plugins.json").read_text())
+    plugins["encoder"].update(name="residual-mlp", package="vaeflow-example-encoder")
+    (run / "plugins.json").write_text(json.dumps(plugins))
+    with pytest.raises(PluginError, match="'residual-mlp'.*'vaeflow-example-encoder'.*pip install vaeflow-example-encoder"):
+        load_model(run)
+
+
+BOOM = """
+from core.hookspecs import hookimpl
+from plugins.encoders import ConvEncoder
+
+class Boom(ConvEncoder):
+    name = "boom"
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("encoder exploded on purpose")
+        return super().forward(x)
+
+@hookimpl
+def register_encoders(register):
+    register(Boom)
+"""
+
+
+def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins):
+    from prefect.states import State
+
+    from pipelines.flows import vae_pipeline
+
+    local_plugins({"vf_boom": BOOM})
+    sets = SETS + ["model.encoder={name: boom, channels: [16, 32], hidden: 128}"]
+    state: State = vae_pipeline(str(TINY), sets, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match="exploded on purpose"):
+        state.result()
+    c = client()
+    exp = c.get_experiment_by_name("vaeflow")
+    query = "tags.`plugin.encoder` LIKE 'boom%' and tags.`mlflow.runName` LIKE 'vae_pipeline%'"
+    (parent,) = c.search_runs([exp.experiment_id], query)
+    assert parent.info.status == "FAILED" and "exploded on purpose" in parent.data.tags["error"]
+    children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    # prepare_data was a cache hit; train failed on both attempts (retries=1); nothing after it ran
+    assert sorted(r.data.tags["stage"] for r in children) == ["train", "train"]
+    for r in children:
+        assert r.info.status == "FAILED" and "exploded on purpose" in r.data.tags["error"]
+    assert parent.data.tags["stage.prepare_data"] == "cached"
+    assert sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == [1, 2, 3]
