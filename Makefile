@@ -9,7 +9,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install data run test bench clean
+.PHONY: install data run train ui server test bench clean
 
 install: $(VENV)/.installed
 
@@ -32,13 +32,28 @@ data:
 
 run: install data
 	$(BIN)/vaeflow config validate $(CONFIG)
+	$(BIN)/vaeflow run $(CONFIG)
+	@echo
+	@echo "MLflow UI:   make ui      (http://127.0.0.1:5000)"
+	@echo "Prefect UI:  make server  (http://127.0.0.1:4200, with the MLflow UI)"
+	@echo "Fetch the model: $(BIN)/vaeflow generate --model models:/vae-fashion-mnist@champion -n 64 --out samples.png"
+	@echo "   or in Python: mlflow.pyfunc.load_model('models:/vae-fashion-mnist@champion').predict(images)"
+
+# Quick demo without Prefect/MLflow: train, evaluate and render into $(RUN_DIR).
+train: install data
 	rm -rf $(RUN_DIR)
 	$(BIN)/vaeflow train $(CONFIG) --out $(RUN_DIR)
 	$(BIN)/vaeflow evaluate $(RUN_DIR)
 	$(BIN)/vaeflow generate --model $(RUN_DIR) -n 64 --out $(RUN_DIR)/samples.png
 	$(BIN)/vaeflow interpolate --model $(RUN_DIR) --out $(RUN_DIR)/interpolation.png
-	@echo
-	@echo "Results in $(RUN_DIR)/: model.safetensors, config.yaml, metrics.jsonl, eval.json, samples.png, interpolation.png"
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+server: install
+	@echo "Prefect UI on http://127.0.0.1:4200, MLflow UI on http://127.0.0.1:5000 (Ctrl-C stops both)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 & \
+	  trap 'kill %1' EXIT; $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -47,4 +62,4 @@ bench: install data
 	$(BIN)/vaeflow bench train --out bench/train.json
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .vaeflow

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from core.errors import ConfigError
 from core.registry import Registry, get_registry
@@ -141,6 +141,20 @@ class TrackingConfig(Section):
     promote_lower_is_better: bool = Field(True, description="direction of promote_metric")
 
 
+class ScheduleConfig(Section):
+    """When `vaeflow serve` runs the pipeline deployment: a cron expression or an interval."""
+
+    cron: Optional[str] = Field(None, description="cron expression, e.g. '0 3 * * *' (03:00 daily)")
+    interval_seconds: Optional[int] = Field(None, gt=0, description="run every N seconds")
+    timezone: Optional[str] = Field(None, description="IANA timezone of the cron expression, e.g. Europe/Paris")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ScheduleConfig":
+        if (self.cron is None) == (self.interval_seconds is None):
+            raise ValueError("give exactly one of cron or interval_seconds")
+        return self
+
+
 class Config(Section):
     """A whole vaeflow run."""
 
@@ -149,6 +163,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    schedules: list[ScheduleConfig] = Field(default_factory=list, description="schedules for `vaeflow serve`")
 
 
 COMPONENT_FIELDS = {  # (section, field) -> family

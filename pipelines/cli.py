@@ -212,6 +212,33 @@ def run(config: Path, set_: SetOption = []):
                + f": vaeflow generate --model models:/{model['name']}@champion -n 64 --out samples.png")
 
 
+@app.command()
+@user_errors
+def serve(
+    config: Path,
+    set_: SetOption = [],
+    cron: Annotated[list[str], typer.Option("--cron", help="cron schedule for vae_pipeline (repeatable)")] = [],
+    interval: Annotated[list[int], typer.Option("--interval", min=1, help="interval schedule in seconds (repeatable)")] = [],
+    name: Annotated[Optional[str], typer.Option(help="deployment name (default: tracking.model_name)")] = None,
+):
+    """Register deployments for vae_pipeline and each stage flow, and serve them (needs PREFECT_API_URL)."""
+    import os
+
+    from core.config import ScheduleConfig, load_config
+
+    cfg = load_config(config, set_)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise VaeflowError("vaeflow serve needs a Prefect server: run `make server` (or `prefect server start`) and "
+                           "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    try:
+        schedules = cfg.schedules + [ScheduleConfig(cron=c) for c in cron] + [ScheduleConfig(interval_seconds=i) for i in interval]
+    except ValueError as exc:
+        raise VaeflowError(f"--cron/--interval: {exc}") from None
+    from pipelines.deployments import serve_deployments
+
+    serve_deployments(config.resolve(), list(set_), schedules, name or cfg.tracking.model_name)
+
+
 models_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry.")
 app.add_typer(models_app, name="models")
 

@@ -223,42 +223,100 @@ def _finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
 
 
 # --- the pipeline ------------------------------------------------------------------------------
-@flow(name="vae_pipeline", log_prints=True)
-def vae_pipeline(config_path: str, overrides: list[str] | None = None) -> dict:
-    """prepare_data -> train -> (evaluate || render) -> register, tracked as one MLflow parent run."""
+def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
+    """Run the stages up to and including `until`, as one MLflow parent run; cached stages are skipped."""
     from core.engine import resolve_device
     from pipelines.tracking import experiment_id, flatten, get_client, log_params, run_tags, set_tags, start_run
 
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    stop = STAGES.index(until)
     cfg = load_config(config_path, overrides or [])
     config = canonical_json(cfg)
     client = get_client()
     exp = experiment_id(client, cfg.tracking.experiment)
     tags = run_tags(cfg, str(resolve_device(cfg.train.device)))
-    parent = start_run(client, exp, f"vae_pipeline {Path(config_path).stem}", tags=tags)
+    name = "vae_pipeline" if until == "register" else f"{until}_flow"
+    parent = start_run(client, exp, f"{name} {Path(config_path).stem}", tags=tags)
     log_params(client, parent, flatten(cfg.model_dump(mode="json")))
     run = {"experiment_id": exp, "parent_id": parent, "tags": tags}
     status: dict[str, str] = {}
+    out: dict = {"mlflow_run_id": parent, "stages": status}
+
+    def fresh(task_, *args):
+        return lambda: task_.with_options(refresh_cache=True)(*args, run, return_state=True)
+
     try:
         data, status["prepare_data"] = _finish("prepare_data", prepare_data(config, run, return_state=True),
-                                               lambda: prepare_data.with_options(refresh_cache=True)(config, run, return_state=True))
-        trained, status["train"] = _finish("train", train(config, data, run, return_state=True),
-                                           lambda: train.with_options(refresh_cache=True)(config, data, run, return_state=True))
-        ev_future = evaluate.submit(config, data, trained, run)
-        rd_future = render.submit(config, data, trained, run)
-        ev_future.wait()
-        rd_future.wait()
-        evaluated, status["evaluate"] = _finish("evaluate", ev_future.state,
-                                                lambda: evaluate.with_options(refresh_cache=True)(config, data, trained, run, return_state=True))
-        rendered, status["render"] = _finish("render", rd_future.state,
-                                             lambda: render.with_options(refresh_cache=True)(config, data, trained, run, return_state=True))
-        registered, status["register"] = _finish("register", register(config, data, trained, evaluated, run, return_state=True),
-                                                 lambda: register.with_options(refresh_cache=True)(config, data, trained, evaluated, run, return_state=True))
+                                               fresh(prepare_data, config))
+        out["data"] = data
+        if stop >= 1:
+            trained, status["train"] = _finish("train", train(config, data, run, return_state=True),
+                                               fresh(train, config, data))
+            out["run_dir"] = trained["run_dir"]
+        if stop >= 2:
+            futures = {"evaluate": evaluate.submit(config, data, trained, run)}
+            if stop >= 3:
+                futures["render"] = render.submit(config, data, trained, run)
+            for future in futures.values():
+                future.wait()
+            evaluated, status["evaluate"] = _finish("evaluate", futures["evaluate"].state,
+                                                    fresh(evaluate, config, data, trained))
+            out["eval"] = evaluated["path"]
+            if stop >= 3:
+                rendered, status["render"] = _finish("render", futures["render"].state, fresh(render, config, data, trained))
+                out["images"] = rendered["files"]
+        if stop >= 4:
+            out["model"], status["register"] = _finish(
+                "register", register(config, data, trained, evaluated, run, return_state=True),
+                fresh(register, config, data, trained, evaluated))
     except BaseException as exc:
         set_tags(client, parent, {**{f"stage.{k}": v for k, v in status.items()}, "error": f"{type(exc).__name__}: {exc}"})
         client.set_terminated(parent, "FAILED")
         raise
-    set_tags(client, parent, {f"stage.{k}": v for k, v in status.items()} | {
-        "registered_model": f"{registered['name']}/{registered['version']}"})
+    extra = {"registered_model": f"{out['model']['name']}/{out['model']['version']}"} if "model" in out else {}
+    set_tags(client, parent, {f"stage.{k}": v for k, v in status.items()} | extra)
     client.set_terminated(parent, "FINISHED")
-    return {"mlflow_run_id": parent, "stages": status, "run_dir": trained["run_dir"], "eval": evaluated["path"],
-            "images": rendered["files"], "model": registered}
+    return out
+
+
+@flow(name="vae_pipeline", log_prints=True)
+def vae_pipeline(config_path: str, overrides: list[str] | None = None) -> dict:
+    """prepare_data -> train -> (evaluate || render) -> register, tracked as one MLflow parent run."""
+    return run_pipeline(config_path, overrides)
+
+
+# One flow per stage, for deployments: each runs the pipeline up to its stage, so the stages
+# before it are cache hits when their inputs are unchanged. Module-level so Prefect can load them.
+@flow(name="prepare_data_flow", log_prints=True)
+def prepare_data_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Prepare and cache the data, with its manifest."""
+    return run_pipeline(config_path, overrides, until="prepare_data")
+
+
+@flow(name="train_flow", log_prints=True)
+def train_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Prepare (cached) and train."""
+    return run_pipeline(config_path, overrides, until="train")
+
+
+@flow(name="evaluate_flow", log_prints=True)
+def evaluate_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Up to evaluation of the trained model."""
+    return run_pipeline(config_path, overrides, until="evaluate")
+
+
+@flow(name="render_flow", log_prints=True)
+def render_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+    """Up to evaluation and rendering."""
+    return run_pipeline(config_path, overrides, until="render")
+
+
+@flow(name="register_flow", log_prints=True)
+def register_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+    """The whole pipeline (the same stages as vae_pipeline)."""
+    return run_pipeline(config_path, overrides, until="register")
+
+
+STAGE_FLOWS = {"prepare_data": prepare_data_flow, "train": train_flow, "evaluate": evaluate_flow,
+               "render": render_flow, "register": register_flow}

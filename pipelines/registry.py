@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -56,7 +57,9 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
     metric, lower = cfg.tracking.promote_metric, cfg.tracking.promote_lower_is_better
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model_dir(Path(run_dir), Path(tmp) / MODEL_DIR)  # the artifact folder keeps this name
-        with mlflow.start_run(run_id=run_id):  # fluent API, this task's own thread
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # fluent API, this task's own thread
+            # the signature is explicit (below), so MLflow's hints about type hints and input examples do not apply
+            warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
                 signature=signature(cfg),

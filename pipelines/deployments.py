@@ -1,0 +1,41 @@
+"""Prefect deployments: vae_pipeline and each stage flow, served so the UI can launch and schedule them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from core.config import ScheduleConfig
+
+
+def to_prefect_schedules(schedules: list[ScheduleConfig]) -> list:
+    """Config schedules as Prefect schedule objects."""
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+
+    out = []
+    for s in schedules:
+        if s.cron is not None:
+            out.append(CronSchedule(cron=s.cron, timezone=s.timezone))
+        else:
+            out.append(IntervalSchedule(interval=timedelta(seconds=s.interval_seconds)))
+    return out
+
+
+def build_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str) -> list:
+    """RunnerDeployments whose parameters (config path + overrides) the UI shows as a validated form."""
+    from pipelines.flows import STAGE_FLOWS, vae_pipeline
+
+    params = {"config_path": str(config_path), "overrides": overrides}
+    deployments = [vae_pipeline.to_deployment(name=name, parameters=params, schedules=to_prefect_schedules(schedules),
+                                              description=f"vaeflow pipeline for {config_path.name}", tags=["vaeflow"])]
+    for stage, flow_ in STAGE_FLOWS.items():
+        deployments.append(flow_.to_deployment(name=name, parameters=params, tags=["vaeflow", stage],
+                                               description=f"vaeflow pipeline up to {stage}"))
+    return deployments
+
+
+def serve_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str) -> None:
+    """Register the deployments with the Prefect server and run their flow runs until interrupted."""
+    from prefect import serve
+
+    serve(*build_deployments(config_path, overrides, schedules, name))

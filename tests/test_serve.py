@@ -1,0 +1,138 @@
+"""Deployments served to a real `prefect server`, and concurrent pipeline runs into one sqlite store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, VAEFLOW
+
+BIN = Path(sys.executable).parent
+SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=1", "eval.iwae_k=4",
+        "train.progress=false", "tracking.model_name=served"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free loopback port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for(lambda: healthy(api) or proc.poll() is not None, 180, "prefect server")
+        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def client_env(api: str, project: Path, home: Path) -> dict:
+    env = {**os.environ, "PREFECT_API_URL": api, "VAEFLOW_HOME": str(project), "PREFECT_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = tmp_path / "project"
+    project.mkdir()
+    env = client_env(server, project, tmp_path / "client-home")
+    args = [VAEFLOW, "serve", str(TINY), *[a for s in SETS for a in ("--set", s)], "--interval", "3600", "--name", "tiny"]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(args, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+            def deployment(name: str):
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    return client.read_deployment_by_name(name)
+                except Exception:
+                    return None
+
+            stages = ("prepare_data", "train", "evaluate", "render", "register")
+            for stage in stages:  # serve registers them one after another
+                wait_for(lambda: deployment(f"{stage}_flow/tiny"), 120, f"the {stage}_flow deployment")
+            dep = wait_for(lambda: deployment("vae_pipeline/tiny"), 120, "the vae_pipeline deployment")
+            # the schedule is visible through the API
+            assert [s.schedule.interval.total_seconds() for s in dep.schedules] == [3600.0]
+            assert dep.parameters["overrides"] == SETS and dep.parameters["config_path"] == str(TINY)
+            assert "config_path" in dep.parameter_openapi_schema["properties"]  # the UI's form
+            assert all(not deployment(f"{stage}_flow/tiny").schedules for stage in stages)  # only the pipeline is scheduled
+            # launch it the way the UI does, and wait for the served process to run it
+            run = client.create_flow_run_from_deployment(dep.id)
+            final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 300, "the flow run")
+            assert final.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    mlflow_client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = mlflow_client.get_experiment_by_name("vaeflow")
+    parents = mlflow_client.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    versions = mlflow_client.search_model_versions("name='served'")
+    assert [int(v.version) for v in versions] == [1]
+
+
+def test_four_concurrent_runs_lose_nothing(server, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    env = client_env(server, project, tmp_path / "client-home")
+    procs = []
+    for seed in range(4):
+        sets = SETS + [f"train.seed={seed}", "tracking.model_name=concurrent"]
+        args = [VAEFLOW, "run", str(TINY), *[a for s in sets for a in ("--set", s)]]
+        procs.append(subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+        assert "database is locked" not in out
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("vaeflow")
+    parents = c.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
+    assert len(parents) == 4 and all(r.info.status == "FINISHED" for r in parents)
+    assert sorted(r.data.params["train.seed"] for r in parents) == ["0", "1", "2", "3"]
+    versions = sorted(int(v.version) for v in c.search_model_versions("name='concurrent'"))
+    assert versions == [1, 2, 3, 4]  # no gaps, no duplicates
