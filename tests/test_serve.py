@@ -66,6 +66,12 @@ def server(tmp_path_factory):
         log.close()
 
 
+def store(project: Path) -> MlflowClient:
+    """A client for a project's sqlite store, registry included (never the process-wide default)."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def client_env(api: str, project: Path, home: Path) -> dict:
     env = {**os.environ, "PREFECT_API_URL": api, "VAEFLOW_HOME": str(project), "PREFECT_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -108,7 +114,7 @@ def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(server, tmp_
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
-    mlflow_client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow_client = store(project)
     exp = mlflow_client.get_experiment_by_name("vaeflow")
     parents = mlflow_client.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -129,7 +135,7 @@ def test_four_concurrent_runs_lose_nothing(server, tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
         assert "database is locked" not in out
-    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    c = store(project)
     exp = c.get_experiment_by_name("vaeflow")
     parents = c.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
     assert len(parents) == 4 and all(r.info.status == "FINISHED" for r in parents)
