@@ -69,15 +69,23 @@ class Batches:
         """Batches per epoch (the last one may be smaller)."""
         return -(-self.n // self.batch_size)
 
-    def epoch(self, perm: torch.Tensor, start: int = 0) -> Iterator[torch.Tensor]:
-        """Batches (B, C, H, W) in the order of `perm` (N,), from batch index `start`."""
+    def epoch(self, perm: torch.Tensor, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        """Batches (B, C, H, W) in the order of `perm` (N,), from batch index `start`.
+
+        With world > 1 (DDP), every rank walks the same global batches and keeps its own slice of each.
+        """
         bs = self.batch_size
+
+        def indices(i: int) -> torch.Tensor:
+            idx = perm[i * bs : (i + 1) * bs]  # (B,) the global batch
+            return idx.tensor_split(world)[rank] if world > 1 else idx
+
         if self.images is not None:  # memory path (also for prepared tensors)
             perm = perm.to(self.device)
             for i in range(start, len(self)):
-                yield self.images[perm[i * bs : (i + 1) * bs]]
+                yield self.images[indices(i)]
             return
-        index_batches = [perm[i * bs : (i + 1) * bs].tolist() for i in range(start, len(self))]
+        index_batches = [indices(i).tolist() for i in range(start, len(self))]
         loader = torch.utils.data.DataLoader(
             self.stream, batch_sampler=index_batches, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,13 +26,28 @@ from core.model import VAE, build_model
 TERMS = ("loss", "reconstruction", "kl", "grad_norm")  # recorded every step, checked at every sync
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
 def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu."""
+    """auto -> cuda when available, else cpu; under torchrun, cuda means this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -80,14 +96,21 @@ class Trainer:
         t = cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        self.rank, self.world = init_distributed()
+        self.main = self.rank == 0  # only rank 0 writes checkpoints, weights, metrics and logs
         self.device = resolve_device(t.device)
-        torch.manual_seed(t.seed)  # model init
+        torch.manual_seed(t.seed)  # model init: identical on every rank
         self.model: VAE = build_model(cfg).to(self.device)
-        self.step_model = torch.compile(self.model) if t.compile else self.model
+        step_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_model = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.step_model = torch.compile(step_model) if t.compile else step_model
         self.optimizer = make_optimizer(self.model, cfg)
         self.beta = BetaSchedule(t.beta)
         self.data = Batches(cfg, "train", self.device, images=train_images)
-        self.callbacks = callbacks or []
+        self.callbacks = (callbacks or []) if self.main else []
         self.total_steps = t.epochs * len(self.data) if t.max_steps is None else min(t.max_steps, t.epochs * len(self.data))
         self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.shuffle = torch.Generator().manual_seed(t.seed + 1)  # epoch permutations, CPU
@@ -99,7 +122,7 @@ class Trainer:
         self._no_norm = torch.zeros((), device=self.device)  # grad_norm term when clipping is off
         if resume:
             self._restore()
-        else:
+        elif self.main:
             write_run_config(self.run_dir, cfg)
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -116,8 +139,9 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Write checkpoints/last.pt atomically."""
-        save_checkpoint(self.run_dir / CHECKPOINT_FILE, self._state())
+        """Write checkpoints/last.pt atomically (rank 0 only)."""
+        if self.main:
+            save_checkpoint(self.run_dir / CHECKPOINT_FILE, self._state())
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device)
@@ -135,7 +159,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         # metrics written after this checkpoint belong to the lost tail of the run
         path = self.run_dir / METRICS_FILE
-        if path.exists():
+        if path.exists() and self.main:
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= self.epoch]
             write_text(path, "".join(ln + "\n" for ln in keep))
 
@@ -161,7 +185,13 @@ class Trainer:
 
     def _check(self, pending: list[torch.Tensor], first_step: int) -> torch.Tensor:
         """Sync the recorded terms to the host; raise NonFiniteError naming the first bad step (1-based) and term."""
-        terms = torch.stack(pending).float().cpu()  # (S, 4), the one host sync per log interval
+        terms = torch.stack(pending).float()  # (S, 4)
+        if self.world > 1:  # every rank sees the same terms, so all stop together
+            import torch.distributed as dist
+
+            dist.all_reduce(terms)
+            terms /= self.world
+        terms = terms.cpu()  # the one host sync per log interval
         bad = ~torch.isfinite(terms)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
@@ -178,7 +208,8 @@ class Trainer:
         """Train to cfg.train.epochs (or max_steps), checkpointing atomically, then write model.safetensors."""
         t = self.cfg.train
         total_steps = self.total_steps
-        bar = tqdm(total=total_steps, initial=self.step, unit="step", disable=not t.progress, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=self.step, unit="step", disable=not (t.progress and self.main),
+                   dynamic_ncols=True)
         record, img_per_s = {}, 0.0
         self.model.train()
         try:
@@ -190,10 +221,10 @@ class Trainer:
                 perm = torch.randperm(self.data.n, generator=self.shuffle)  # (N,)
                 sums, n_seen, pending, first = torch.zeros(len(TERMS)), 0, [], self.step
                 loop_time, t0 = 0.0, time.perf_counter()
-                for x in self.data.epoch(perm, self.batch_in_epoch):
+                for x in self.data.epoch(perm, self.batch_in_epoch, self.rank, self.world):
                     pending.append(self.train_step(x))
                     self.batch_in_epoch += 1
-                    n_seen += len(x)
+                    n_seen += len(x) * self.world  # images across all ranks
                     last = self.batch_in_epoch == len(self.data) or self.step >= total_steps
                     ckpt_due = t.checkpoint_every is not None and self.step % t.checkpoint_every == 0
                     if len(pending) == t.log_every or last or ckpt_due:
@@ -218,13 +249,18 @@ class Trainer:
                     self.batch_in_epoch = 0
                 record = self._epoch_record(sums, max(1, math.ceil(n_seen / self.data.batch_size)), img_per_s, loop_time)
                 self.save()
-                if epoch_done:
+                if epoch_done and self.main:
                     with open(self.run_dir / METRICS_FILE, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
                     self._notify("on_epoch", record)
         finally:
             bar.close()
-        save_weights(self.run_dir / WEIGHTS_FILE, self.model, weights_metadata(self.cfg))
+        if self.main:
+            save_weights(self.run_dir / WEIGHTS_FILE, self.model, weights_metadata(self.cfg))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         return TrainResult(self.run_dir, self.step, self.epoch, img_per_s, record)
 
     def _notify(self, event: str, *args) -> None:

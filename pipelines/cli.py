@@ -100,10 +100,16 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", help="run directory to create")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory exactly")] = None,
     set_: SetOption = [],
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="DDP processes on this machine (via torchrun)")] = 1,
 ):
     """Train a model: `vaeflow train CONFIG --out RUN_DIR` or `vaeflow train --resume RUN_DIR`."""
+    import os
+
     from core import engine
     from core.config import load_config
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_torchrun(nproc))
 
     if resume is not None:
         if config is not None or out is not None or set_:
@@ -115,8 +121,26 @@ def train(
         cfg = load_config(config, set_)
         run_dir = out or Path(cfg.tracking.runs_dir) / f"{config.stem}"
         result = engine.train(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs, "steps": result.steps,
                            "img_per_s": round(result.img_per_s, 1), **{k: result.final.get(k) for k in ("loss", "reconstruction", "kl")}}))
+
+
+def _torchrun(nproc: int) -> int:
+    """Re-run this `vaeflow train` command under torchrun with nproc processes; returns its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipelines", *args]
+    return subprocess.run(cmd).returncode
 
 
 def _load(model: str, sets: list[str]):
