@@ -340,3 +340,53 @@ def print_summary(result: dict) -> None:
 def _fmt(values: list[float]) -> str:
     """Per-repeat values, rounded, space separated."""
     return " ".join(f"{v:.0f}" for v in values)
+
+
+# --- vaeflow bench pipeline ----------------------------------------------------------------------
+def _timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB of the child) for one fresh process; a failure is a VaeflowError."""
+    import resource
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise VaeflowError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def bench_pipeline(out: Path, config: Path, epochs: int, repeats: int) -> dict:
+    """overhead_ratio (pipeline up to train vs bare train, fresh processes, interleaved) and cached_rerun_s."""
+    import os
+
+    vaeflow = str(Path(sys.executable).parent / "vaeflow")
+    config = Path(config).resolve()
+    sets = [f"train.epochs={epochs}", "train.progress=false"]
+    set_args = [a for s in sets for a in ("--set", s)]
+    bare, piped, rss = [], [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for r in range(repeats):
+            home = tmp / f"home{r}"
+            home.mkdir()
+            env = {**os.environ, "VAEFLOW_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
+            env.pop("PREFECT_API_URL", None)  # the laptop case: a temporary server per run
+            wall, _ = _timed([vaeflow, "train", str(config), "--out", str(tmp / f"bare{r}"), *set_args], env, tmp)
+            bare.append(wall)
+            wall, peak = _timed([vaeflow, "run", str(config), *set_args, "--until", "train"], env, home)
+            piped.append(wall)
+            rss = max(rss, peak)
+            print(f"repeat {r + 1}/{repeats}: bare train {bare[-1]:.1f} s, pipeline to train {piped[-1]:.1f} s", file=sys.stderr)
+        _timed([vaeflow, "run", str(config), *set_args], env, home)  # the rest of the stages, once
+        cached, rss_full = _timed([vaeflow, "run", str(config), *set_args], env, home)
+    result = {
+        "config": str(config.name), "epochs": epochs, "repeats": repeats, "threads": torch.get_num_threads(),
+        "bare_train_s": statistics.median(bare), "pipeline_train_s": statistics.median(piped),
+        "overhead_ratio": statistics.median(piped) / statistics.median(bare),
+        "cached_rerun_s": cached, "peak_rss_gib": max(rss, rss_full),
+        "raw": {"bare_train_s": bare, "pipeline_train_s": piped},
+        "note": "each run is a fresh process; the pipeline starts Prefect's temporary server (no PREFECT_API_URL)",
+    }
+    write_text(out, json.dumps(result, indent=2))
+    return result

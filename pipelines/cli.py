@@ -217,17 +217,26 @@ def interpolate(
 
 @app.command()
 @user_errors
-def run(config: Path, set_: SetOption = []):
-    """Run the whole pipeline (prepare_data -> train -> evaluate || render -> register) through Prefect."""
+def run(
+    config: Path,
+    set_: SetOption = [],
+    until: Annotated[str, typer.Option(help="last stage: prepare_data, train, evaluate, render or register")] = "register",
+):
+    """Run the pipeline (prepare_data -> train -> evaluate || render -> register) through Prefect."""
     from core.config import load_config
     from pipelines.tracking import tracking_uri
 
     load_config(config, set_)  # fail fast, exit 2, before Prefect starts
+    from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline
 
-    from pipelines.flows import vae_pipeline
-
-    result = vae_pipeline(str(config), list(set_))
+    if until not in STAGES:
+        raise VaeflowError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
+    flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
+    result = flow_(str(config), list(set_))
     typer.echo(json.dumps(result, indent=2))
+    if "model" not in result:
+        typer.echo("\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
+        return
     model = result["model"]
     typer.echo(f"\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
     typer.echo(f"MLflow run {result['mlflow_run_id']} in {tracking_uri()}: `make ui`, then http://127.0.0.1:5000")
@@ -294,6 +303,20 @@ def models_promote(name: str, version: int, alias: Annotated[str, typer.Option(h
 
     promote(get_client(), name, version, alias)
     typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@bench_app.command("pipeline")
+@user_errors
+def bench_pipeline(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/pipeline.json"),
+    config: Annotated[Path, typer.Option(help="the training job")] = Path("configs/vae-fashion-mnist.yaml"),
+    epochs: Annotated[int, typer.Option(min=1, help="epochs of the job (4 is about 60 s on 2 cores)")] = 4,
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats of bare vs pipeline")] = 1,
+):
+    """Pipeline overhead vs a bare `vaeflow train`, and the wall time of a cached re-run."""
+    from pipelines.bench import bench_pipeline as run_bench
+
+    typer.echo(json.dumps(run_bench(out=out, config=config, epochs=epochs, repeats=repeats), indent=2))
 
 
 @bench_app.command("train")
