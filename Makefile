@@ -60,6 +60,7 @@ test: install
 
 bench: install data
 	$(BIN)/vaeflow bench train --out bench/train.json
+	$(BIN)/vaeflow bench pipeline --out bench/pipeline.json
 
 clean:
 	rm -rf runs .pytest_cache .vaeflow

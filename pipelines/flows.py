@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.states import State
 
-from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics
+from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
 from core.config import Config, canonical_json, config_hash, load_config, validate
 from core.interfaces import file_sha256
 
@@ -56,10 +56,15 @@ def prepare_key(config: str) -> str:
     return "prepare_data-" + _digest(config_hash(cfg, "data"), [f["sha256"] for f in source_files(cfg)])
 
 
+# train options that change how a run is watched, never the weights it produces
+NOT_IN_TRAIN_KEY = ("progress", "log_every", "checkpoint_every", "num_threads")
+
+
 def train_key(config: str, data: dict) -> str:
-    """model + train sections + the data manifest hash."""
+    """model section + train section (less bookkeeping options) + the data manifest hash."""
     cfg = _cfg(config)
-    return "train-" + _digest(config_hash(cfg, "model"), config_hash(cfg, "train"), data["manifest_hash"])
+    train_section = cfg.train.model_dump(mode="json", exclude=set(NOT_IN_TRAIN_KEY))
+    return "train-" + _digest(config_hash(cfg, "model"), train_section, data["manifest_hash"])
 
 
 def evaluate_key(config: str, data: dict, trained: dict) -> str:
@@ -83,8 +88,21 @@ def _key_fn(fn):
 
 
 # --- stages ----------------------------------------------------------------------------------
+def _transient(task, task_run, state) -> bool:
+    """Retry network-style failures, not user errors (missing files, bad config): those fail at once."""
+    from core.errors import VaeflowError
+
+    try:
+        state.result()
+    except VaeflowError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
 @task(name="prepare_data", cache_key_fn=_key_fn(prepare_key), persist_result=True, result_serializer="json",
-      retries=3, retry_delay_seconds=[2, 10, 30])
+      retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
 def prepare_data(config: str, run: dict) -> dict:
     """Load, check and cache the splits; write the data manifest."""
     from core.manifest import MANIFEST_FILE, prepare
@@ -98,7 +116,8 @@ def prepare_data(config: str, run: dict) -> dict:
     return {"manifest_hash": manifest["manifest_hash"], "folder": str(folder), "run_id": run_id}
 
 
-@task(name="train", cache_key_fn=_key_fn(train_key), persist_result=True, result_serializer="json", retries=1)
+@task(name="train", cache_key_fn=_key_fn(train_key), persist_result=True, result_serializer="json", retries=1,
+      retry_condition_fn=_transient)
 def train(config: str, data: dict, run: dict) -> dict:
     """Train on the prepared split; a re-run or retry with the same key resumes from its checkpoint."""
     from core.engine import Trainer
@@ -110,9 +129,10 @@ def train(config: str, data: dict, run: dict) -> dict:
     with stage_run(client, run["experiment_id"], run["parent_id"], "train", run["tags"]) as run_id:
         if not (run_dir / WEIGHTS_FILE).exists():
             resume = (run_dir / CHECKPOINT_FILE).exists()
-            if resume:
+            if resume:  # same key, so same weights-relevant config; bookkeeping options come from the run dir
                 get_run_logger().info("resuming %s from its last checkpoint", run_dir)
-            trainer = Trainer(cfg, run_dir, resume=resume, train_images=load_prepared(data["folder"])["train"],
+            trainer = Trainer(read_run_config(run_dir) if resume else cfg, run_dir, resume=resume,
+                              train_images=load_prepared(data["folder"])["train"],
                               callbacks=[MetricsLogger(client, run_id)])
             trainer.fit()
         records = read_metrics(run_dir)

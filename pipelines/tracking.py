@@ -149,7 +149,15 @@ def stage_run(client: MlflowClient, exp_id: str, parent_id: str, stage: str, tag
         set_tags(client, run_id, {"error": f"{type(exc).__name__}: {exc}"})
         client.set_terminated(run_id, "FAILED")
         raise
+    log_metrics(client, run_id, {"peak_rss_gib": peak_rss_gib()})
     client.set_terminated(run_id, "FINISHED")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class MetricsLogger:

@@ -115,3 +115,24 @@ def test_reference_model_matches_the_engine_shape():
     recon, mu, logvar = bench.ReferenceVAE()(x)
     assert recon.shape == (3, 784) and mu.shape == logvar.shape == (3, 20)
     assert torch.isfinite(bench.reference_loss(recon, x, mu, logvar))
+
+
+def test_pipeline_bench_reports_consistent_ratios(tmp_path):
+    """`vaeflow bench pipeline` on the tiny config: the JSON matches its own raw values (no speed asserted)."""
+    import statistics
+
+    from pipelines.bench import bench_pipeline
+
+    from conftest import TINY
+
+    out = tmp_path / "pipeline.json"
+    result = bench_pipeline(out=out, config=TINY, epochs=1, repeats=1)
+    assert json.loads(out.read_text()) == result
+    raw = result["raw"]
+    assert result["bare_train_s"] == statistics.median(raw["bare"])
+    assert result["pipeline_train_s"] == statistics.median(raw["temporary_server"])
+    assert result["overhead_ratio"] == pytest.approx(result["pipeline_train_s"] / result["bare_train_s"])
+    assert result["overhead_ratio_running_server"] == pytest.approx(
+        statistics.median(raw["running_server"]) / result["bare_train_s"])
+    assert 0 < result["cached_rerun_s"] < result["pipeline_train_s"] + result["bare_train_s"]
+    assert all(0.1 < v < 64 for v in result["peak_rss_gib"].values())  # GiB, measured per command

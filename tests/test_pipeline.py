@@ -45,7 +45,7 @@ def runs(home):
 
     out = {}
     out["first"] = vae_pipeline(str(TINY), SETS)
-    out["again"] = vae_pipeline(str(TINY), SETS)
+    out["again"] = vae_pipeline(str(TINY), SETS + ["train.log_every=4"])  # bookkeeping only: still cached
     out["eval"] = vae_pipeline(str(TINY), SETS + ["eval.iwae_k=16"])
     out["lr"] = vae_pipeline(str(TINY), SETS + ["train.lr=2e-3"])
     return out
@@ -200,3 +200,36 @@ def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins)
         assert r.info.status == "FAILED" and "exploded on purpose" in r.data.tags["error"]
     assert parent.data.tags["stage.prepare_data"] == "cached"
     assert sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == [1, 2, 3]
+
+
+class CrashAt:
+    """Engine callback that simulates a crash (after the checkpoint at step 3 was written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_log(self, step, record):
+        if step >= self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):
+    from core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint
+    from core.config import canonical_json, load_config
+    from core.engine import Trainer
+    from pipelines import flows
+
+    sets = SETS + ["train.seed=7", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
+                   "tracking.model_name=resumed"]
+    data = flows.run_pipeline(str(TINY), sets, until="prepare_data")["data"]
+    cfg = load_config(TINY, sets)
+    images = load_prepared(data["folder"])["train"]
+    run_dir = flows._workspace(cfg) / "train" / flows.train_key(canonical_json(cfg), data).removeprefix("train-")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, run_dir, train_images=images, callbacks=[CrashAt(5)]).fit()
+    assert load_checkpoint(run_dir / CHECKPOINT_FILE)["step"] == 3 and not (run_dir / WEIGHTS_FILE).exists()
+    out = flows.run_pipeline(str(TINY), sets, until="train")
+    assert out["stages"]["train"] == "ran" and out["run_dir"] == str(run_dir)
+    reference = Path(home) / "uninterrupted"
+    Trainer(cfg, reference, train_images=images).fit()
+    assert (run_dir / WEIGHTS_FILE).read_bytes() == (reference / WEIGHTS_FILE).read_bytes()
