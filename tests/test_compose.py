@@ -168,6 +168,7 @@ def test_no_dependency_cycles(services):
         state[n] = 2
     for n in services:
         visit(n, [])
+    assert state == dict.fromkeys(services, 2)  # every service visited and finished, none left on the stack
 
 
 # --- ports ----------------------------------------------------------------------------------
