@@ -209,8 +209,6 @@ def _config_model(registry: Registry) -> type[Config]:
     return create_model("Config", __base__=Config, **sections)
 
 
-Registry.__hash__ = object.__hash__  # registries are compared by identity for the cache above
-
 
 # --- loading, overrides, errors -----------------------------------------------------------------
 def _set_path(tree: dict, dotted: str, value: Any, origin: str) -> None:

@@ -42,7 +42,7 @@ class Entry:
     package: str  # the distribution to install to get it
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: config models are cached per registry
 class Registry:
     """Every component by family and name, plus the plugins that failed to load."""
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from core.errors import CheckpointError, VaeflowError
+from core.errors import VaeflowError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and ship variational autoencoders.")
@@ -336,8 +336,4 @@ def bench_train(
 
 def main() -> None:
     """Console-script entry point."""
-    try:
-        app()
-    except CheckpointError as exc:  # pragma: no cover - commands catch these; belt and braces
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    app()
