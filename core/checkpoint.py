@@ -162,9 +162,15 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch metric records of a run."""
+    """The per-epoch metric records of a run; a line torn by a crash mid-append is skipped."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def weights_metadata(cfg: Config) -> dict[str, str]:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from core.beta import BetaSchedule
 from core.checkpoint import (
-    CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, load_checkpoint, read_run_config, save_checkpoint,
+    CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics, read_run_config, save_checkpoint,
     save_weights, weights_metadata, write_run_config, write_text,
 )
 from core.config import Config, config_hash
@@ -127,7 +127,8 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "shuffle_epoch_start": self.epoch_shuffle_state}
+        rng = {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
+               "shuffle_epoch_start": self.epoch_shuffle_state}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -153,15 +154,15 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.beta.load_state_dict(state["beta"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.epoch_shuffle_state = state["rng"]["shuffle_epoch_start"]
+        self.shuffle.set_state(state["rng"]["shuffle"])  # at an epoch boundary, the next epoch's order
+        self.epoch_shuffle_state = state["rng"]["shuffle_epoch_start"]  # mid-epoch, this epoch's order is replayed
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        # metrics written after this checkpoint belong to the lost tail of the run
-        path = self.run_dir / METRICS_FILE
-        if path.exists() and self.main:
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= self.epoch]
-            write_text(path, "".join(ln + "\n" for ln in keep))
+        # metrics written after this checkpoint belong to the lost tail of the run, which is replayed
+        if self.main and (self.run_dir / METRICS_FILE).exists():
+            keep = [r for r in read_metrics(self.run_dir) if r["epoch"] <= self.epoch]
+            write_text(self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in keep))
 
     # --- the hot path ------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +221,7 @@ class Trainer:
                     self.shuffle.set_state(self.epoch_shuffle_state)
                 perm = torch.randperm(self.data.n, generator=self.shuffle)  # (N,)
                 sums, n_seen, pending, first = torch.zeros(len(TERMS)), 0, [], self.step
+                epoch_start_step = self.step
                 loop_time, t0 = 0.0, time.perf_counter()
                 for x in self.data.epoch(perm, self.batch_in_epoch, self.rank, self.world):
                     pending.append(self.train_step(x))
@@ -247,11 +249,14 @@ class Trainer:
                 if epoch_done:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                record = self._epoch_record(sums, max(1, math.ceil(n_seen / self.data.batch_size)), img_per_s, loop_time)
-                self.save()
+                record = self._epoch_record(sums, max(1, self.step - epoch_start_step), img_per_s, loop_time)
                 if epoch_done and self.main:
+                    # before the checkpoint: a crash in between replays the epoch and rewrites this line,
+                    # while the other order could lose it
                     with open(self.run_dir / METRICS_FILE, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
+                self.save()
+                if epoch_done:
                     self._notify("on_epoch", record)
         finally:
             bar.close()

@@ -186,3 +186,33 @@ def test_warmup_cosine_schedule_matches_hand_formula(tmp_path):
     lr = cfg.train.lr
     want = [lr * (s + 1) / 4 for s in range(4)] + [lr * 0.5 * (1 + math.cos(math.pi * (s - 4) / 4)) for s in range(4, 8)]
     assert lrs == pytest.approx(want)
+
+
+class _CrashAt:
+    """Engine callback that raises at a step, simulating a crash mid-epoch."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_log(self, step, record):
+        if step >= self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_a_torn_metrics_line_rewrites_the_epoch(tmp_path):
+    cfg = small()  # 8 steps per epoch, 2 epochs, a sync every 4 steps
+    train(cfg, tmp_path / "full")
+    run = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, run, callbacks=[_CrashAt(12)]).fit()  # after epoch 1's checkpoint, inside epoch 2
+    assert load_checkpoint(run / CHECKPOINT_FILE)["step"] == 8
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 2, "step": 1')  # a crash in the middle of appending a line
+    assert [r["epoch"] for r in read_metrics(run)] == [1]  # the torn line is skipped, not a crash
+    Trainer(cfg, run, resume=True).fit()
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    assert (run / WEIGHTS_FILE).read_bytes() == (tmp_path / "full" / WEIGHTS_FILE).read_bytes()
+    full = read_metrics(tmp_path / "full")
+    for a, b in zip(read_metrics(run), full):  # the same loss terms as the uninterrupted run, timing aside
+        assert {k: v for k, v in a.items() if k not in ("seconds", "img_per_s")} == \
+               {k: v for k, v in b.items() if k not in ("seconds", "img_per_s")}
