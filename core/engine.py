@@ -235,7 +235,8 @@ class Trainer:
                         rate = n_seen / max(loop_time + time.perf_counter() - t0, 1e-9)
                         bar.update(len(pending))
                         bar.set_postfix(loss=f"{terms[-1, 0]:.2f}", img_s=f"{rate:.0f}")
-                        self._notify("on_log", self.step, self._record(terms.mean(0), rate))
+                        if self.callbacks:
+                            self._notify("on_log", self.step, self._record(terms.mean(0), rate))
                         pending, first = [], self.step
                     if last:
                         break

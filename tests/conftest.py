@@ -57,3 +57,14 @@ def local_plugins(tmp_path, monkeypatch):
             sys.modules.pop(name, None)
         monkeypatch.delenv("VAEFLOW_PLUGINS", raising=False)
         reset_registry()
+
+
+class CrashAt:
+    """Engine callback that raises at a step, simulating a crash mid-run (checkpoints before it survive)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_log(self, step, record):
+        if step >= self.step:
+            raise RuntimeError("simulated crash")

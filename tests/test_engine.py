@@ -24,7 +24,7 @@ from core.metrics import evaluate
 from core.model import build_model
 from pipelines.cli import app
 
-from conftest import TINY, VAEFLOW
+from conftest import TINY, VAEFLOW, CrashAt
 
 SMALL = ["data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=2", "train.progress=false",
          "train.log_every=4", "eval.iwae_k=8"]
@@ -188,23 +188,12 @@ def test_warmup_cosine_schedule_matches_hand_formula(tmp_path):
     assert lrs == pytest.approx(want)
 
 
-class _CrashAt:
-    """Engine callback that raises at a step, simulating a crash mid-epoch."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_log(self, step, record):
-        if step >= self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_resume_after_a_torn_metrics_line_rewrites_the_epoch(tmp_path):
     cfg = small()  # 8 steps per epoch, 2 epochs, a sync every 4 steps
     train(cfg, tmp_path / "full")
     run = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(cfg, run, callbacks=[_CrashAt(12)]).fit()  # after epoch 1's checkpoint, inside epoch 2
+        Trainer(cfg, run, callbacks=[CrashAt(12)]).fit()  # after epoch 1's checkpoint, inside epoch 2
     assert load_checkpoint(run / CHECKPOINT_FILE)["step"] == 8
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write('{"epoch": 2, "step": 1')  # a crash in the middle of appending a line

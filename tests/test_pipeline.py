@@ -17,7 +17,7 @@ from core.errors import PluginError
 from core.interfaces import file_sha256, to_unit_float
 from core.manifest import load_prepared
 
-from conftest import TINY
+from conftest import TINY, CrashAt
 
 SETS = ["data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=1", "eval.iwae_k=8",
         "train.progress=false", "train.log_every=2"]
@@ -200,17 +200,6 @@ def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins)
         assert r.info.status == "FAILED" and "exploded on purpose" in r.data.tags["error"]
     assert parent.data.tags["stage.prepare_data"] == "cached"
     assert sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == [1, 2, 3]
-
-
-class CrashAt:
-    """Engine callback that simulates a crash (after the checkpoint at step 3 was written)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_log(self, step, record):
-        if step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):

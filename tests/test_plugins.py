@@ -72,30 +72,16 @@ def register_encoders(register):
     assert "'mlp'" in msg and "plugins.encoders" in msg and "VAEFLOW_PLUGINS:vf_clash" in msg
 
 
-def test_broken_plugin_is_reported_and_others_load(local_plugins):
-    reg = local_plugins({"vf_broken": "raise ImportError('needs libfoo')\n", "vf_good": GOOD})
-    names = [name for name, _ in reg.failures]
-    assert names == ["vf_broken"]
-    assert "needs libfoo" in reg.failures[0][1]
-    assert "flip" in reg.names("noise") and "mlp" in reg.names("encoder")
-
-
-def test_misspelled_hook_is_caught(local_plugins):
-    typo = """
+BROKEN = {
+    "import error": ("raise ImportError('needs libfoo')\n", "needs libfoo"),
+    "misspelled hook": ("""
 from core.hookspecs import hookimpl
 
 @hookimpl
 def register_encoder(register):  # missing the final s
     pass
-"""
-    reg = local_plugins({"vf_typo": typo, "vf_good": GOOD})
-    assert [n for n, _ in reg.failures] == ["vf_typo"]
-    assert "register_encoder" in reg.failures[0][1]
-    assert "flip" in reg.names("noise")
-
-
-def test_registration_must_subclass_the_family_base(local_plugins):
-    wrong = """
+""", "register_encoder"),
+    "wrong base class": ("""
 from core.hookspecs import hookimpl
 
 class NotAnEncoder:
@@ -104,11 +90,17 @@ class NotAnEncoder:
 @hookimpl
 def register_encoders(register):
     register(NotAnEncoder)
-"""
-    reg = local_plugins({"vf_wrong": wrong, "vf_good": GOOD})
-    assert [n for n, _ in reg.failures] == ["vf_wrong"]
-    assert "must subclass core.interfaces.Encoder" in reg.failures[0][1]
-    assert "flip" in reg.names("noise")
+""", "must subclass core.interfaces.Encoder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_plugin_is_reported_by_name_and_others_load(local_plugins, case):
+    source, reason = BROKEN[case]
+    reg = local_plugins({"vf_broken": source, "vf_good": GOOD})
+    assert [n for n, _ in reg.failures] == ["vf_broken"]
+    assert reason in reg.failures[0][1]
+    assert "flip" in reg.names("noise") and "mlp" in reg.names("encoder")
 
 
 def test_option_called_name_and_wrong_api_version_are_rejected(local_plugins):
