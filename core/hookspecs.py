@@ -33,7 +33,7 @@ def register_encoders(register: Register) -> None:
 
 @hookspec
 def register_decoders(register: Register) -> None:
-    """Register decoders: z (B, J) -> likelihood parameters (B, P, H, W)."""
+    """Register decoders: z (B, J) or a feature map (B, D, h, w) -> likelihood parameters (B, P, H, W)."""
 
 
 @hookspec
@@ -48,7 +48,7 @@ def register_likelihoods(register: Register) -> None:
 
 @hookspec
 def register_priors(register: Register) -> None:
-    """Register priors over latents or code grids: log_prob(z) -> (B,) and sample(n)."""
+    """Register autoregressive priors over code grids: forward(codes, condition) -> logits (B, K, h, w)."""
 
 
 @hookspec

@@ -79,24 +79,59 @@ class Likelihood(Component, nn.Module):
         raise NotImplementedError
 
 
+class GridEncoder(Encoder):
+    """x (B, C, H, W) -> a feature map (B, out_channels, H / stride, W / stride), for VQ models.
+
+    `out_features` of the base class is the number of output channels here. The constructor
+    raises ValueError (a config error for the user) when `stride` does not divide H and W.
+    """
+
+    def __init__(self, options: Options, in_shape: Shape, out_channels: int, stride: int):
+        super().__init__(options, in_shape, out_channels)
+        self.stride = stride
+
+
+class GridDecoder(Decoder):
+    """A feature map (B, in_channels, h, w) -> (B, *out_shape), out_shape = (P, h * stride, w * stride)."""
+
+    def __init__(self, options: Options, in_channels: int, out_shape: Shape, stride: int):
+        super().__init__(options, in_channels, out_shape)
+        self.in_channels, self.stride = in_channels, stride
+
+
 @dataclass
 class QuantizerOutput:
     """Named outputs of a quantizer (van den Oord et al. 2017)."""
 
     quantized: torch.Tensor  # (B, D, h, w), straight-through to z_e
     indices: torch.Tensor  # (B, h, w) int64 codebook indices
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. codebook, commitment
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. perplexity, usage
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted scalar terms: codebook, commitment
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars: perplexity, usage, ...
 
 
 class Quantizer(Component, nn.Module):
-    """z_e (B, D, h, w) -> QuantizerOutput. Implementations arrive with the VQ-VAE issue."""
+    """z_e (B, D, h, w) -> QuantizerOutput: nearest codebook vectors with a straight-through gradient.
+
+    Options must include `codebook_size` (K). `losses` are already weighted (the commitment term
+    carries its beta) and are added to the training loss as they are. `stats` hold detached
+    scalar tensors (no host sync): perplexity, usage (batch), usage_ema, dead_codes.
+    """
 
     FAMILY = "quantizer"
 
     def __init__(self, options: Options, embedding_dim: int):
         nn.Module.__init__(self)
         self.options, self.embedding_dim = options, embedding_dim
+        self.codebook_size: int = options.codebook_size
+
+    @property
+    def codebook(self) -> torch.Tensor:  # pragma: no cover - interface
+        """The code vectors (K, D), as used for lookup."""
+        raise NotImplementedError
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors of indices: (B, h, w) int64 -> (B, D, h, w)."""
+        return self.codebook[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         """Quantize a feature map to its nearest codebook vectors."""
@@ -104,17 +139,52 @@ class Quantizer(Component, nn.Module):
 
 
 class Prior(Component, nn.Module):
-    """A density over latents or code grids, with log_prob and sample."""
+    """An autoregressive prior over a code grid (B, h, w) of K codes, optionally conditioned on another
+    code grid (the top codes of a VQ-VAE-2), which it may see in full.
+
+    Subclasses implement `forward`; `log_prob` and `sample` (raster order) are provided here.
+    `forward` must be causal: the logits at position i depend only on codes before i in raster order.
+    """
 
     FAMILY = "prior"
 
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        """log p(z) per example: (B, ...) -> (B,)."""
+    def __init__(self, options: Options, codebook_size: int, grid: tuple[int, int],
+                 condition: tuple[int, tuple[int, int]] | None = None):
+        """`condition`: (codebook size, grid) of the conditioning codes, or None for an unconditional prior."""
+        nn.Module.__init__(self)
+        self.options, self.codebook_size, self.grid, self.condition = options, codebook_size, tuple(grid), condition
+
+    def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        """Logits over the K codes: codes (B, h, w) int64, condition (B, hc, wc) int64 -> (B, K, h, w)."""
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
-        """Draw n latents: -> (n, ...)."""
-        raise NotImplementedError
+    def log_prob(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(codes | condition) in nats, summed over the grid: (B, h, w) -> (B,)."""
+        logits = self(codes, condition)  # (B, K, h, w)
+        return -torch.nn.functional.cross_entropy(logits, codes, reduction="none").flatten(1).sum(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: torch.Tensor | None = None, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ancestral sampling in raster order: -> (n, h, w) int64 codes.
+
+        Draws come from `generator` on the CPU, so a seed gives the same codes on any device.
+        `temperature` divides the logits; `top_k` keeps only the k most likely codes per position.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        device = next(self.parameters()).device
+        h, w = self.grid
+        codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
+        for r in range(h):
+            for c in range(w):
+                logits = self(codes, condition)[:, :, r, c].float().cpu() / temperature  # (n, K)
+                if top_k is not None and top_k < logits.shape[1]:
+                    kth = logits.topk(top_k, dim=1).values[:, -1:]  # (n, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                draw = torch.multinomial(logits.softmax(1), 1, generator=generator)  # (n, 1)
+                codes[:, r, c] = draw.squeeze(1).to(device)
+        return codes
 
 
 class Dataset(Component):
