@@ -87,15 +87,62 @@ class DataConfig(Section):
     num_workers: int = Field(2, ge=0, description="DataLoader workers for loader=stream")
 
 
-class ModelConfig(Section):
-    """The model: an encoder, a decoder and a likelihood around a latent of size latent_dim."""
+VQ_KINDS = ("vqvae", "vqvae2")
+VARIATIONAL_KINDS = ("vae", "ae", "dae")
 
-    kind: Literal["vae", "ae", "dae"] = Field("vae", description="vae, plain autoencoder, or denoising autoencoder")
-    latent_dim: int = Field(gt=0, description="J, the number of latent dimensions")
+
+class VQConfig(Section):
+    """The discrete-latent architecture of kind vqvae (one level) or vqvae2 (two levels)."""
+
+    embedding_dim: int = Field(64, gt=0, description="D, the width of each codebook vector")
+    hidden_channels: int = Field(128, gt=0, description="width of the encoder feature maps")
+    strides: Optional[list[int]] = Field(
+        None, min_length=1, max_length=2,
+        description="[bottom] or [bottom, top]: the bottom level's stride from the input, then the top's from the "
+                    "bottom (null: [4] for vqvae, [4, 2] for vqvae2, as in Razavi et al. 2019)",
+    )
+    usage_warning: float = Field(0.2, ge=0, le=1, description="warn when a level's usage EMA falls below this fraction")
+
+
+class ModelConfig(Section):
+    """The model: encoder, decoder and likelihood around a Gaussian latent, or a VQ-VAE(-2) around codebooks."""
+
+    kind: Literal["vae", "ae", "dae", "vqvae", "vqvae2"] = Field(
+        "vae", description="vae, plain or denoising autoencoder, VQ-VAE (one level) or VQ-VAE-2 (two levels)"
+    )
+    latent_dim: Optional[int] = Field(None, gt=0, description="J, the number of latent dimensions (vae, ae, dae)")
     encoder: ComponentSpec
     decoder: ComponentSpec
     likelihood: ComponentSpec
     noise: Optional[ComponentSpec] = Field(None, description="input corruption; required for kind=dae")
+    quantizer: Optional[ComponentSpec] = Field(None, description="codebook quantizer, used at every level (vqvae, vqvae2)")
+    vq: VQConfig = Field(default_factory=VQConfig, description="levels and widths of a VQ model")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ModelConfig":
+        if self.kind in VQ_KINDS:
+            if self.quantizer is None:
+                raise ValueError(f"kind={self.kind} needs model.quantizer, e.g. {{name: vq-ema, codebook_size: 512}}")
+            levels = 1 if self.kind == "vqvae" else 2
+            if self.vq.strides is not None and len(self.vq.strides) != levels:
+                raise ValueError(f"kind={self.kind} has {levels} level(s), so model.vq.strides needs {levels} "
+                                 f"entr{'y' if levels == 1 else 'ies'}, got {self.vq.strides}")
+        else:
+            if self.latent_dim is None:
+                raise ValueError(f"kind={self.kind} needs model.latent_dim, e.g. latent_dim: 16")
+            if self.quantizer is not None:
+                raise ValueError(f"model.quantizer only applies to kind vqvae or vqvae2, but kind={self.kind}")
+        return self
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """VQ levels, top first: ("top", "bottom") for vqvae2, ("top",) for vqvae, () otherwise."""
+        return {"vqvae": ("top",), "vqvae2": ("top", "bottom")}.get(self.kind, ())
+
+    @property
+    def strides(self) -> list[int]:
+        """[bottom] or [bottom, top] strides, defaults filled in."""
+        return self.vq.strides or ([4] if self.kind == "vqvae" else [4, 2])
 
 
 class TrainConfig(Section):
@@ -141,6 +188,32 @@ class TrackingConfig(Section):
     promote_lower_is_better: bool = Field(True, description="direction of promote_metric")
 
 
+class PriorSampleConfig(Section):
+    """Ancestral sampling from the priors, top then bottom."""
+
+    n: int = Field(64, gt=0, description="images in the sample grid")
+    temperature: float = Field(1.0, gt=0, description="divides the prior logits; < 1 sharpens")
+    top_k: Optional[int] = Field(None, gt=0, description="sample among the k most likely codes only (null: all)")
+    seed: int = Field(0, description="seeds the CPU generator the draws come from")
+
+
+class PriorConfig(Section):
+    """Autoregressive priors over the codes of a VQ model, and how they are trained and sampled."""
+
+    top: Optional[ComponentSpec] = Field(None, description="prior over the top codes (unconditional)")
+    bottom: Optional[ComponentSpec] = Field(None, description="prior over the bottom codes, conditioned on the top codes")
+    epochs: int = Field(10, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many steps (smoke runs)")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="clip the global grad norm (off: null)")
+    seed: int = 0
+    log_every: int = Field(50, gt=0, description="steps between metric syncs")
+    sample: PriorSampleConfig = Field(default_factory=PriorSampleConfig)
+
+
 class ScheduleConfig(Section):
     """When `vaeflow serve` runs the pipeline deployment: a cron expression or an interval."""
 
@@ -163,6 +236,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig, description="code priors of a VQ model")
     schedules: list[ScheduleConfig] = Field(default_factory=list, description="schedules for `vaeflow serve`")
 
 
@@ -172,7 +246,11 @@ COMPONENT_FIELDS = {  # (section, field) -> family
     ("model", "decoder"): "decoder",
     ("model", "likelihood"): "likelihood",
     ("model", "noise"): "noise",
+    ("model", "quantizer"): "quantizer",
+    ("prior", "top"): "prior",
+    ("prior", "bottom"): "prior",
 }
+OPTIONAL_COMPONENTS = {"noise", "quantizer", "top", "bottom"}
 
 
 def _component_type(registry: Registry, family: str) -> Any:
@@ -198,14 +276,16 @@ def config_model(registry: Registry | None = None) -> type[Config]:
 @lru_cache(maxsize=8)
 def _config_model(registry: Registry) -> type[Config]:
     sections = {}
-    for section, base in (("data", DataConfig), ("model", ModelConfig)):
+    for section, base in (("data", DataConfig), ("model", ModelConfig), ("prior", PriorConfig)):
         fields = {}
         for (sec, fname), family in COMPONENT_FIELDS.items():
             if sec == section:
                 t = _component_type(registry, family)
                 info = base.model_fields[fname]
-                fields[fname] = (Optional[t], None) if fname == "noise" else (t, Field(description=info.description))
-        sections[section] = (create_model(base.__name__, __base__=base, **fields), ...)
+                fields[fname] = ((Optional[t], Field(None, description=info.description)) if fname in OPTIONAL_COMPONENTS
+                                 else (t, Field(description=info.description)))
+        typed = create_model(base.__name__, __base__=base, **fields)
+        sections[section] = (typed, Field(default_factory=typed) if section == "prior" else ...)
     return create_model("Config", __base__=Config, **sections)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from core.errors import CheckpointError, NonFiniteError
 from core.model import VAE, build_model
 
 TERMS = ("loss", "reconstruction", "kl", "grad_norm")  # recorded every step, checked at every sync
+log = logging.getLogger("vaeflow.train")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -119,6 +121,8 @@ class Trainer:
         self.hash = config_hash(cfg)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.extra_terms: tuple[str, ...] = ()  # a model's further losses and stats (VQ), named at the first step
+        self.warned: set[str] = set()
         self._no_norm = torch.zeros((), device=self.device)  # grad_norm term when clipping is off
         if resume:
             self._restore()
@@ -166,12 +170,16 @@ class Trainer:
 
     # --- the hot path ------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch (B, C, H, W); returns the TERMS as a (4,) tensor, no host sync."""
+        """One optimizer step on a batch (B, C, H, W); returns TERMS + extra terms as a tensor, no host sync."""
         with self.autocast:
             out = self.step_model(x)
         reconstruction = -out.log_likelihood.mean()  # nats per image
         kl = out.kl.mean()
-        loss = reconstruction + self.beta.penalty(kl)
+        loss = out.reconstruction_weight * reconstruction + self.beta.penalty(kl)
+        for term in out.losses.values():
+            loss = loss + term
+        if not self.extra_terms:
+            self.extra_terms = tuple(out.losses) + tuple(out.stats)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip is not None:
@@ -182,11 +190,12 @@ class Trainer:
         self.scheduler.step()
         self.beta.step += 1
         self.step += 1
-        return torch.stack([loss.detach(), reconstruction.detach(), kl.detach(), grad_norm])
+        extras = [out.losses[k].detach() if k in out.losses else out.stats[k] for k in self.extra_terms]
+        return torch.stack([loss.detach(), reconstruction.detach(), kl.detach(), grad_norm, *extras])
 
     def _check(self, pending: list[torch.Tensor], first_step: int) -> torch.Tensor:
         """Sync the recorded terms to the host; raise NonFiniteError naming the first bad step (1-based) and term."""
-        terms = torch.stack(pending).float()  # (S, 4)
+        terms = torch.stack(pending).float()  # (S, 4 + extra terms)
         if self.world > 1:  # every rank sees the same terms, so all stop together
             import torch.distributed as dist
 
@@ -196,10 +205,11 @@ class Trainer:
         bad = ~torch.isfinite(terms)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
+            names = TERMS + self.extra_terms
             ckpt = self.run_dir / CHECKPOINT_FILE
             kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
             raise NonFiniteError(
-                f"training diverged: {TERMS[col]} became {terms[row, col].item()} at step {first_step + row + 1} "
+                f"training diverged: {names[col]} became {terms[row, col].item()} at step {first_step + row + 1} "
                 f"(epoch {self.epoch + 1}); {kept}. Try a lower train.lr, set train.grad_clip, "
                 f"or check the data range for the likelihood."
             )
@@ -220,7 +230,7 @@ class Trainer:
                 else:  # resumed mid-epoch: replay this epoch's permutation
                     self.shuffle.set_state(self.epoch_shuffle_state)
                 perm = torch.randperm(self.data.n, generator=self.shuffle)  # (N,)
-                sums, n_seen, pending, first = torch.zeros(len(TERMS)), 0, [], self.step
+                sums, n_seen, pending, first = 0, 0, [], self.step
                 epoch_start_step = self.step
                 loop_time, t0 = 0.0, time.perf_counter()
                 for x in self.data.epoch(perm, self.batch_in_epoch, self.rank, self.world):
@@ -231,12 +241,14 @@ class Trainer:
                     ckpt_due = t.checkpoint_every is not None and self.step % t.checkpoint_every == 0
                     if len(pending) == t.log_every or last or ckpt_due:
                         terms = self._check(pending, first)
-                        sums += terms.sum(0)
+                        sums = sums + terms.sum(0)  # 0 + tensor on the epoch's first sync
                         rate = n_seen / max(loop_time + time.perf_counter() - t0, 1e-9)
                         bar.update(len(pending))
                         bar.set_postfix(loss=f"{terms[-1, 0]:.2f}", img_s=f"{rate:.0f}")
+                        record = self._record(terms.mean(0), rate)
+                        self._health(record)
                         if self.callbacks:
-                            self._notify("on_log", self.step, self._record(terms.mean(0), rate))
+                            self._notify("on_log", self.step, record)
                         pending, first = [], self.step
                     if last:
                         break
@@ -275,16 +287,29 @@ class Trainer:
             if hook is not None:
                 hook(*args)
 
+    def _health(self, record: dict) -> None:
+        """Warn once per epoch and message about the model's health (e.g. a collapsing codebook)."""
+        check = getattr(self.model, "health_warnings", None)
+        for message in check(record) if (check is not None and self.main) else []:
+            key = f"{self.epoch}:{message.split(' is ')[0]}"
+            if key not in self.warned:
+                self.warned.add(key)
+                tqdm.write(f"warning: step {self.step}: {message}")
+                log.warning("step %d: %s", self.step, message)
+
     def _record(self, mean_terms: torch.Tensor, img_per_s: float) -> dict:
         """Loss terms (means), beta, lr and throughput as one flat record."""
-        rec = {k: v for k, v in zip(TERMS, mean_terms.tolist()) if k != "grad_norm" or self.cfg.train.grad_clip}
+        names = TERMS + self.extra_terms
+        rec = {k: v for k, v in zip(names, mean_terms.tolist()) if k != "grad_norm" or self.cfg.train.grad_clip}
         rec.update({"beta": self.beta.beta(), "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s})
         cap = self.beta.capacity()
         if cap is not None:
             rec["capacity"] = cap
         return rec
 
-    def _epoch_record(self, sums: torch.Tensor, n_steps: int, img_per_s: float, seconds: float) -> dict:
+    def _epoch_record(self, sums: torch.Tensor | int, n_steps: int, img_per_s: float, seconds: float) -> dict:
+        if not isinstance(sums, torch.Tensor):  # no step ran in this epoch
+            sums = torch.zeros(len(TERMS) + len(self.extra_terms))
         return {"epoch": self.epoch, "step": self.step, **self._record(sums / n_steps, img_per_s), "seconds": seconds}
 
 

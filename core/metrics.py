@@ -44,8 +44,43 @@ def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 
 @torch.no_grad()
+def evaluate_vq(model, images: torch.Tensor, cfg: EvalConfig) -> dict:
+    """Reconstruction error and per-level codebook health of a VQ model over a test split (N, C, H, W)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.max_examples is not None:
+            images = images[: cfg.max_examples]
+        n, dims = len(images), images[0].numel()
+        sq_err, nll = 0.0, 0.0
+        counts = {level: torch.zeros(k, dtype=torch.long) for level, k in model.codebook_sizes.items()}
+        for batch in images.split(cfg.batch_size):
+            batch = batch.to(model.device)  # (B, C, H, W)
+            outs = model.quantize(batch)
+            params = model.decode_quantized({level: o.quantized for level, o in outs.items()})  # (B, P, H, W)
+            sq_err += (model.likelihood.mean(params) - batch).pow(2).sum().item()
+            nll -= model.likelihood.log_prob(batch, params).sum().item()
+            for level, out in outs.items():
+                counts[level] += torch.bincount(out.indices.flatten().cpu(), minlength=len(counts[level]))
+        mse = sq_err / (n * dims)
+        out = {"examples": n, "dims": dims, "mse": mse, "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
+               "reconstruction_nats": nll / n, "reconstruction_bits_per_dim": bits_per_dim(nll / n, dims)}
+        for level, c in counts.items():
+            p = c.double() / c.sum()
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            out.update({f"{level}_usage": float((c > 0).double().mean()), f"{level}_dead_codes": int((c == 0).sum()),
+                        f"{level}_perplexity": math.exp(entropy), f"{level}_code_entropy_bits": entropy / LN2,
+                        f"{level}_codebook_size": len(c)})
+        return out
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
     """Every metric over a test split (N, C, H, W) in [0, 1]; ELBO-based ones only for variational models."""
+    if getattr(model, "levels", None):  # a VQ model: no posterior density, codebook health instead
+        return evaluate_vq(model, images, cfg)
     was_training = model.training
     model.eval()
     gen_state = torch.get_rng_state()

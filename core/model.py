@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from core.config import Config
+from core.config import VQ_KINDS, Config
 from core.distributions import DiagonalGaussian, PointPosterior, standard_normal_log_prob
 from core.errors import ConfigError
 from core.interfaces import Decoder, Encoder, Likelihood, Noise, Shape
@@ -21,6 +21,9 @@ class ModelOutput:
     log_likelihood: torch.Tensor  # log p(x | z), z ~ q(z|x)
     kl: torch.Tensor  # KL(q(z|x) || p(z)), closed form
     params: torch.Tensor  # likelihood parameters (B, P, H, W)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # further weighted scalar terms (VQ losses)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars logged with the losses
+    reconstruction_weight: float = 1.0  # weight of -log p(x|z) in the training loss (1/dims for VQ models)
 
 
 class VAE(nn.Module):
@@ -96,7 +99,7 @@ def data_shape(cfg: Config, registry: Registry | None = None) -> Shape:
     """(C, H, W) the model sees: the dataset's shape after data.pad_to."""
     registry = registry or get_registry()
     ds = registry.get("dataset", cfg.data.dataset.name).cls
-    shape = ds(_options(ds, cfg.data.dataset)).shape
+    shape = ds(component_options(ds, cfg.data.dataset)).shape
     if cfg.data.pad_to is not None:
         c, h, w = shape
         if cfg.data.pad_to < max(h, w):
@@ -105,16 +108,20 @@ def data_shape(cfg: Config, registry: Registry | None = None) -> Shape:
     return shape
 
 
-def _options(cls: type, spec) -> object:
+def component_options(cls: type, spec) -> object:
     """The plugin's own Options instance from a validated config spec (drops the `name` tag)."""
     return cls.Options.model_validate(spec.model_dump(exclude={"name"}))
 
 
-def build_model(cfg: Config, shape: Shape | None = None, registry: Registry | None = None) -> VAE:
-    """Instantiate encoder, decoder, likelihood (and noise) from the config; shape errors are ConfigErrors."""
+def build_model(cfg: Config, shape: Shape | None = None, registry: Registry | None = None):
+    """Instantiate the model the config describes (a VAE, or a VQ model via core.vq); shape errors are ConfigErrors."""
     registry = registry or get_registry()
     shape = shape or data_shape(cfg, registry)
     m = cfg.model
+    if m.kind in VQ_KINDS:
+        from core.vq import build_vq_model  # core.vq builds on this module
+
+        return build_vq_model(cfg, shape, registry)
     if m.kind == "dae" and m.noise is None:
         raise ConfigError([("model.noise", "kind=dae needs a noise plugin, e.g. {name: gaussian, std: 0.3}")])
     if m.kind != "dae" and m.noise is not None:
@@ -124,7 +131,7 @@ def build_model(cfg: Config, shape: Shape | None = None, registry: Registry | No
         spec = getattr(m, field)
         cls = registry.get(field, spec.name).cls
         try:
-            return cls(_options(cls, spec), *args)
+            return cls(component_options(cls, spec), *args)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError([(f"model.{field}", f"{spec.name}: {exc}")]) from None
 
@@ -135,7 +142,7 @@ def build_model(cfg: Config, shape: Shape | None = None, registry: Registry | No
     noise = None
     if m.noise is not None:
         ncls = registry.get("noise", m.noise.name).cls
-        noise = ncls(_options(ncls, m.noise))
+        noise = ncls(component_options(ncls, m.noise))
     model = VAE(encoder, decoder, likelihood, m.latent_dim, m.kind, noise)
     check_shapes(model, shape, param_shape)
     return model

@@ -186,14 +186,26 @@ def generate(
     out: Annotated[Path, typer.Option("--out")] = Path("samples.png"),
     seed: int = 0,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="VQ: sample among the k likeliest codes")] = None,
+    prior: Annotated[list[str], typer.Option("--prior", help="VQ from a run dir: a prior folder per level, top first")] = [],
     set_: SetOption = [],
 ):
-    """Draw z ~ N(0, I), decode, and save a grid (option 1 of the notes)."""
-    from pipelines.render import samples
+    """Sample and save a grid: z ~ N(0, I) for a VAE; for a VQ-VAE(-2), codes from its priors, top then bottom."""
+    from pipelines.render import samples, save_grid, square_rows
 
-    net, _ = _load(model, set_)
-    samples(net, n, seed, out, temperature)
-    typer.echo(f"wrote {n} samples to {out}")
+    net, cfg = _load(model, set_)
+    if not getattr(net, "levels", ()):
+        samples(net, n, seed, out, temperature)
+        typer.echo(f"wrote {n} samples to {out}")
+        return
+    from core.vq import sample_images
+    from pipelines.registry import load_generator
+
+    if temperature <= 0:
+        raise VaeflowError("--temperature must be > 0 for sampling codes")
+    net, cfg, priors = load_generator(model, prior or None)
+    save_grid(sample_images(net, priors, n, temperature, top_k, seed), out, nrow=square_rows(n))
+    typer.echo(f"wrote {n} samples of the {cfg.model.kind} (priors: {', '.join(priors)}) to {out}")
 
 
 @app.command()
@@ -220,19 +232,27 @@ def interpolate(
 def run(
     config: Path,
     set_: SetOption = [],
-    until: Annotated[str, typer.Option(help="last stage: prepare_data, train, evaluate, render or register")] = "register",
+    until: Annotated[str, typer.Option(help="last stage (VAE: prepare_data, train, evaluate, render, register; "
+                                             "VQ: ..., extract_codes, train_prior, sample, evaluate, register)")] = "register",
 ):
-    """Run the pipeline (prepare_data -> train -> evaluate || render -> register) through Prefect."""
-    from core.config import load_config
+    """Run the pipeline through Prefect: vae_pipeline, or vqvae2_pipeline for kind vqvae/vqvae2."""
+    from core.config import VQ_KINDS, load_config
     from pipelines.tracking import tracking_uri
 
-    load_config(config, set_)  # fail fast, exit 2, before Prefect starts
-    from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline
+    cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
+    if cfg.model.kind in VQ_KINDS:
+        from pipelines.vq_flows import VQ_STAGES, vqvae2_pipeline
 
-    if until not in STAGES:
-        raise VaeflowError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
-    flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
-    result = flow_(str(config), list(set_))
+        if until not in VQ_STAGES:
+            raise VaeflowError(f"--until {until!r}: choose one of {', '.join(VQ_STAGES)}")
+        result = vqvae2_pipeline(str(config), list(set_), until)
+    else:
+        from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline
+
+        if until not in STAGES:
+            raise VaeflowError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
+        flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
+        result = flow_(str(config), list(set_))
     typer.echo(json.dumps(result, indent=2))
     if "model" not in result:
         typer.echo("\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
@@ -332,6 +352,21 @@ def bench_train(
 
     result = run(out=out, repeats=repeats, steps=steps, threads=threads)
     typer.echo(json.dumps(result, indent=2))
+
+
+@bench_app.command("quantizer")
+@user_errors
+def bench_quantizer(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/quantizer.json"),
+    n: Annotated[int, typer.Option(min=1, help="vectors per forward")] = 32768,
+    k: Annotated[int, typer.Option(min=1, help="codebook size")] = 512,
+    d: Annotated[int, typer.Option(min=1, help="code width")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats")] = 5,
+):
+    """vq and vq-ema forward+backward vs the bare distance matmul + argmin, and vs broadcasting."""
+    from pipelines.bench_quantizer import bench_quantizer as run, print_summary
+
+    print_summary(run(out=out, n=n, k=k, d=d, repeats=repeats))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Prefect deployments: vae_pipeline and each stage flow, served so the UI can launch and schedule them."""
+"""Prefect deployments: vae_pipeline and each stage flow (or vqvae2_pipeline for a VQ config), served for the UI."""
 
 from __future__ import annotations
 
@@ -23,9 +23,16 @@ def to_prefect_schedules(schedules: list[ScheduleConfig]) -> list:
 
 def build_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str) -> list:
     """RunnerDeployments whose parameters (config path + overrides) the UI shows as a validated form."""
+    from core.config import VQ_KINDS, load_config
     from pipelines.flows import STAGE_FLOWS, vae_pipeline
 
     params = {"config_path": str(config_path), "overrides": overrides}
+    if load_config(config_path, overrides).model.kind in VQ_KINDS:
+        from pipelines.vq_flows import vqvae2_pipeline
+
+        return [vqvae2_pipeline.to_deployment(name=name, parameters=params, schedules=to_prefect_schedules(schedules),
+                                              description=f"vaeflow VQ pipeline for {config_path.name}",
+                                              tags=["vaeflow", "vq"])]
     deployments = [vae_pipeline.to_deployment(name=name, parameters=params, schedules=to_prefect_schedules(schedules),
                                               description=f"vaeflow pipeline for {config_path.name}", tags=["vaeflow"])]
     for stage, flow_ in STAGE_FLOWS.items():

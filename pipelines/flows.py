@@ -229,11 +229,13 @@ def _outputs_exist(stage: str, result: dict) -> bool:
              "train": lambda: [Path(result["run_dir"]) / WEIGHTS_FILE],
              "evaluate": lambda: [Path(result["path"])],
              "render": lambda: [Path(p) for p in result["files"]],
-             "register": lambda: []}[stage]()
-    return all(p.exists() for p in paths)
+             "register": lambda: []}
+    # other stages (the VQ pipeline's) list their files under "files"
+    files = paths[stage]() if stage in paths else [Path(p) for p in result.get("files", [])]
+    return all(p.exists() for p in files)
 
 
-def _finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
+def finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
     """(result, 'ran' | 'cached'); a cached result whose files are gone runs again with refresh_cache."""
     result = state.result()  # raises the stage's own error if it failed
     if state.name == "Cached" and not _outputs_exist(stage, result):
@@ -242,37 +244,54 @@ def _finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
     return result, "cached" if state.name == "Cached" else "ran"
 
 
-# --- the pipeline ------------------------------------------------------------------------------
-def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
-    """Run the stages up to and including `until`, as one MLflow parent run; cached stages are skipped."""
+# --- the pipeline ----------------------------------------------------------------------------
+def open_pipeline_run(config_path: str, overrides: list[str] | None, name: str) -> tuple[Config, str, object, dict]:
+    """Load the config and start the MLflow parent run: (cfg, canonical config JSON, client, run)."""
     from core.engine import resolve_device
-    from pipelines.tracking import experiment_id, flatten, get_client, log_params, run_tags, set_tags, start_run
+    from pipelines.tracking import experiment_id, flatten, get_client, log_params, run_tags, start_run
 
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-    stop = STAGES.index(until)
     cfg = load_config(config_path, overrides or [])
-    config = canonical_json(cfg)
     client = get_client()
     exp = experiment_id(client, cfg.tracking.experiment)
     tags = run_tags(cfg, str(resolve_device(cfg.train.device)))
-    name = "vae_pipeline" if until == "register" else f"{until}_flow"
     parent = start_run(client, exp, f"{name} {Path(config_path).stem}", tags=tags)
     log_params(client, parent, flatten(cfg.model_dump(mode="json")))
-    run = {"experiment_id": exp, "parent_id": parent, "tags": tags}
+    return cfg, canonical_json(cfg), client, {"experiment_id": exp, "parent_id": parent, "tags": tags}
+
+
+def close_pipeline_run(client, run: dict, status: dict[str, str], extra: dict[str, str],
+                       error: BaseException | None = None) -> None:
+    """Tag the parent run with each stage's status (and the error), and end it FINISHED or FAILED."""
+    from pipelines.tracking import set_tags
+
+    tags = {f"stage.{k}": v for k, v in status.items()} | extra
+    if error is not None:
+        tags["error"] = f"{type(error).__name__}: {error}"
+    set_tags(client, run["parent_id"], tags)
+    client.set_terminated(run["parent_id"], "FAILED" if error is not None else "FINISHED")
+
+
+def fresh(task_, run: dict, *args):
+    """A re-submission of a cached stage with refresh_cache (its outputs were deleted)."""
+    return lambda: task_.with_options(refresh_cache=True)(*args, run, return_state=True)
+
+
+def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
+    """Run the stages up to and including `until`, as one MLflow parent run; cached stages are skipped."""
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    stop = STAGES.index(until)
+    name = "vae_pipeline" if until == "register" else f"{until}_flow"
+    cfg, config, client, run = open_pipeline_run(config_path, overrides, name)
     status: dict[str, str] = {}
-    out: dict = {"mlflow_run_id": parent, "stages": status}
-
-    def fresh(task_, *args):
-        return lambda: task_.with_options(refresh_cache=True)(*args, run, return_state=True)
-
+    out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
     try:
-        data, status["prepare_data"] = _finish("prepare_data", prepare_data(config, run, return_state=True),
-                                               fresh(prepare_data, config))
+        data, status["prepare_data"] = finish("prepare_data", prepare_data(config, run, return_state=True),
+                                               fresh(prepare_data, run, config))
         out["data"] = data
         if stop >= 1:
-            trained, status["train"] = _finish("train", train(config, data, run, return_state=True),
-                                               fresh(train, config, data))
+            trained, status["train"] = finish("train", train(config, data, run, return_state=True),
+                                               fresh(train, run, config, data))
             out["run_dir"] = trained["run_dir"]
         if stop >= 2:
             futures = {"evaluate": evaluate.submit(config, data, trained, run)}
@@ -280,23 +299,22 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
                 futures["render"] = render.submit(config, data, trained, run)
             for future in futures.values():
                 future.wait()
-            evaluated, status["evaluate"] = _finish("evaluate", futures["evaluate"].state,
-                                                    fresh(evaluate, config, data, trained))
+            evaluated, status["evaluate"] = finish("evaluate", futures["evaluate"].state,
+                                                    fresh(evaluate, run, config, data, trained))
             out["eval"] = evaluated["path"]
             if stop >= 3:
-                rendered, status["render"] = _finish("render", futures["render"].state, fresh(render, config, data, trained))
+                rendered, status["render"] = finish("render", futures["render"].state,
+                                                     fresh(render, run, config, data, trained))
                 out["images"] = rendered["files"]
         if stop >= 4:
-            out["model"], status["register"] = _finish(
+            out["model"], status["register"] = finish(
                 "register", register(config, data, trained, evaluated, run, return_state=True),
-                fresh(register, config, data, trained, evaluated))
+                fresh(register, run, config, data, trained, evaluated))
     except BaseException as exc:
-        set_tags(client, parent, {**{f"stage.{k}": v for k, v in status.items()}, "error": f"{type(exc).__name__}: {exc}"})
-        client.set_terminated(parent, "FAILED")
+        close_pipeline_run(client, run, status, {}, exc)
         raise
     extra = {"registered_model": f"{out['model']['name']}/{out['model']['version']}"} if "model" in out else {}
-    set_tags(client, parent, {f"stage.{k}": v for k, v in status.items()} | extra)
-    client.set_terminated(parent, "FINISHED")
+    close_pipeline_run(client, run, status, extra)
     return out
 
 

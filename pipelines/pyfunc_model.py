@@ -3,6 +3,7 @@
     model = mlflow.pyfunc.load_model("models:/NAME@champion")
     recon = model.predict(images)                             # (N, C, H, W) floats in [0, 1]
     z = model.predict(images, params={"output": "latent"})    # (N, latent_dim) posterior means
+                                                              # VQ: (N, sum h*w) code indices, top level first
 
 `images` is a float32 array (N, C, H, W) in [0, 1] (the signature enforces it). The weights and
 config travel as the `model_dir` artifact and are rebuilt through vaeflow's plugin registry.
@@ -36,6 +37,9 @@ class VaeflowPyfunc(mlflow.pyfunc.PythonModel):
         x = x.view(-1, *shape)  # (N, C, H, W)
         output = (params or {}).get("output", "reconstruction")
         with torch.no_grad():
+            if output == "latent" and getattr(self.model, "levels", ()):  # VQ: code indices, top level first
+                codes = self.model.encode_codes(x)
+                return torch.cat([codes[level].flatten(1) for level in self.model.levels], 1).numpy()  # (N, sum h*w)
             if output == "latent":
                 return self.model.posterior(x).mode().numpy()  # (N, J)
             if output == "reconstruction":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import warnings
@@ -82,6 +83,98 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
             promoted = True
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
             "champion": promoted, "metric": metric, "value": metrics.get(metric)}
+
+
+def prior_model_name(name: str, level: str) -> str:
+    """Registry name of a model's prior for one level, e.g. vqvae2-fashion-mnist-prior-top."""
+    return f"{name}-prior-{level}"
+
+
+def register_prior(client: MlflowClient, run_id: str, prior_dir: Path, stage1_name: str, stage1_version: int,
+                   level: str) -> dict:
+    """Register a trained prior with lineage tags naming the exact stage-1 version and codebook hash."""
+    from core.priors import PRIOR_INFO
+
+    info = json.loads((prior_dir / PRIOR_INFO).read_text())
+    artifact = f"prior-{level}"
+    if not client.list_artifacts(run_id, artifact):
+        client.log_artifacts(run_id, str(prior_dir), artifact)
+    name = prior_model_name(stage1_name, level)
+    _ensure_registered_model(client, name)
+    tags = {**info["lineage"], "stage1_model": stage1_name, "stage1_version": str(stage1_version), "level": level,
+            "weights_sha256": info["weights_sha256"], "run_id": run_id,
+            "metric.nll_bits_per_code": repr(float(info["test"]["nll_bits_per_code"]))}
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{artifact}", run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}"}
+
+
+def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(name, version) of models:/NAME@alias or models:/NAME/VERSION."""
+    body = uri.removeprefix("models:/")
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, version = body.rsplit("/", 1)
+        return name, str(client.get_model_version(name, version).version)
+    except (MlflowException, ValueError):
+        raise VaeflowError(f"{uri}: no such registered model version; see `vaeflow models list`") from None
+
+
+def find_priors(client: MlflowClient, uri: str, levels: tuple[str, ...]) -> dict[str, Path]:
+    """{level: local prior folder} of the newest priors registered for exactly this stage-1 version.
+
+    A level without a registered prior is an error: a VQ model never falls back to a Gaussian prior.
+    """
+    import mlflow
+
+    name, version = resolve_version(client, uri)
+    found = {}
+    for level in levels:
+        prior_name = prior_model_name(name, level)
+        try:
+            versions = client.search_model_versions(f"name='{prior_name}' and tags.stage1_version='{version}'")
+        except MlflowException:
+            versions = []
+        if not versions:
+            raise VaeflowError(f"{uri} (version {version} of {name}) has no registered {level} prior "
+                               f"({prior_name} with tag stage1_version={version}); run the VQ pipeline "
+                               f"(`vaeflow run CONFIG`) to train and register its priors")
+        newest = max(versions, key=lambda v: int(v.version))
+        found[level] = Path(mlflow.artifacts.download_artifacts(artifact_uri=newest.source))
+    return found
+
+
+def load_generator(source: str, priors: list[str] | None = None, device: str = "auto"):
+    """(model, cfg, {level: prior}) of a VQ model: priors from the registry's lineage tags for a models:/ URI,
+    else from the given prior folders (top first); each prior is checked against the model's codebooks."""
+    from core.checkpoint import load_model
+    from core.priors import load_prior
+
+    model, cfg = load_model(source, device=device)
+    levels = getattr(model, "levels", ())
+    if not levels:
+        raise VaeflowError(f"{source} is a {cfg.model.kind}, not a VQ model; it samples from N(0, I) without priors")
+    if priors:
+        if len(priors) != len(levels):
+            raise VaeflowError(f"{source} has levels {', '.join(levels)}, so pass {len(levels)} --prior folder(s) "
+                               f"in that order, got {len(priors)}")
+        folders = dict(zip(levels, map(Path, priors)))
+    elif str(source).startswith("models:/"):
+        from pipelines.tracking import get_client
+
+        folders = find_priors(get_client(), str(source), levels)
+    else:
+        raise VaeflowError(f"{source} is a {cfg.model.kind}: sampling needs its code priors. Pass --prior for each "
+                           f"level ({', '.join(levels)}), or use the registered model, models:/NAME@champion, whose "
+                           f"priors are found through their lineage tags")
+    loaded = {level: load_prior(folder, model, model.device, level) for level, folder in folders.items()}
+    for level, prior in loaded.items():
+        if prior.grid != tuple(model.grids[level]):
+            raise VaeflowError(f"the prior passed for the {level} level models a {prior.grid} grid, "
+                               f"but the model's {level} grid is {tuple(model.grids[level])}")
+    return model, cfg, loaded
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str):

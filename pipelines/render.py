@@ -23,10 +23,15 @@ def save_grid(images: torch.Tensor, out: Path, nrow: int) -> Path:
     return out
 
 
+def square_rows(n: int) -> int:
+    """Images per row of a square-ish grid of n."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
 def samples(model: VAE, n: int, seed: int, out: Path, temperature: float = 1.0) -> Path:
     """n prior samples decoded to the likelihood mean, in a square-ish grid."""
     images = model.generate(n, torch.Generator().manual_seed(seed), temperature)  # (n, C, H, W)
-    return save_grid(images, out, nrow=math.ceil(math.sqrt(n)))
+    return save_grid(images, out, nrow=square_rows(n))
 
 
 def interpolations(model: VAE, test: torch.Tensor, pairs: int, steps: int, seed: int, out: Path) -> Path:
@@ -43,6 +48,6 @@ def reconstructions(model: VAE, test: torch.Tensor, n: int, out: Path) -> Path:
     """Pairs of rows: n test images above their reconstructions."""
     x = test[:n].to(model.device)  # (n, C, H, W)
     recon = model.reconstruct(x)
-    rows = max(1, math.ceil(math.sqrt(n)))
+    rows = square_rows(n)
     chunks = [torch.cat([a, b]) for a, b in zip(x.split(rows), recon.split(rows))]
     return save_grid(torch.cat(chunks), out, nrow=rows)

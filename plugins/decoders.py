@@ -1,4 +1,4 @@
-"""Built-in decoders: z (B, J) -> likelihood parameters (B, P, H, W)."""
+"""Built-in decoders: z (B, J), or a feature map for VQ models, -> likelihood parameters (B, P, H, W)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from core.hookspecs import hookimpl
-from core.interfaces import Decoder, Options, Shape
-from plugins.layers import Activation, activation, conv_grid, mlp
+from core.interfaces import Decoder, GridDecoder, Options, Shape
+from plugins.layers import Activation, activation, conv_grid, mlp, residual_stack, stride_stages
 
 
 class MLPDecoder(Decoder):
@@ -61,8 +61,40 @@ class ConvDecoder(Decoder):
         return self.upsample(h)  # (B, P, H, W)
 
 
+class VQVAEDecoder(GridDecoder):
+    """The VQ-VAE / VQ-VAE-2 decoder: a 3x3 convolution, residual blocks, stride-2 4x4 transposed convolutions."""
+
+    name = "vqvae-conv"
+
+    class Options(Options):
+        channels: int = Field(128, gt=0, description="working width")
+        residual_blocks: int = Field(2, ge=0, description="residual blocks before upsampling")
+        residual_channels: int = Field(32, gt=0, description="hidden width of each residual block")
+        activation: Activation = Field("relu", description="nonlinearity")
+
+    def __init__(self, options: Options, in_channels: int, out_shape: Shape, stride: int):
+        super().__init__(options, in_channels, out_shape, stride)
+        n_up = stride_stages(stride, "the vqvae-conv decoder")
+        conv_grid(out_shape, n_up, f"the vqvae-conv decoder at stride {stride}")
+        c = options.channels
+        widths = [c] * (n_up - 1) + [max(1, c // 2)] if n_up > 1 else [c]  # before each upsampling stage
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, c, 3, padding=1),
+                                   residual_stack(c, options.residual_blocks, options.residual_channels, options.activation)]
+        for i, c_in in enumerate(widths):
+            c_out = widths[i + 1] if i + 1 < len(widths) else out_shape[0]
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if i + 1 < len(widths):
+                layers.append(activation(options.activation))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, h, w) -> (B, P, h * stride, w * stride)."""
+        return self.net(h)
+
+
 @hookimpl
 def register_decoders(register):
     """Register the built-in decoders."""
     register(MLPDecoder)
     register(ConvDecoder)
+    register(VQVAEDecoder)

@@ -1,4 +1,4 @@
-"""Built-in encoders: x (B, C, H, W) -> posterior parameters (B, out_features)."""
+"""Built-in encoders: x (B, C, H, W) -> posterior parameters (B, out_features), or a feature map for VQ models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from core.hookspecs import hookimpl
-from core.interfaces import Encoder, Options, Shape
-from plugins.layers import Activation, activation, conv_grid, mlp
+from core.interfaces import Encoder, GridEncoder, Options, Shape
+from plugins.layers import Activation, activation, conv_grid, mlp, residual_stack, stride_stages
 
 
 class MLPEncoder(Encoder):
@@ -60,8 +60,40 @@ class ConvEncoder(Encoder):
         return self.head(self.features(x))  # (B, c, h, w) -> (B, P)
 
 
+class VQVAEEncoder(GridEncoder):
+    """The VQ-VAE / VQ-VAE-2 encoder: stride-2 4x4 convolutions, a 3x3 convolution, residual blocks.
+
+    For stride 4 (the VQ-VAE-2 bottom level) that is C -> c/2 -> c then 3x3 c -> c; for stride 2
+    (the top level, applied to the bottom features) C -> c/2 then 3x3 c/2 -> c (Razavi et al. 2019).
+    """
+
+    name = "vqvae-conv"
+
+    class Options(Options):
+        residual_blocks: int = Field(2, ge=0, description="residual blocks after the convolutions")
+        residual_channels: int = Field(32, gt=0, description="hidden width of each residual block")
+        activation: Activation = Field("relu", description="nonlinearity")
+
+    def __init__(self, options: Options, in_shape: Shape, out_channels: int, stride: int):
+        super().__init__(options, in_shape, out_channels, stride)
+        n_down = stride_stages(stride, "the vqvae-conv encoder")
+        conv_grid(in_shape, n_down, f"the vqvae-conv encoder at stride {stride}")
+        widths = [in_shape[0]] + [max(1, out_channels // 2)] + [out_channels] * (n_down - 1)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), activation(options.activation)]
+        layers.append(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
+        self.net = nn.Sequential(*layers, residual_stack(out_channels, options.residual_blocks,
+                                                         options.residual_channels, options.activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, out_channels, H / stride, W / stride)."""
+        return self.net(x)
+
+
 @hookimpl
 def register_encoders(register):
     """Register the built-in encoders."""
     register(MLPEncoder)
     register(ConvEncoder)
+    register(VQVAEEncoder)

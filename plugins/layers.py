@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
 from torch import nn
 
 from core.interfaces import Shape
@@ -38,3 +40,30 @@ def conv_grid(shape: Shape, n_down: int, who: str) -> tuple[int, int]:
             f"or fewer `channels` entries."
         )
     return height // factor, width // factor
+
+
+class ResidualBlock(nn.Module):
+    """x + conv1x1(act(conv3x3(act(x)))), the VQ-VAE residual block (van den Oord et al. 2017)."""
+
+    def __init__(self, channels: int, hidden: int, act: Activation = "relu"):
+        super().__init__()
+        self.net = nn.Sequential(
+            activation(act), nn.Conv2d(channels, hidden, 3, padding=1),
+            activation(act), nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, h, w)."""
+        return x + self.net(x)
+
+
+def residual_stack(channels: int, blocks: int, hidden: int, act: Activation = "relu") -> nn.Sequential:
+    """`blocks` residual blocks, then the activation (as in the VQ-VAE encoder and decoder)."""
+    return nn.Sequential(*[ResidualBlock(channels, hidden, act) for _ in range(blocks)], activation(act))
+
+
+def stride_stages(stride: int, who: str) -> int:
+    """log2(stride) for a power-of-two stride >= 2; a ValueError otherwise."""
+    if stride < 2 or stride & (stride - 1):
+        raise ValueError(f"{who} needs a power-of-two stride >= 2 (2, 4, 8 ...), got {stride}")
+    return stride.bit_length() - 1

@@ -1,0 +1,243 @@
+"""The VQ-VAE / VQ-VAE-2 pipeline as a Prefect flow of cached stages, every run tracked in MLflow.
+
+    prepare_data -> train -> extract_codes -> train_prior[top] -> train_prior[bottom] -> sample
+                 -> evaluate -> register
+
+prepare_data and train are the VAE pipeline's own tasks (the engine trains any model kind).
+Each later stage is keyed by its own config and its parents' hashes: a change under `prior.*`
+re-runs the priors and what follows but never train; retraining stage 1 changes the weights
+hash, hence the codes hash, hence every prior key. Each prior records the stage-1 weights and
+codebook hash it was trained on, and is refused next to any other stage-1 model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, task
+
+from core.config import config_hash
+from core.interfaces import file_sha256
+from pipelines.flows import (
+    _cfg, _digest, _key_fn, _transient, _workspace, close_pipeline_run, finish, fresh, open_pipeline_run,
+    prepare_data, train,
+)
+
+VQ_STAGES = ("prepare_data", "train", "extract_codes", "train_prior", "sample", "evaluate", "register")
+PRIOR_TRAIN_FIELDS_EXCLUDED = {"top", "bottom", "sample", "log_every"}  # not in a level's key
+
+
+# --- stage keys --------------------------------------------------------------------------------
+def extract_codes_key(config: str, data: dict, trained: dict) -> str:
+    """the stage-1 weights + the data manifest (extraction has no options of its own)."""
+    return "extract_codes-" + _digest(trained["weights_sha256"], data["manifest_hash"])
+
+
+def train_prior_key(config: str, level: str, codes: dict) -> str:
+    """this level's prior spec + the prior training options + the codes' sha256."""
+    cfg = _cfg(config)
+    spec = getattr(cfg.prior, level).model_dump(mode="json")
+    options = cfg.prior.model_dump(mode="json", exclude=PRIOR_TRAIN_FIELDS_EXCLUDED)
+    return f"train_prior_{level}-" + _digest(level, spec, options, codes["codes_sha256"])
+
+
+def sample_key(config: str, trained: dict, priors: dict) -> str:
+    """prior.sample + the stage-1 weights + every prior's weights."""
+    cfg = _cfg(config)
+    return "sample-" + _digest(cfg.prior.sample.model_dump(mode="json"), trained["weights_sha256"],
+                               sorted(p["weights_sha256"] for p in priors.values()))
+
+
+def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict) -> str:
+    """eval section + the stage-1 weights + the priors' weights + the data manifest."""
+    return "evaluate-" + _digest(config_hash(_cfg(config), "eval"), trained["weights_sha256"], data["manifest_hash"],
+                                 sorted(p["weights_sha256"] for p in priors.values()))
+
+
+def vq_register_key(config: str, trained: dict, codes: dict, priors: dict, evaluated: dict) -> str:
+    """tracking section + the stage-1 weights + the priors + the metrics that decide promotion."""
+    return "register-" + _digest(config_hash(_cfg(config), "tracking"), trained["weights_sha256"],
+                                 sorted(p["weights_sha256"] for p in priors.values()), evaluated["metrics_sha256"])
+
+
+# --- stages ----------------------------------------------------------------------------------
+@task(name="extract_codes", cache_key_fn=_key_fn(extract_codes_key), persist_result=True, result_serializer="json")
+def extract_codes(config: str, data: dict, trained: dict, run: dict) -> dict:
+    """The train and test code grids of the trained stage-1 model, with a manifest naming it and its codebooks."""
+    from core.checkpoint import load_model
+    from core.interfaces import to_unit_float
+    from core.manifest import load_prepared
+    from core.priors import CODES_FILE, CODES_MANIFEST, write_codes
+    from pipelines.tracking import get_client, log_metrics, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    folder = _workspace(cfg) / "codes" / extract_codes_key(config, data, trained).removeprefix("extract_codes-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "extract_codes", run["tags"]) as run_id:
+        model, model_cfg = load_model(trained["run_dir"], device="auto")
+        splits = {k: to_unit_float(v) for k, v in load_prepared(data["folder"]).items()}
+        stage1 = {"weights_sha256": trained["weights_sha256"], "train_run_id": trained["run_id"],
+                  "config_hash": config_hash(model_cfg), "run_dir": trained["run_dir"],
+                  "data_manifest_hash": data["manifest_hash"]}
+        manifest = write_codes(folder, model, splits, stage1)
+        log_metrics(client, run_id, {f"codes/{level}_{k}": v for level, info in manifest["levels"].items()
+                                     for k, v in info.items() if k.endswith("codes_used")})
+        client.log_artifact(run_id, str(folder / CODES_MANIFEST))
+    return {"folder": str(folder), "codes_sha256": manifest["codes_sha256"],
+            "codebook_sha256": manifest["codebook_sha256"], "levels": list(manifest["levels"]),
+            "files": [str(folder / CODES_FILE), str(folder / CODES_MANIFEST)], "run_id": run_id}
+
+
+@task(name="train_prior", cache_key_fn=_key_fn(train_prior_key), persist_result=True, result_serializer="json",
+      retries=1, retry_condition_fn=_transient, task_run_name="train_prior-{level}")
+def train_prior(config: str, level: str, codes: dict, run: dict) -> dict:
+    """Train one level's PixelCNN prior on the extracted codes; resumes from its checkpoint on a re-run."""
+    from core.engine import resolve_device
+    from core.priors import PRIOR_INFO, PRIOR_WEIGHTS, load_codes
+    from core.priors import train_prior as fit_prior
+    from pipelines.tracking import MetricsLogger, get_client, log_metrics, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    run_dir = _workspace(cfg) / "priors" / train_prior_key(config, level, codes).removeprefix(f"train_prior_{level}-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], f"train_prior_{level}", run["tags"]) as run_id:
+        manifest, tensors = load_codes(codes["folder"])
+        spec = getattr(cfg.prior, level).model_dump(mode="json")
+        if (run_dir / PRIOR_INFO).exists():
+            info = json.loads((run_dir / PRIOR_INFO).read_text())
+        else:
+            info = fit_prior(spec, level, manifest, tensors, cfg.prior, run_dir, resolve_device(cfg.train.device),
+                             callbacks=[MetricsLogger(client, run_id)])
+        log_metrics(client, run_id, {f"prior_{level}/test_{k}": v for k, v in info["test"].items()})
+        client.log_artifacts(run_id, str(run_dir), f"prior-{level}")
+    return {"level": level, "run_dir": str(run_dir), "weights_sha256": info["weights_sha256"], "test": info["test"],
+            "files": [str(run_dir / PRIOR_WEIGHTS), str(run_dir / PRIOR_INFO)], "run_id": run_id}
+
+
+@task(name="sample", cache_key_fn=_key_fn(sample_key), persist_result=True, result_serializer="json")
+def sample(config: str, trained: dict, priors: dict, run: dict) -> dict:
+    """Ancestral samples (top prior, then bottom prior given the top codes), decoded; plus reconstructions."""
+    from core.checkpoint import load_model
+    from core.priors import load_prior
+    from core.vq import sample_images
+    from pipelines.render import save_grid, square_rows
+    from pipelines.tracking import get_client, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    s = cfg.prior.sample
+    folder = _workspace(cfg) / "sample" / sample_key(config, trained, priors).removeprefix("sample-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "sample", run["tags"]) as run_id:
+        model, _ = load_model(trained["run_dir"], device="auto")
+        loaded = {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
+        images = sample_images(model, loaded, s.n, s.temperature, s.top_k, s.seed)  # (n, C, H, W)
+        path = save_grid(images, folder / "samples.png", nrow=square_rows(s.n))
+        client.log_artifact(run_id, str(path), "images")
+    return {"folder": str(folder), "files": [str(path)], "run_id": run_id}
+
+
+@task(name="evaluate", cache_key_fn=_key_fn(vq_evaluate_key), persist_result=True, result_serializer="json")
+def evaluate(config: str, data: dict, trained: dict, priors: dict, run: dict) -> dict:
+    """Test reconstruction and codebook health of stage 1, the priors' held-out NLL, and a reconstruction grid."""
+    from core.checkpoint import load_model, write_text
+    from core.interfaces import to_unit_float
+    from core.manifest import load_prepared
+    from core.metrics import evaluate as run_eval
+    from pipelines.render import reconstructions
+    from pipelines.tracking import get_client, log_metrics, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    folder = _workspace(cfg) / "evaluate" / vq_evaluate_key(config, data, trained, priors).removeprefix("evaluate-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
+        model, _ = load_model(trained["run_dir"], device="auto")
+        test = to_unit_float(load_prepared(data["folder"])["test"])
+        metrics = run_eval(model, test, cfg.eval)
+        for level, p in priors.items():
+            metrics.update({f"prior_{level}_{k}": v for k, v in p["test"].items()})
+        write_text(folder / "eval.json", json.dumps(metrics, indent=2))
+        grid = reconstructions(model, test, 32, folder / "reconstructions.png")
+        log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
+        client.log_artifact(run_id, str(folder / "eval.json"))
+        client.log_artifact(run_id, str(grid), "images")
+    return {"path": str(folder / "eval.json"), "metrics_sha256": file_sha256(folder / "eval.json"),
+            "files": [str(folder / "eval.json"), str(grid)], "run_id": run_id}
+
+
+@task(name="register", cache_key_fn=_key_fn(vq_register_key), persist_result=True, result_serializer="json")
+def register(config: str, trained: dict, codes: dict, priors: dict, evaluated: dict, data: dict, run: dict) -> dict:
+    """Register the stage-1 model, then each prior with lineage tags naming that exact version and codebook hash."""
+    from pipelines.registry import register as register_model
+    from pipelines.registry import register_prior
+    from pipelines.tracking import get_client, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    metrics = json.loads(Path(evaluated["path"]).read_text())
+    lineage = {"data_manifest_hash": data["manifest_hash"], "parent_model_version": "",
+               "train_run_id": trained["run_id"], "weights_sha256": trained["weights_sha256"],
+               "codebook_sha256": codes["codebook_sha256"]}
+    with stage_run(client, run["experiment_id"], run["parent_id"], "register", run["tags"]) as run_id:
+        info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage)
+        info["priors"] = {level: register_prior(client, run_id, Path(p["run_dir"]), info["name"], info["version"], level)
+                          for level, p in priors.items()}
+    return {**info, "run_id": run_id}
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
+    """Run the VQ stages up to and including `until` as one MLflow parent run; cached stages are skipped."""
+    from core.errors import ConfigError
+
+    if until not in VQ_STAGES:
+        raise ValueError(f"until must be one of {VQ_STAGES}, got {until!r}")
+    stop = VQ_STAGES.index(until)
+    cfg, config, client, run = open_pipeline_run(config_path, overrides, "vqvae2_pipeline")
+    levels = cfg.model.levels
+    status: dict[str, str] = {}
+    out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
+    try:
+        if not levels:
+            raise ConfigError([("model.kind", f"the VQ pipeline needs kind vqvae or vqvae2, got {cfg.model.kind}; "
+                                "use `vaeflow run` (vae_pipeline) for it")], config_path)
+        missing = [level for level in levels if getattr(cfg.prior, level) is None]
+        if stop >= VQ_STAGES.index("train_prior") and missing:
+            raise ConfigError([(f"prior.{level}", "a prior is required for this level, e.g. "
+                                "{name: gated-pixelcnn, channels: 64, layers: 8}") for level in missing], config_path)
+        data, status["prepare_data"] = finish("prepare_data", prepare_data(config, run, return_state=True),
+                                              fresh(prepare_data, run, config))
+        if stop >= 1:
+            trained, status["train"] = finish("train", train(config, data, run, return_state=True),
+                                              fresh(train, run, config, data))
+            out["run_dir"] = trained["run_dir"]
+        if stop >= 2:
+            codes, status["extract_codes"] = finish("extract_codes", extract_codes(config, data, trained, run, return_state=True),
+                                                    fresh(extract_codes, run, config, data, trained))
+            out["codes"] = codes["folder"]
+        if stop >= 3:
+            priors = {}
+            for level in levels:  # top first: the bottom prior's codes are conditioned on the top codes
+                priors[level], status[f"train_prior_{level}"] = finish(
+                    "train_prior", train_prior(config, level, codes, run, return_state=True),
+                    fresh(train_prior, run, config, level, codes))
+            out["priors"] = {level: p["run_dir"] for level, p in priors.items()}
+        if stop >= 4:
+            sampled, status["sample"] = finish("sample", sample(config, trained, priors, run, return_state=True),
+                                               fresh(sample, run, config, trained, priors))
+            out["images"] = sampled["files"]
+        if stop >= 5:
+            evaluated, status["evaluate"] = finish("evaluate", evaluate(config, data, trained, priors, run, return_state=True),
+                                                   fresh(evaluate, run, config, data, trained, priors))
+            out["eval"] = evaluated["path"]
+        if stop >= 6:
+            out["model"], status["register"] = finish(
+                "register", register(config, trained, codes, priors, evaluated, data, run, return_state=True),
+                fresh(register, run, config, trained, codes, priors, evaluated, data))
+    except BaseException as exc:
+        close_pipeline_run(client, run, status, {}, exc)
+        raise
+    extra = {"registered_model": f"{out['model']['name']}/{out['model']['version']}"} if "model" in out else {}
+    close_pipeline_run(client, run, status, extra)
+    return out
+
+
+@flow(name="vqvae2_pipeline", log_prints=True)
+def vqvae2_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
+    """prepare_data -> train -> extract_codes -> train_prior (top, bottom) -> sample -> evaluate -> register."""
+    return run_vq_pipeline(config_path, overrides, until)
