@@ -161,7 +161,7 @@ class Prior(Component, nn.Module):
     def log_prob(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """log p(codes | condition) in nats, summed over the grid: (B, h, w) -> (B,)."""
         logits = self(codes, condition)  # (B, K, h, w)
-        return -torch.nn.functional.cross_entropy(logits, codes, reduction="none").flatten(1).sum(1)
+        return -torch.nn.functional.cross_entropy(logits, codes.long(), reduction="none").flatten(1).sum(1)
 
     @torch.no_grad()
     def sample(self, n: int, condition: torch.Tensor | None = None, temperature: float = 1.0,
@@ -174,16 +174,23 @@ class Prior(Component, nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         device = next(self.parameters()).device
+        if condition is not None:
+            condition = condition.to(device)
         h, w = self.grid
         codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
-        for r in range(h):
-            for c in range(w):
-                logits = self(codes, condition)[:, :, r, c].float().cpu() / temperature  # (n, K)
-                if top_k is not None and top_k < logits.shape[1]:
-                    kth = logits.topk(top_k, dim=1).values[:, -1:]  # (n, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                draw = torch.multinomial(logits.softmax(1), 1, generator=generator)  # (n, 1)
-                codes[:, r, c] = draw.squeeze(1).to(device)
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            for r in range(h):
+                for c in range(w):
+                    logits = self(codes, condition)[:, :, r, c].float().cpu() / temperature  # (n, K)
+                    if top_k is not None and top_k < logits.shape[1]:
+                        kth = logits.topk(top_k, dim=1).values[:, -1:]  # (n, 1)
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    draw = torch.multinomial(logits.softmax(1), 1, generator=generator)  # (n, 1)
+                    codes[:, r, c] = draw.squeeze(1).to(device)
+        finally:
+            self.train(was_training)
         return codes
 
 

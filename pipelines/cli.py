@@ -369,6 +369,19 @@ def bench_quantizer(
     print_summary(run(out=out, n=n, k=k, d=d, repeats=repeats))
 
 
+@bench_app.command("vq-quality")
+@user_errors
+def bench_vq_quality(
+    out: Annotated[Path, typer.Option("--out", help="JSON report; the sample grid is written next to it")] = Path("bench/vqvae2.json"),
+    config: Annotated[Path, typer.Option(help="the VQ-VAE-2 config")] = Path("configs/vqvae2-fashion-mnist.yaml"),
+    baseline: Annotated[Path, typer.Option(help="the continuous VAE, trained for as many epochs")] = Path("configs/vae-fashion-mnist.yaml"),
+):
+    """VQ-VAE-2 pipeline vs the conv VAE at the same epochs: code usage, test MSE, top-prior NLL, samples."""
+    from pipelines.bench_vq import bench_vq_quality as run, print_summary
+
+    print_summary(run(out=out, config=config, baseline=baseline))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
