@@ -9,7 +9,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install data run train ui server test bench clean
+.PHONY: install data run run-vq train ui server test bench bench-quantizer report-vq clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,17 @@ test: install
 bench: install data
 	$(BIN)/vaeflow bench train --out bench/train.json
 	$(BIN)/vaeflow bench pipeline --out bench/pipeline.json
+
+bench-quantizer: install
+	$(BIN)/vaeflow bench quantizer --out bench/quantizer.json
+
+# The VQ-VAE-2 pipeline on Fashion-MNIST (configs/vqvae2-fashion-mnist.yaml), tracked and registered.
+run-vq: install data
+	$(BIN)/vaeflow run configs/vqvae2-fashion-mnist.yaml
+
+# The VQ-VAE-2 quality report: the pipeline above, the conv VAE at the same epochs, the bars.
+report-vq: install data
+	$(BIN)/vaeflow bench vq-quality --out bench/vqvae2.json
 
 clean:
 	rm -rf runs .pytest_cache .vaeflow

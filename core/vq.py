@@ -116,6 +116,11 @@ class VQVAE(nn.Module):
                             "use a registered model with its priors (`vaeflow generate --model models:/NAME@champion`)"
                             " or pass --prior for each level")])
 
+    def interpolate(self, *args, **kwargs):
+        """Interpolation of a VQ model goes through its code space, not a Gaussian latent: not available here."""
+        raise ConfigError([("model.kind", f"a {self.kind} has discrete codes, so there is no latent line to walk; "
+                            "use `vaeflow generate` with its priors, or `vaeflow evaluate` for reconstructions")])
+
     def codebook_hash(self) -> str:
         """sha256 over every level's codebook (K, D) as float32 bytes: the identity priors are trained on."""
         digest = hashlib.sha256()

@@ -172,7 +172,7 @@ def evaluate(
     path = out or Path(run_dir) / "eval.json"
     write_text(path, json.dumps(metrics, indent=2))
     for key in ("neg_elbo_nats", "neg_elbo_bits_per_dim", "iwae_nll_nats", "iwae_nll_bits_per_dim", "mse", "psnr",
-                "active_units"):
+                "active_units", "top_usage", "top_perplexity", "bottom_usage", "bottom_perplexity"):
         if key in metrics:
             typer.echo(f"{key:<24} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"{key:<24} {metrics[key]}")
     typer.echo(f"wrote {path}")

@@ -202,3 +202,27 @@ def test_missing_prior_config_is_a_config_error(home):
 
     with pytest.raises(ConfigError, match="prior.bottom"):
         run_vq_pipeline(str(VQ_TINY), SETS + ["prior.bottom=null"])
+
+
+def test_registered_vq_model_serves_reconstructions_and_codes_through_pyfunc(runs):
+    import mlflow
+    import numpy as np
+
+    model, _ = load_model(runs["first"]["run_dir"])
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    x = torch.rand(3, 1, 32, 32)
+    recon = pyfunc.predict(x.numpy())
+    assert np.allclose(recon, model.reconstruct(x).numpy(), atol=1e-5)
+    codes = pyfunc.predict(x.numpy(), params={"output": "latent"})
+    want = model.encode_codes(x)
+    assert codes.shape == (3, 16 + 64)
+    assert np.array_equal(codes[:, :16], want["top"].flatten(1).numpy())
+    assert np.array_equal(codes[:, 16:], want["bottom"].flatten(1).numpy())
+
+
+def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
+    from pipelines.deployments import build_deployments
+
+    deployments = build_deployments(VQ_TINY, SETS, [], "tiny")
+    assert [d.flow_name for d in deployments] == ["vqvae2_pipeline"]
+    assert deployments[0].parameters == {"config_path": str(VQ_TINY), "overrides": SETS}
