@@ -15,6 +15,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from tqdm import tqdm
 
 from core.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_text
 from core.config import PriorConfig
@@ -116,7 +117,7 @@ def prior_metrics(prior: Prior, codes: torch.Tensor, condition: torch.Tensor | N
 
 
 def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.Tensor], pcfg: PriorConfig,
-                run_dir: str | Path, device: torch.device, callbacks: list | None = None) -> dict:
+                run_dir: str | Path, device: torch.device, callbacks: list | None = None, progress: bool = True) -> dict:
     """Train one level's prior by cross-entropy on the train codes; resumes at an epoch boundary from its
     checkpoint; writes prior.safetensors and prior.json (lineage + held-out metrics) atomically."""
     run_dir = Path(run_dir)
@@ -141,6 +142,7 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
         torch.set_rng_state(state["rng"])
         epoch, step = state["epoch"], state["step"]
     prior.train()
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"{level} prior", disable=not progress, dynamic_ncols=True)
     while epoch < pcfg.epochs and step < total:
         perm = torch.randperm(len(train_codes), generator=shuffle)  # (N,)
         pending, t0, seen = [], time.perf_counter(), 0
@@ -163,6 +165,8 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
                     raise NonFiniteError(f"the {level} prior diverged at step {step}: loss {losses.tolist()[-1]}; "
                                          f"try a lower prior.lr or set prior.grad_clip")
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.update(len(losses))
+                bar.set_postfix(bits_per_code=f"{float(losses[-1]) / LN2:.3f}")
                 for cb in callbacks or []:
                     if hasattr(cb, "on_log"):
                         cb.on_log(step, {f"prior_{level}/nll_bits_per_code": float(losses.mean()) / LN2,
@@ -175,6 +179,7 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
         save_checkpoint(ckpt, {"model": prior.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "shuffle": shuffle.get_state(),
                                "rng": torch.get_rng_state(), "epoch": epoch, "step": step})
+    bar.close()
     metrics = prior_metrics(prior, codes[f"test/{level}"], _condition(level, codes, "test"))
     tensors = {k: v.detach().contiguous().cpu() for k, v in prior.state_dict().items()}
     atomic_write(run_dir / PRIOR_WEIGHTS, lambda tmp: safetensors.torch.save_file(tensors, tmp))

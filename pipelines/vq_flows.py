@@ -55,10 +55,11 @@ def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict) -> str
                                  sorted(p["weights_sha256"] for p in priors.values()))
 
 
-def vq_register_key(config: str, trained: dict, codes: dict, priors: dict, evaluated: dict) -> str:
-    """tracking section + the stage-1 weights + the priors + the metrics that decide promotion."""
+def vq_register_key(config: str, trained: dict, codes: dict, priors: dict, evaluated: dict, data: dict) -> str:
+    """tracking section + the stage-1 weights + the priors + the metrics that decide promotion + the data."""
     return "register-" + _digest(config_hash(_cfg(config), "tracking"), trained["weights_sha256"],
-                                 sorted(p["weights_sha256"] for p in priors.values()), evaluated["metrics_sha256"])
+                                 sorted(p["weights_sha256"] for p in priors.values()), evaluated["metrics_sha256"],
+                                 data["manifest_hash"])
 
 
 # --- stages ----------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def train_prior(config: str, level: str, codes: dict, run: dict) -> dict:
             info = json.loads((run_dir / PRIOR_INFO).read_text())
         else:
             info = fit_prior(spec, level, manifest, tensors, cfg.prior, run_dir, resolve_device(cfg.train.device),
-                             callbacks=[MetricsLogger(client, run_id)])
+                             callbacks=[MetricsLogger(client, run_id)], progress=cfg.train.progress)
         log_metrics(client, run_id, {f"prior_{level}/test_{k}": v for k, v in info["test"].items()})
         client.log_artifacts(run_id, str(run_dir), f"prior-{level}")
     return {"level": level, "run_dir": str(run_dir), "weights_sha256": info["weights_sha256"], "test": info["test"],
