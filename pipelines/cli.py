@@ -241,10 +241,11 @@ def run(
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
     if cfg.model.kind in VQ_KINDS:
-        from pipelines.vq_flows import VQ_STAGES, vqvae2_pipeline
+        from pipelines.vq_flows import VQ_STAGES, check_vq_config, vqvae2_pipeline
 
         if until not in VQ_STAGES:
             raise VaeflowError(f"--until {until!r}: choose one of {', '.join(VQ_STAGES)}")
+        check_vq_config(cfg, until, str(config))
         result = vqvae2_pipeline(str(config), list(set_), until)
     else:
         from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline

@@ -182,25 +182,32 @@ def register(config: str, trained: dict, codes: dict, priors: dict, evaluated: d
 
 
 # --- the pipeline ------------------------------------------------------------------------------
+def check_vq_config(cfg, until: str = "register", source: str = "config") -> None:
+    """ConfigError unless the config is a VQ model with a prior per level (when `until` trains priors)."""
+    from core.errors import ConfigError
+
+    if not cfg.model.levels:
+        raise ConfigError([("model.kind", f"the VQ pipeline needs kind vqvae or vqvae2, got {cfg.model.kind}; "
+                            "use vae_pipeline for it")], source)
+    missing = [level for level in cfg.model.levels if getattr(cfg.prior, level) is None]
+    if VQ_STAGES.index(until) >= VQ_STAGES.index("train_prior") and missing:
+        raise ConfigError([(f"prior.{level}", "a prior is required for this level, e.g. "
+                            "{name: gated-pixelcnn, channels: 64, layers: 8}") for level in missing], source)
+
+
 def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
     """Run the VQ stages up to and including `until` as one MLflow parent run; cached stages are skipped."""
-    from core.errors import ConfigError
+    from core.config import load_config
 
     if until not in VQ_STAGES:
         raise ValueError(f"until must be one of {VQ_STAGES}, got {until!r}")
     stop = VQ_STAGES.index(until)
+    check_vq_config(load_config(config_path, overrides or []), until, config_path)  # before any MLflow run exists
     cfg, config, client, run = open_pipeline_run(config_path, overrides, "vqvae2_pipeline")
     levels = cfg.model.levels
     status: dict[str, str] = {}
     out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
     try:
-        if not levels:
-            raise ConfigError([("model.kind", f"the VQ pipeline needs kind vqvae or vqvae2, got {cfg.model.kind}; "
-                                "use `vaeflow run` (vae_pipeline) for it")], config_path)
-        missing = [level for level in levels if getattr(cfg.prior, level) is None]
-        if stop >= VQ_STAGES.index("train_prior") and missing:
-            raise ConfigError([(f"prior.{level}", "a prior is required for this level, e.g. "
-                                "{name: gated-pixelcnn, channels: 64, layers: 8}") for level in missing], config_path)
         data, status["prepare_data"] = finish("prepare_data", prepare_data(config, run, return_state=True),
                                               fresh(prepare_data, run, config))
         if stop >= 1:

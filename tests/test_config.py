@@ -124,7 +124,9 @@ def test_schema_has_plugin_options_as_discriminated_union():
     defs = schema["$defs"]
     enc = defs["ModelConfig"]["properties"]["encoder"]
     assert enc["discriminator"]["propertyName"] == "name"
-    assert set(enc["discriminator"]["mapping"]) == {"conv", "mlp"}
+    assert set(enc["discriminator"]["mapping"]) == {"conv", "mlp", "vqvae-conv"}
+    quantizer = defs["ModelConfig"]["properties"]["quantizer"]["anyOf"][0]
+    assert set(quantizer["discriminator"]["mapping"]) == {"vq", "vq-ema"}
     conv = defs[enc["discriminator"]["mapping"]["conv"].split("/")[-1]]
     assert {"channels", "hidden", "activation", "name"} <= set(conv["properties"])
     assert conv["additionalProperties"] is False

@@ -199,12 +199,13 @@ def test_bad_vq_configs_exit_2_with_the_field_and_a_fix(sets, where, what):
     assert where in proc.stderr and what in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_missing_prior_config_is_a_config_error(home):
-    from core.errors import ConfigError
-    from pipelines.vq_flows import run_vq_pipeline
-
-    with pytest.raises(ConfigError, match="prior.bottom"):
-        run_vq_pipeline(str(VQ_TINY), SETS + ["prior.bottom=null"])
+def test_missing_prior_config_exits_2_before_any_mlflow_run(runs):
+    c = client()
+    exp = c.get_experiment_by_name("vaeflow").experiment_id
+    before = len(c.search_runs([exp], max_results=1000))
+    result = CliRunner().invoke(_app(), ["run", str(VQ_TINY), *[f"--set={s}" for s in SETS], "--set=prior.bottom=null"])
+    assert result.exit_code == 2 and "prior.bottom" in result.output and "gated-pixelcnn" in result.output
+    assert len(c.search_runs([exp], max_results=1000)) == before
 
 
 def test_registered_vq_model_serves_reconstructions_and_codes_through_pyfunc(runs):
