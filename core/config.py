@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_validator
 
 from core.errors import ConfigError
 from core.registry import Registry, get_registry
@@ -96,7 +96,7 @@ class VQConfig(Section):
 
     embedding_dim: int = Field(64, gt=0, description="D, the width of each codebook vector")
     hidden_channels: int = Field(128, gt=0, description="width of the encoder feature maps")
-    strides: Optional[list[int]] = Field(
+    strides: Optional[list[PositiveInt]] = Field(
         None, min_length=1, max_length=2,
         description="[bottom] or [bottom, top]: the bottom level's stride from the input, then the top's from the "
                     "bottom (null: [4] for vqvae, [4, 2] for vqvae2, as in Razavi et al. 2019)",
@@ -124,6 +124,10 @@ class ModelConfig(Section):
             if self.quantizer is None:
                 raise ValueError(f"kind={self.kind} needs model.quantizer, e.g. {{name: vq-ema, codebook_size: 512}}")
             levels = 1 if self.kind == "vqvae" else 2
+            for name in ("latent_dim", "noise"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"model.{name} does not apply to kind={self.kind} (its latents are code grids); "
+                                     f"remove it")
             if self.vq.strides is not None and len(self.vq.strides) != levels:
                 raise ValueError(f"kind={self.kind} has {levels} level(s), so model.vq.strides needs {levels} "
                                  f"entr{'y' if levels == 1 else 'ies'}, got {self.vq.strides}")
@@ -455,11 +459,22 @@ def canonical_json(cfg: BaseModel | dict) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+def hashed_dump(cfg: Config) -> dict:
+    """The config as JSON data for hashing: fields that only VQ models read are left out of other kinds,
+    so adding them did not change the hashes (cache keys, resume checks) of existing VAE configs."""
+    data = cfg.model_dump(mode="json")
+    if cfg.model.kind not in VQ_KINDS:
+        for name in ("quantizer", "vq"):
+            data["model"].pop(name, None)
+        data.pop("prior", None)
+    return data
+
+
 def config_hash(cfg: Config, section: str | None = None) -> str:
     """sha256 of the canonical JSON of the config, or of one section, for caching and lineage."""
-    data = cfg.model_dump(mode="json")
+    data = hashed_dump(cfg)
     if section is not None:
-        data = data[section]
+        data = data.get(section, {})
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 

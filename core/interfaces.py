@@ -131,7 +131,7 @@ class Quantizer(Component, nn.Module):
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook vectors of indices: (B, h, w) int64 -> (B, D, h, w)."""
-        return self.codebook[indices].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+        return self.codebook[indices.long()].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         """Quantize a feature map to its nearest codebook vectors."""
@@ -219,6 +219,16 @@ class Dataset(Component):
     def sources(self) -> list[Path]:
         """The files this dataset reads, listed with their sha256 in the data manifest; [] if generated."""
         return []
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        """Class labels of a split, int64 (N,), or None when the dataset has none."""
+        return None
+
+    def factors(self, split: str) -> torch.Tensor | None:
+        """Ground-truth generative factors of a split, float (N, F) (names in FACTOR_NAMES), or None."""
+        return None
+
+    FACTOR_NAMES: ClassVar[tuple[str, ...]] = ()
 
 
 class _ImageTensorDataset(torch.utils.data.Dataset):

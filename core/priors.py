@@ -1,7 +1,7 @@
 """Code grids and their priors: extract a VQ model's codes, train an autoregressive prior per level, check lineage.
 
-A codes folder holds `codes.safetensors` ({split}/{level} -> (N, h, w) int16) and `codes.json`,
-which names the stage-1 model (weights sha256, config hash, run) and its codebook hash.
+A codes folder holds `codes.safetensors` ({split}/{level} -> (N, h, w) int16, int32 for K > 32768)
+and `codes.json`, which names the stage-1 model (weights sha256, config hash, run) and its codebook hash.
 A prior folder holds `prior.safetensors` and `prior.json` with the same lineage; loading a
 prior next to a stage-1 model whose codebook hash differs is refused.
 """
@@ -46,11 +46,13 @@ def write_codes(folder: str | Path, model, splits: dict[str, torch.Tensor], stag
     tensors, levels = {}, {}
     for split, images in splits.items():
         for level, codes in extract_codes(model, images).items():
-            tensors[f"{split}/{level}"] = codes.to(torch.int16).contiguous()  # (N, h, w), K <= 32767
+            small = model.codebook_sizes[level] <= torch.iinfo(torch.int16).max + 1
+            tensors[f"{split}/{level}"] = codes.to(torch.int16 if small else torch.int32).contiguous()  # (N, h, w)
             counts = torch.bincount(codes.flatten(), minlength=model.codebook_sizes[level])  # (K,)
             levels.setdefault(level, {"grid": list(model.grids[level]), "codebook_size": model.codebook_sizes[level]})
             levels[level][f"{split}_codes_used"] = int((counts > 0).sum())
     atomic_write(folder / CODES_FILE, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    stage1 = {**stage1, "state_sha256": model.state_hash()}
     manifest = {
         "version": 1, "stage1": stage1, "codebook_sha256": model.codebook_hash(), "levels": levels,
         "splits": {split: len(images) for split, images in splits.items()},
@@ -118,8 +120,9 @@ def prior_metrics(prior: Prior, codes: torch.Tensor, condition: torch.Tensor | N
 
 def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.Tensor], pcfg: PriorConfig,
                 run_dir: str | Path, device: torch.device, callbacks: list | None = None, progress: bool = True) -> dict:
-    """Train one level's prior by cross-entropy on the train codes; resumes at an epoch boundary from its
-    checkpoint; writes prior.safetensors and prior.json (lineage + held-out metrics) atomically."""
+    """Train one level's prior by cross-entropy on the train codes; writes prior.safetensors and prior.json
+    (lineage + held-out metrics) atomically. A checkpoint is written at every epoch end, and a re-run resumes
+    from it (a crash mid-epoch repeats that epoch)."""
     run_dir = Path(run_dir)
     torch.manual_seed(pcfg.seed)
     prior = build_prior(spec, level, manifest["levels"]).to(device)
@@ -140,6 +143,8 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
         scheduler.load_state_dict(state["scheduler"])
         shuffle.set_state(state["shuffle"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         epoch, step = state["epoch"], state["step"]
     prior.train()
     bar = tqdm(total=total, initial=step, unit="step", desc=f"{level} prior", disable=not progress, dynamic_ncols=True)
@@ -176,9 +181,12 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
             if step >= total:
                 break
         epoch += 1
-        save_checkpoint(ckpt, {"model": prior.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "shuffle": shuffle.get_state(),
-                               "rng": torch.get_rng_state(), "epoch": epoch, "step": step})
+        state = {"model": prior.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "shuffle": shuffle.get_state(),
+                 "rng": torch.get_rng_state(), "epoch": epoch, "step": step}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(ckpt, state)
     bar.close()
     metrics = prior_metrics(prior, codes[f"test/{level}"], _condition(level, codes, "test"))
     tensors = {k: v.detach().contiguous().cpu() for k, v in prior.state_dict().items()}
@@ -193,6 +201,7 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
 def lineage_of(codes_manifest: dict) -> dict:
     """The stage-1 identity a prior is tied to: its weights, config and codebook hashes."""
     return {"stage1_weights_sha256": codes_manifest["stage1"]["weights_sha256"],
+            "stage1_state_sha256": codes_manifest["stage1"].get("state_sha256", ""),
             "stage1_config_hash": codes_manifest["stage1"].get("config_hash", ""),
             "codebook_sha256": codes_manifest["codebook_sha256"]}
 
@@ -227,14 +236,22 @@ def load_prior(folder: str | Path, model=None, device: str | torch.device = "cpu
 
 
 def check_lineage(info: dict, model, where: str) -> None:
-    """A CheckpointError unless the prior's recorded codebook hash is the model's."""
-    want, got = info["lineage"]["codebook_sha256"], model.codebook_hash()
+    """A CheckpointError unless the prior was trained on this exact stage-1 model (its state hash; the codebook
+    hash explains a mismatch of the code space)."""
+    lineage = info["lineage"]
+    if info["level"] not in model.levels:
+        raise CheckpointError(f"{where} is a prior for the {info['level']} level, but the model has levels {model.levels}")
+    advice = ("Use the priors registered with this model version, or retrain them (`vaeflow run` re-runs "
+              "extract_codes and train_prior)")
+    want, got = lineage["codebook_sha256"], model.codebook_hash()
     if want != got:
         raise CheckpointError(
             f"the {info['level']} prior in {where} was trained on the codes of another stage-1 model "
-            f"(codebook sha256 {want[:12]}..., weights {info['lineage']['stage1_weights_sha256'][:12]}...), "
-            f"but this model's codebook sha256 is {got[:12]}...; its samples would be meaningless. Use the priors "
-            f"registered with this model version, or retrain them (`vaeflow run` re-runs extract_codes and train_prior)")
-    if info["level"] not in model.levels:
-        raise CheckpointError(f"{where} is a prior for the {info['level']} level, but the model has levels {model.levels}")
-
+            f"(codebook sha256 {want[:12]}..., weights {lineage['stage1_weights_sha256'][:12]}...), "
+            f"but this model's codebook sha256 is {got[:12]}...; its samples would be meaningless. {advice}")
+    state = lineage.get("stage1_state_sha256")
+    if state and state != model.state_hash():
+        raise CheckpointError(
+            f"the {info['level']} prior in {where} was trained with another version of this stage-1 model: the "
+            f"codebooks match but the encoder or decoder weights differ (state sha256 {state[:12]}... vs "
+            f"{model.state_hash()[:12]}...). {advice}")

@@ -13,7 +13,9 @@ whose prior is unconditional. Grid sizes follow from the input size and the stri
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -101,14 +103,16 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode_codes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Code indices per level: x (B, C, H, W) -> {level: (B, h, w) int64}."""
-        return {level: out.indices for level, out in self.quantize(x).items()}
+        """Code indices per level: x (B, C, H, W) -> {level: (B, h, w) int64}; never updates the codebooks."""
+        with _eval_mode(self):
+            return {level: out.indices for level, out in self.quantize(x).items()}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | codes of x]: (B, C, H, W)."""
-        outs = self.quantize(x)
-        return self.likelihood.mean(self.decode_quantized({level: o.quantized for level, o in outs.items()}))
+        """E[x | codes of x]: (B, C, H, W); never updates the codebooks."""
+        with _eval_mode(self):
+            outs = self.quantize(x)
+            return self.likelihood.mean(self.decode_quantized({level: o.quantized for level, o in outs.items()}))
 
     def generate(self, *args, **kwargs):
         """A VQ model has no Gaussian prior: sampling needs its trained code priors (core.vq.sample_images)."""
@@ -122,11 +126,23 @@ class VQVAE(nn.Module):
                             "use `vaeflow generate` with its priors, or `vaeflow evaluate` for reconstructions")])
 
     def codebook_hash(self) -> str:
-        """sha256 over every level's codebook (K, D) as float32 bytes: the identity priors are trained on."""
+        """sha256 over every level's codebook (K, D) as float32 bytes: the code space priors are trained on.
+
+        Computed from a CPU copy of each quantizer, so any normalisation in `codebook` gives the same
+        bytes whichever device the model sits on."""
         digest = hashlib.sha256()
         for level in self.levels:
-            book = self.quantizers[level].codebook.detach().float().cpu().contiguous()  # (K, D)
+            book = copy.deepcopy(self.quantizers[level]).cpu().float().codebook.detach().contiguous()  # (K, D)
             digest.update(level.encode() + str(tuple(book.shape)).encode() + book.numpy().tobytes())
+        return digest.hexdigest()
+
+    def state_hash(self) -> str:
+        """sha256 over every tensor of the state dict (CPU bytes, sorted by name): this exact stage-1 model."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.state_dict().items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(name.encode() + str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
         return digest.hexdigest()
 
     def health_warnings(self, record: dict) -> list[str]:
@@ -140,6 +156,17 @@ class VQVAE(nn.Module):
                            f"{self.usage_warning:.0%}): the codebook is collapsing; consider kmeans_init, "
                            f"restart_after, or a smaller codebook_size")
         return out
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Eval mode inside the block, the previous mode after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def vq_grids(shape: Shape, strides: list[int]) -> dict[str, tuple[int, int]]:

@@ -143,15 +143,27 @@ def _torchrun(nproc: int) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _resolve(model: str) -> str:
+    """A registry URI pinned to one version (models:/NAME@alias -> models:/NAME/N), so that everything
+    fetched for it (a VQ model's priors too) belongs to the same version; other sources unchanged."""
+    if not model.startswith(("models:/", "runs:/")):
+        return model
+    from pipelines.tracking import get_client
+
+    client = get_client()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store here
+    if model.startswith("models:/"):
+        from pipelines.registry import resolve_version
+
+        name, version = resolve_version(client, model)
+        return f"models:/{name}/{version}"
+    return model
+
+
 def _load(model: str, sets: list[str]):
     from core import load_model
     from core.config import apply_sets
 
-    if model.startswith(("models:/", "runs:/")):
-        from pipelines.tracking import get_client
-
-        get_client()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store here
-    net, cfg = load_model(model, device="auto")
+    net, cfg = load_model(_resolve(model), device="auto")
     return net, apply_sets(cfg, sets)
 
 
@@ -191,10 +203,14 @@ def generate(
     set_: SetOption = [],
 ):
     """Sample and save a grid: z ~ N(0, I) for a VAE; for a VQ-VAE(-2), codes from its priors, top then bottom."""
-    from pipelines.render import samples, save_grid, square_rows
+    from pipelines.render import check_image_path, samples, save_grid, square_rows
 
+    check_image_path(out)  # before any work
+    model = _resolve(model)
     net, cfg = _load(model, set_)
     if not getattr(net, "levels", ()):
+        if prior or top_k is not None:
+            raise VaeflowError(f"--prior and --top-k apply to VQ models; {model} is a {cfg.model.kind}")
         samples(net, n, seed, out, temperature)
         typer.echo(f"wrote {n} samples to {out}")
         return
@@ -240,18 +256,22 @@ def run(
     from pipelines.tracking import tracking_uri
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
+    from core.model import build_model
+
     if cfg.model.kind in VQ_KINDS:
         from pipelines.vq_flows import VQ_STAGES, check_vq_config, vqvae2_pipeline
 
         if until not in VQ_STAGES:
             raise VaeflowError(f"--until {until!r}: choose one of {', '.join(VQ_STAGES)}")
         check_vq_config(cfg, until, str(config))
+        build_model(cfg)  # shape and stride errors exit 2 here, before any run exists
         result = vqvae2_pipeline(str(config), list(set_), until)
     else:
         from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline
 
         if until not in STAGES:
             raise VaeflowError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
+        build_model(cfg)  # shape errors exit 2 here, before any run exists
         flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
         result = flow_(str(config), list(set_))
     typer.echo(json.dumps(result, indent=2))

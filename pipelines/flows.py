@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.states import State
 
 from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
-from core.config import Config, canonical_json, config_hash, load_config, validate
+from core.config import Config, canonical_json, config_hash, hashed_dump, load_config, validate
 from core.interfaces import file_sha256
 
 for _var, _value in (("DO_NOT_TRACK", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
@@ -61,10 +61,12 @@ NOT_IN_TRAIN_KEY = ("progress", "log_every", "checkpoint_every", "num_threads")
 
 
 def train_key(config: str, data: dict) -> str:
-    """model section + train section (less bookkeeping options) + the data manifest hash."""
+    """model section (less its warning threshold) + train section (less bookkeeping options) + the data manifest."""
     cfg = _cfg(config)
+    model_section = hashed_dump(cfg)["model"]
+    model_section.get("vq", {}).pop("usage_warning", None)  # only decides when to warn
     train_section = cfg.train.model_dump(mode="json", exclude=set(NOT_IN_TRAIN_KEY))
-    return "train-" + _digest(config_hash(cfg, "model"), train_section, data["manifest_hash"])
+    return "train-" + _digest(model_section, train_section, data["manifest_hash"])
 
 
 def evaluate_key(config: str, data: dict, trained: dict) -> str:

@@ -51,9 +51,12 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metrics: dict,
-             lineage: dict[str, str]) -> dict:
+             lineage: dict[str, str], companions=None) -> dict:
     """Log the model (python_function flavor) in run_id, register a version, alias it candidate,
-    and promote it to champion when its metric beats the current champion's."""
+    and promote it to champion when its metric beats the current champion's.
+
+    `companions(version) -> dict` registers what the version needs (a VQ model's priors) before any
+    promotion, so an alias never points at a version whose companions failed to register."""
     name = cfg.tracking.model_name
     metric, lower = cfg.tracking.promote_metric, cfg.tracking.promote_lower_is_better
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +75,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
     if metric in metrics:
         tags[f"metric.{metric}"] = repr(float(metrics[metric]))
     version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
+    extra = {} if companions is None else {"priors": companions(int(version.version))}
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     promoted = False
     if metric in metrics:
@@ -82,7 +86,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
             client.set_registered_model_alias(name, CHAMPION, version.version)
             promoted = True
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
-            "champion": promoted, "metric": metric, "value": metrics.get(metric)}
+            "champion": promoted, "metric": metric, "value": metrics.get(metric), **extra}
 
 
 def prior_model_name(name: str, level: str) -> str:
@@ -117,6 +121,8 @@ def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
             name, alias = body.split("@", 1)
             return name, str(client.get_model_version_by_alias(name, alias).version)
         name, version = body.rsplit("/", 1)
+        if version == "latest":
+            return name, str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
         return name, str(client.get_model_version(name, version).version)
     except (MlflowException, ValueError):
         raise VaeflowError(f"{uri}: no such registered model version; see `vaeflow models list`") from None
@@ -135,7 +141,9 @@ def find_priors(client: MlflowClient, uri: str, levels: tuple[str, ...]) -> dict
         prior_name = prior_model_name(name, level)
         try:
             versions = client.search_model_versions(f"name='{prior_name}' and tags.stage1_version='{version}'")
-        except MlflowException:
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(exc) and "not found" not in str(exc).lower():
+                raise VaeflowError(f"cannot search the registry for {prior_name}: {str(exc).splitlines()[0][:300]}") from None
             versions = []
         if not versions:
             raise VaeflowError(f"{uri} (version {version} of {name}) has no registered {level} prior "
@@ -148,10 +156,21 @@ def find_priors(client: MlflowClient, uri: str, levels: tuple[str, ...]) -> dict
 
 def load_generator(source: str, priors: list[str] | None = None, device: str = "auto"):
     """(model, cfg, {level: prior}) of a VQ model: priors from the registry's lineage tags for a models:/ URI,
-    else from the given prior folders (top first); each prior is checked against the model's codebooks."""
+    else from the given prior folders (top first); each prior is checked against the model.
+
+    A models:/NAME@alias URI is resolved to one version first, so the model and its priors always match."""
     from core.checkpoint import load_model
     from core.priors import load_prior
 
+    source = str(source)
+    client = None
+    if source.startswith(("models:/", "runs:/")):
+        from pipelines.tracking import get_client
+
+        client = get_client()  # points MLflow at vaeflow's store before anything is fetched
+        if source.startswith("models:/") and not priors:
+            name, version = resolve_version(client, source)
+            source = f"models:/{name}/{version}"
     model, cfg = load_model(source, device=device)
     levels = getattr(model, "levels", ())
     if not levels:
@@ -161,10 +180,8 @@ def load_generator(source: str, priors: list[str] | None = None, device: str = "
             raise VaeflowError(f"{source} has levels {', '.join(levels)}, so pass {len(levels)} --prior folder(s) "
                                f"in that order, got {len(priors)}")
         folders = dict(zip(levels, map(Path, priors)))
-    elif str(source).startswith("models:/"):
-        from pipelines.tracking import get_client
-
-        folders = find_priors(get_client(), str(source), levels)
+    elif source.startswith("models:/"):
+        folders = find_priors(client, source, levels)
     else:
         raise VaeflowError(f"{source} is a {cfg.model.kind}: sampling needs its code priors. Pass --prior for each "
                            f"level ({', '.join(levels)}), or use the registered model, models:/NAME@champion, whose "

@@ -13,11 +13,17 @@ from core.errors import VaeflowError
 from core.model import VAE
 
 
-def save_grid(images: torch.Tensor, out: Path, nrow: int) -> Path:
-    """Write images (N, C, H, W) in [0, 1] as one PNG/JPEG grid, atomically."""
+def check_image_path(out: Path) -> Path:
+    """A VaeflowError unless `out` names a .png or .jpg file."""
     out = Path(out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise VaeflowError(f"--out {out}: use a .png or .jpg file name")
+    return out
+
+
+def save_grid(images: torch.Tensor, out: Path, nrow: int) -> Path:
+    """Write images (N, C, H, W) in [0, 1] as one PNG/JPEG grid, atomically."""
+    out = check_image_path(out)
     fmt = "JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     atomic_write(out, lambda tmp: save_image(images.clamp(0, 1).cpu(), tmp, nrow=nrow, padding=2, format=fmt))
     return out

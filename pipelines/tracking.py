@@ -55,8 +55,17 @@ def get_client() -> MlflowClient:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         _create_sqlite_once(uri)
-    mlflow.set_tracking_uri(uri)  # for the few fluent calls (log_model) made inside a task's own thread
+    # for the few fluent calls (log_model) made inside a task's own thread; MLflow 3 also exports these as
+    # environment variables, which would then pin every later call in this process to this store as if the
+    # user had set MLFLOW_TRACKING_URI, so the user's own values are put back
+    saved = {var: os.environ.get(var) for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
     return MlflowClient(uri, registry_uri=uri)
 
 

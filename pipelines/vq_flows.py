@@ -175,9 +175,9 @@ def register(config: str, trained: dict, codes: dict, priors: dict, evaluated: d
                "train_run_id": trained["run_id"], "weights_sha256": trained["weights_sha256"],
                "codebook_sha256": codes["codebook_sha256"]}
     with stage_run(client, run["experiment_id"], run["parent_id"], "register", run["tags"]) as run_id:
-        info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage)
-        info["priors"] = {level: register_prior(client, run_id, Path(p["run_dir"]), info["name"], info["version"], level)
-                          for level, p in priors.items()}
+        info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage, companions=lambda v: {
+            level: register_prior(client, run_id, Path(p["run_dir"]), cfg.tracking.model_name, v, level)
+            for level, p in priors.items()})
     return {**info, "run_id": run_id}
 
 
@@ -193,6 +193,10 @@ def check_vq_config(cfg, until: str = "register", source: str = "config") -> Non
     if VQ_STAGES.index(until) >= VQ_STAGES.index("train_prior") and missing:
         raise ConfigError([(f"prior.{level}", "a prior is required for this level, e.g. "
                             "{name: gated-pixelcnn, channels: 64, layers: 8}") for level in missing], source)
+    extra = [level for level in ("top", "bottom") if level not in cfg.model.levels and getattr(cfg.prior, level)]
+    if extra:
+        raise ConfigError([(f"prior.{level}", f"kind={cfg.model.kind} has no {level} level; remove it")
+                           for level in extra], source)
 
 
 def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:

@@ -316,6 +316,7 @@ class Shapes(Dataset):
     """dSprites-like shapes (Matthey et al. 2017) with known factors, generated from a seed."""
 
     name = "shapes"
+    FACTOR_NAMES = FACTOR_NAMES
 
     class Options(ComponentOptions):
         image_size: int = Field(32, ge=8, description="side S of the square images, in pixels")
@@ -339,6 +340,10 @@ class Shapes(Dataset):
     def factors(self, split: str) -> torch.Tensor:
         """Factors of a split: float (N, 5), columns FACTOR_NAMES = shape_id, scale, rotation, x, y."""
         return self._generate(split)[1]
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The shape of each image as its class label: int64 (N,) in 0..3 (SHAPE_NAMES)."""
+        return self._generate(split)[1][:, 0].long()
 
     def _generate(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample factors uniformly and render them, once per split."""

@@ -147,6 +147,7 @@ class GatedPixelCNN(Prior):
             self.condition_grid, self.upsample = (hc, wc), h // hc
             self.condition_embedding = nn.Embedding(condition_size, channels)
             self.condition_stack = nn.Sequential(*(ConditionBlock(channels) for _ in range(options.condition_layers)))
+            self.condition_global = nn.Linear(channels, channels)  # a summary of all conditioning codes, everywhere
 
     def _check(self, codes: torch.Tensor, condition: torch.Tensor | None) -> None:
         """ValueError for codes or a condition that do not fit this prior."""
@@ -168,14 +169,15 @@ class GatedPixelCNN(Prior):
 
     def condition_features(self, condition: torch.Tensor) -> torch.Tensor:
         """Conditioning codes (B, hc, wc) -> features (B, C, h, w), each seeing all conditioning codes."""
-        y = self.condition_embedding(condition).permute(0, 3, 1, 2)  # (B, C, hc, wc)
-        y = self.condition_stack(y)  # (B, C, hc, wc)
+        y = self.condition_embedding(condition.long()).permute(0, 3, 1, 2)  # (B, C, hc, wc)
+        y = self.condition_stack(y)  # (B, C, hc, wc): local context
+        y = y + self.condition_global(y.mean((2, 3)))[:, :, None, None]  # + global context: (B, C, hc, wc)
         return F.interpolate(y, scale_factor=self.upsample, mode="nearest")  # (B, C, h, w)
 
     def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the K codes: codes (B, h, w) int64, condition (B, hc, wc) int64 -> (B, K, h, w)."""
         self._check(codes, condition)
-        x = self.embedding(codes).permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w)
+        x = self.embedding(codes.long()).permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w); int16 codes too
         features = self.condition_features(condition) if condition is not None else None  # (B, C, h, w)
         v = h = x
         for layer in self.layers:

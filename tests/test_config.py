@@ -157,3 +157,13 @@ def test_config_model_is_built_from_the_registry():
     cfg = validate(tiny_raw())
     net = build_model(cfg)
     assert type(net.encoder).__name__ == "ConvEncoder"
+
+
+def test_vq_only_fields_do_not_change_the_hashes_of_other_kinds():
+    """Adding the VQ fields must not invalidate cache keys and checkpoints of existing VAE configs."""
+    from core.config import config_hash, load_config
+
+    base = load_config(TINY)
+    other = load_config(TINY, ["model.vq.embedding_dim=7", "prior.epochs=3"])
+    assert config_hash(base) == config_hash(other) and config_hash(base, "model") == config_hash(other, "model")
+    assert config_hash(base) != config_hash(load_config(TINY, ["model.latent_dim=3"]))

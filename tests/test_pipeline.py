@@ -147,7 +147,7 @@ def test_cli_models_list_promote_and_generate(runs, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "g.png").stat().st_size > 0
     missing = runner.invoke(app, ["generate", "--model", "models:/no-such-model@champion", "--out", str(tmp_path / "x.png")])
-    assert missing.exit_code == 2 and "cannot fetch" in missing.stderr
+    assert missing.exit_code == 2 and "no such registered model version" in missing.stderr
 
 
 def test_missing_plugin_names_its_package(runs, tmp_path):
@@ -222,3 +222,18 @@ def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):
     reference = Path(home) / "uninterrupted"
     Trainer(cfg, reference, train_images=images).fit()
     assert (run_dir / WEIGHTS_FILE).read_bytes() == (reference / WEIGHTS_FILE).read_bytes()
+
+
+def test_get_client_follows_vaeflow_home_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; left there, it would pin the process to the first store."""
+    import os
+
+    from pipelines.tracking import get_client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uris = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("VAEFLOW_HOME", str(tmp_path / name))
+        uris.append(get_client()._tracking_client.tracking_uri)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert uris == [f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"]

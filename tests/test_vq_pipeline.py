@@ -147,6 +147,14 @@ def test_prior_of_another_stage1_model_is_refused(runs):
     assert result.exit_code == 2 and "another stage-1 model" in result.output
 
 
+def test_prior_of_another_version_with_the_same_codebooks_is_refused(runs):
+    model, _ = load_model(runs["first"]["run_dir"])
+    with torch.no_grad():
+        model.decoder.net[0].weight.add_(0.01)  # same codebooks, other decoder: another stage-1 version
+    with pytest.raises(CheckpointError, match="another version of this stage-1 model"):
+        load_prior(runs["first"]["priors"]["top"], model)
+
+
 def test_vq_model_never_falls_back_to_a_gaussian_prior(runs, home):
     # a run dir without --prior: a clear error, no samples
     result = CliRunner().invoke(_app(), ["generate", "--model", runs["first"]["run_dir"], "--out", str(home / "x.png")])
@@ -191,6 +199,8 @@ def _app():
     (["data.dataset.image_size=28"], "model.vq.strides", "data.pad_to: 32"),
     (["model.vq.strides=[4]"], "model", "2 level"),
     (["model.encoder={name: conv}"], "model.encoder", "feature-map encoder"),
+    (["model.vq.strides=[0, 2]"], "model.vq.strides.0", "greater than 0"),
+    (["model.latent_dim=16"], "model", "does not apply to kind=vqvae2"),
 ])
 def test_bad_vq_configs_exit_2_with_the_field_and_a_fix(sets, where, what):
     args = [VAEFLOW, "config", "validate", str(VQ_TINY)] + [f"--set={s}" for s in sets]
