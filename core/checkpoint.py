@@ -84,11 +84,13 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
 
 def plugins_used(cfg: Config) -> dict[str, dict[str, str]]:
     """{config field: {family, name, source, package}} for every component the config selects."""
-    from core.config import COMPONENT_FIELDS
+    from core.config import COMPONENT_FIELDS, LIST_COMPONENTS
     from core.registry import get_registry
 
     registry, out = get_registry(), {}
     for (section, field), family in COMPONENT_FIELDS.items():
+        if field in LIST_COMPONENTS:  # renderers draw a model; loading it never needs them
+            continue
         spec = getattr(getattr(cfg, section), field)
         if spec is not None:
             entry = registry.get(family, spec.name)

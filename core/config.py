@@ -178,7 +178,23 @@ class EvalConfig(Section):
     max_examples: Optional[int] = Field(None, gt=0, description="evaluate on the first N test images (null: all)")
     batch_size: int = Field(100, gt=0)
     active_threshold: float = Field(0.01, gt=0, description="a unit is active if Cov_x E_q[z_i] exceeds this")
+    disentanglement: bool = Field(True, description="MIG, SAP and DCI of the posterior means when the dataset "
+                                                    "has known factors (e.g. shapes)")
     seed: int = 0
+
+
+DEFAULT_RENDERERS = ({"name": "traversal"}, {"name": "phase"}, {"name": "interpolation"}, {"name": "discrete"})
+
+
+class RenderConfig(Section):
+    """Images of the trained model: latent traversals, phase diagrams, interpolations, discrete traversals."""
+
+    renderers: list[ComponentSpec] = Field(
+        default_factory=lambda: [dict(r) for r in DEFAULT_RENDERERS], validate_default=True,
+        description="renderer plugins with their options; those that do not apply to the model kind are skipped",
+    )
+    max_examples: int = Field(1000, gt=0, description="test images used for orderings and ranges (KL, quantiles)")
+    seed: int = Field(0, description="seeds which images and samples are shown")
 
 
 class TrackingConfig(Section):
@@ -241,6 +257,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig, description="code priors of a VQ model")
+    render: RenderConfig = Field(default_factory=RenderConfig, description="rendered images of the trained model")
     schedules: list[ScheduleConfig] = Field(default_factory=list, description="schedules for `vaeflow serve`")
 
 
@@ -253,7 +270,9 @@ COMPONENT_FIELDS = {  # (section, field) -> family
     ("model", "quantizer"): "quantizer",
     ("prior", "top"): "prior",
     ("prior", "bottom"): "prior",
+    ("render", "renderers"): "renderer",
 }
+LIST_COMPONENTS = {"renderers"}
 OPTIONAL_COMPONENTS = {"noise", "quantizer", "top", "bottom"}
 
 
@@ -280,16 +299,22 @@ def config_model(registry: Registry | None = None) -> type[Config]:
 @lru_cache(maxsize=8)
 def _config_model(registry: Registry) -> type[Config]:
     sections = {}
-    for section, base in (("data", DataConfig), ("model", ModelConfig), ("prior", PriorConfig)):
+    for section, base in (("data", DataConfig), ("model", ModelConfig), ("prior", PriorConfig),
+                          ("render", RenderConfig)):
         fields = {}
         for (sec, fname), family in COMPONENT_FIELDS.items():
             if sec == section:
                 t = _component_type(registry, family)
                 info = base.model_fields[fname]
-                fields[fname] = ((Optional[t], Field(None, description=info.description)) if fname in OPTIONAL_COMPONENTS
-                                 else (t, Field(description=info.description)))
+                if fname in LIST_COMPONENTS:
+                    fields[fname] = (list[t], Field(default_factory=info.default_factory, validate_default=True,
+                                                    description=info.description))
+                elif fname in OPTIONAL_COMPONENTS:
+                    fields[fname] = (Optional[t], Field(None, description=info.description))
+                else:
+                    fields[fname] = (t, Field(description=info.description))
         typed = create_model(base.__name__, __base__=base, **fields)
-        sections[section] = (typed, Field(default_factory=typed) if section == "prior" else ...)
+        sections[section] = (typed, Field(default_factory=typed) if section in ("prior", "render") else ...)
     return create_model("Config", __base__=Config, **sections)
 
 
@@ -470,11 +495,18 @@ def hashed_dump(cfg: Config) -> dict:
     return data
 
 
+NOT_IN_RUN_HASH = ("render",)  # sections that never change the trained model (keyed per stage instead)
+
+
 def config_hash(cfg: Config, section: str | None = None) -> str:
-    """sha256 of the canonical JSON of the config, or of one section, for caching and lineage."""
+    """sha256 of the canonical JSON of the config, or of one section, for caching and lineage.
+
+    The whole-config hash (resume checks, weights metadata, registry tags) leaves out NOT_IN_RUN_HASH."""
     data = hashed_dump(cfg)
     if section is not None:
         data = data.get(section, {})
+    else:
+        data = {k: v for k, v in data.items() if k not in NOT_IN_RUN_HASH}
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 

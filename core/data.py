@@ -20,6 +20,12 @@ def open_dataset(cfg: Config, registry: Registry | None = None) -> Dataset:
     return cls(cls.Options.model_validate(cfg.data.dataset.model_dump(exclude={"name"})))
 
 
+def known_factors(cfg: Config, split: str = "test", registry: Registry | None = None) -> dict:
+    """{"factors": (N, K) or None, "factor_names", "factor_discrete"}: the dataset's ground-truth factors, if any."""
+    ds = open_dataset(cfg, registry)
+    return {"factors": ds.factors(split), "factor_names": ds.FACTOR_NAMES, "factor_discrete": ds.FACTOR_DISCRETE}
+
+
 def pad(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Zero-pad (N, C, H, W) images symmetrically to (N, C, size, size); None leaves them as they are."""
     if size is None:

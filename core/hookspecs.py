@@ -59,3 +59,8 @@ def register_datasets(register: Register) -> None:
 @hookspec
 def register_noises(register: Register) -> None:
     """Register input corruptions for the denoising autoencoder: x -> x_tilde, same shape."""
+
+
+@hookspec
+def register_renderers(register: Register) -> None:
+    """Register renderers: render(RenderContext) -> image files (traversals, phase diagrams, ...)."""

@@ -229,6 +229,7 @@ class Dataset(Component):
         return None
 
     FACTOR_NAMES: ClassVar[tuple[str, ...]] = ()
+    FACTOR_DISCRETE: ClassVar[tuple[bool, ...]] = ()  # per factor: categorical (True) or ordered/continuous
 
 
 class _ImageTensorDataset(torch.utils.data.Dataset):
@@ -273,8 +274,36 @@ class Noise(Component):
         raise NotImplementedError
 
 
+@dataclass
+class RenderContext:
+    """What a renderer gets: the trained model, held-out images, where to write, and a seed."""
+
+    model: nn.Module  # a core.model.VAE (continuous latents) or a core.vq.VQVAE (code grids), in eval mode
+    images: torch.Tensor  # held-out images (N, C, H, W) in [0, 1], on the CPU
+    out_dir: Path  # the renderer writes its files under this folder (atomically)
+    seed: int = 0  # seeds every random choice: which images, which samples
+    priors: dict = field(default_factory=dict)  # a VQ model's trained priors by level ("top", "bottom"), if any
+
+
+class Renderer(Component):
+    """Turns a trained model into image files (grids, GIFs): latent traversals, phase diagrams, ...
+
+    `kinds` says which models it can render: "continuous" (VAE, AE, DAE) and/or "discrete" (VQ models).
+    """
+
+    FAMILY = "renderer"
+    kinds: ClassVar[tuple[str, ...]] = ("continuous",)
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def render(self, ctx: RenderContext) -> list[Path]:  # pragma: no cover - interface
+        """Write this renderer's images under ctx.out_dir; returns the paths written."""
+        raise NotImplementedError
+
+
 FAMILIES: dict[str, type[Component]] = {
-    cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise)
+    cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise, Renderer)
 }
 HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "encoder": "register_encoders",
@@ -284,4 +313,5 @@ HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "prior": "register_priors",
     "dataset": "register_datasets",
     "noise": "register_noises",
+    "renderer": "register_renderers",
 }

@@ -77,10 +77,40 @@ def evaluate_vq(model, images: torch.Tensor, cfg: EvalConfig) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
-    """Every metric over a test split (N, C, H, W) in [0, 1]; ELBO-based ones only for variational models."""
+def disentanglement(model: VAE, images: torch.Tensor, factors: torch.Tensor, names, discrete,
+                    batch_size: int = 500) -> dict:
+    """MIG, SAP and DCI of the posterior means of images (N, C, H, W) against known factors (N, K)."""
+    from core.disentanglement import disentanglement_scores
+
+    was_training = model.training
+    model.eval()
+    try:
+        means = torch.cat([model.posterior(b.to(model.device)).mode().cpu() for b in images.split(batch_size)])  # (N, J)
+    finally:
+        model.train(was_training)
+    return disentanglement_scores(means, factors[: len(means)], list(names), list(discrete))
+
+
+@torch.no_grad()
+def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig, factors: torch.Tensor | None = None,
+             factor_names=(), factor_discrete=()) -> dict:
+    """Every metric over a test split (N, C, H, W) in [0, 1]; ELBO-based ones only for variational models;
+    with the split's known `factors` (N, K) and cfg.disentanglement, MIG, SAP and DCI too."""
     if getattr(model, "levels", None):  # a VQ model: no posterior density, codebook health instead
         return evaluate_vq(model, images, cfg)
+    out = _evaluate_continuous(model, images, cfg)
+    if factors is not None and cfg.disentanglement:
+        n = out["examples"]
+        try:
+            scores = disentanglement(model, images[:n], factors[:n], factor_names, factor_discrete, cfg.batch_size)
+            out.update({f"disentanglement/{k}": v for k, v in scores.items()})
+        except ValueError as exc:  # e.g. too few examples for a held-out split: say why, keep the other metrics
+            out["disentanglement_error"] = str(exc)
+    return out
+
+
+@torch.no_grad()
+def _evaluate_continuous(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
     was_training = model.training
     model.eval()
     gen_state = torch.get_rng_state()

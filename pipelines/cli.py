@@ -176,15 +176,16 @@ def evaluate(
 ):
     """Compute test-split metrics (negative ELBO, bits/dim, IWAE NLL, MSE/PSNR, active units, KL per dim)."""
     from core.checkpoint import write_text
-    from core.data import load_split
+    from core.data import known_factors, load_split
     from core.metrics import evaluate as run_eval
 
     net, cfg = _load(str(run_dir), set_)
-    metrics = run_eval(net, load_split(cfg, "test"), cfg.eval)
+    metrics = run_eval(net, load_split(cfg, "test"), cfg.eval, **known_factors(cfg))
     path = out or Path(run_dir) / "eval.json"
     write_text(path, json.dumps(metrics, indent=2))
     for key in ("neg_elbo_nats", "neg_elbo_bits_per_dim", "iwae_nll_nats", "iwae_nll_bits_per_dim", "mse", "psnr",
-                "active_units", "top_usage", "top_perplexity", "bottom_usage", "bottom_perplexity"):
+                "active_units", "top_usage", "top_perplexity", "bottom_usage", "bottom_perplexity",
+                "disentanglement/mig", "disentanglement/sap", "disentanglement/dci_disentanglement"):
         if key in metrics:
             typer.echo(f"{key:<24} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"{key:<24} {metrics[key]}")
     typer.echo(f"wrote {path}")
@@ -222,6 +223,33 @@ def generate(
     net, cfg, priors = load_generator(model, prior or None)
     save_grid(sample_images(net, priors, n, temperature, top_k, seed), out, nrow=square_rows(n))
     typer.echo(f"wrote {n} samples of the {cfg.model.kind} (priors: {', '.join(priors)}) to {out}")
+
+
+@app.command()
+@user_errors
+def render(
+    model: Annotated[str, typer.Option("--model", help="run directory or models:/NAME@alias")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the images (one sub-folder per renderer)")] = Path("render"),
+    kind: Annotated[list[str], typer.Option("--kind", help="renderer to run (repeatable): traversal, phase, "
+                                             "interpolation, discrete; default: every configured one that applies")] = [],
+    prior: Annotated[list[str], typer.Option("--prior", help="VQ from a run dir: a prior folder per level, top first")] = [],
+    set_: SetOption = [],
+):
+    """Render latent traversals, phase diagrams, interpolations (and discrete traversals for VQ) of a trained model."""
+    from core.data import load_split
+    from pipelines.render import model_kind, render_all
+
+    model = _resolve(model)
+    net, cfg = _load(model, set_)
+    priors = {}
+    if model_kind(net) == "discrete" and (not kind or "discrete" in kind):
+        from pipelines.registry import load_generator
+
+        net, _, priors = load_generator(model, prior or None)
+    paths = render_all(net, cfg, load_split(cfg, "test")[: cfg.render.max_examples], out, priors, kind or None)
+    for path in paths:
+        typer.echo(str(path))
+    typer.echo(f"wrote {len(paths)} files under {out}")
 
 
 @app.command()

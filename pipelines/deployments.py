@@ -26,8 +26,10 @@ def build_deployments(config_path: Path, overrides: list[str], schedules: list[S
     from core.config import VQ_KINDS, load_config
     from pipelines.flows import STAGE_FLOWS, vae_pipeline
 
-    params = {"config_path": str(config_path), "overrides": overrides}
-    if load_config(config_path, overrides).model.kind in VQ_KINDS:
+    cfg = load_config(config_path, overrides)
+    # the resolved config is the default of the `config` parameter, so the UI shows its fields as a form
+    params = {"config_path": str(config_path), "overrides": [], "config": cfg.model_dump(mode="json")}
+    if cfg.model.kind in VQ_KINDS:
         from pipelines.vq_flows import vqvae2_pipeline
 
         return [vqvae2_pipeline.to_deployment(name=name, parameters=params, schedules=to_prefect_schedules(schedules),

@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.states import State
 
 from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
-from core.config import Config, canonical_json, config_hash, hashed_dump, load_config, validate
+from core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
 from core.interfaces import file_sha256
 
 for _var, _value in (("DO_NOT_TRACK", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
@@ -75,8 +76,8 @@ def evaluate_key(config: str, data: dict, trained: dict) -> str:
 
 
 def render_key(config: str, data: dict, trained: dict) -> str:
-    """the trained weights + the data manifest (render has no options of its own yet)."""
-    return "render-" + _digest(trained["weights_sha256"], data["manifest_hash"])
+    """render section + the trained weights + the data manifest."""
+    return "render-" + _digest(config_hash(_cfg(config), "render"), trained["weights_sha256"], data["manifest_hash"])
 
 
 def register_key(config: str, data: dict, trained: dict, evaluated: dict) -> str:
@@ -153,6 +154,7 @@ def evaluate(config: str, data: dict, trained: dict, run: dict) -> dict:
     from core.checkpoint import load_model, write_text
     from core.interfaces import to_unit_float
     from core.manifest import load_prepared
+    from core.data import known_factors
     from core.metrics import evaluate as run_eval
     from pipelines.tracking import get_client, log_metrics, stage_run
 
@@ -160,7 +162,7 @@ def evaluate(config: str, data: dict, trained: dict, run: dict) -> dict:
     out = _workspace(cfg) / "evaluate" / evaluate_key(config, data, trained).removeprefix("evaluate-") / "eval.json"
     with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
         model, _ = load_model(trained["run_dir"], device="auto")
-        metrics = run_eval(model, to_unit_float(load_prepared(data["folder"])["test"]), cfg.eval)
+        metrics = run_eval(model, to_unit_float(load_prepared(data["folder"])["test"]), cfg.eval, **known_factors(cfg))
         write_text(out, json.dumps(metrics, indent=2))
         log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
         client.log_artifact(run_id, str(out))
@@ -169,7 +171,7 @@ def evaluate(config: str, data: dict, trained: dict, run: dict) -> dict:
 
 @task(name="render", cache_key_fn=_key_fn(render_key), persist_result=True, result_serializer="json")
 def render(config: str, data: dict, trained: dict, run: dict) -> dict:
-    """Reconstruction, sample and interpolation grids."""
+    """Reconstruction, sample and interpolation grids, then the configured renderers (latent traversals, ...)."""
     from core.checkpoint import load_model
     from core.interfaces import to_unit_float
     from core.manifest import load_prepared
@@ -184,8 +186,10 @@ def render(config: str, data: dict, trained: dict, run: dict) -> dict:
         paths = [grids.reconstructions(model, test, 32, folder / "reconstructions.png"),
                  grids.samples(model, 64, cfg.eval.seed, folder / "samples.png"),
                  grids.interpolations(model, test, 8, 10, cfg.eval.seed, folder / "interpolations.png")]
+        paths += grids.render_all(model, cfg, test, folder)  # traversals, phase diagram, ... (cfg.render)
         for path in paths:
-            client.log_artifact(run_id, str(path), "images")
+            sub = path.parent.relative_to(folder).as_posix()
+            client.log_artifact(run_id, str(path), "images" if sub == "." else f"images/{sub}")
     return {"folder": str(folder), "files": [str(p) for p in paths], "run_id": run_id}
 
 
@@ -247,12 +251,22 @@ def finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
 
 
 # --- the pipeline ----------------------------------------------------------------------------
-def open_pipeline_run(config_path: str, overrides: list[str] | None, name: str) -> tuple[Config, str, object, dict]:
-    """Load the config and start the MLflow parent run: (cfg, canonical config JSON, client, run)."""
+def resolve_config(config_path: str, overrides: list[str] | None, config: Config | dict | None = None) -> Config:
+    """The run's config: `config` (the structured flow parameter, e.g. edited in the Prefect UI form) when given,
+    else the YAML at config_path; then the overrides."""
+    if config is None:
+        return load_config(config_path, overrides or [])
+    raw = config.model_dump(mode="json") if isinstance(config, Config) else dict(config)
+    return apply_sets(validate(raw, source="the config parameter"), overrides or [])
+
+
+def open_pipeline_run(config_path: str, overrides: list[str] | None, name: str,
+                      config: Config | dict | None = None) -> tuple[Config, str, object, dict]:
+    """Resolve the config and start the MLflow parent run: (cfg, canonical config JSON, client, run)."""
     from core.engine import resolve_device
     from pipelines.tracking import experiment_id, flatten, get_client, log_params, run_tags, start_run
 
-    cfg = load_config(config_path, overrides or [])
+    cfg = resolve_config(config_path, overrides, config)
     client = get_client()
     exp = experiment_id(client, cfg.tracking.experiment)
     tags = run_tags(cfg, str(resolve_device(cfg.train.device)))
@@ -278,13 +292,14 @@ def fresh(task_, run: dict, *args):
     return lambda: task_.with_options(refresh_cache=True)(*args, run, return_state=True)
 
 
-def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
+def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
+                 config: Config | dict | None = None) -> dict:
     """Run the stages up to and including `until`, as one MLflow parent run; cached stages are skipped."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     stop = STAGES.index(until)
     name = "vae_pipeline" if until == "register" else f"{until}_flow"
-    cfg, config, client, run = open_pipeline_run(config_path, overrides, name)
+    cfg, config, client, run = open_pipeline_run(config_path, overrides, name, config)
     status: dict[str, str] = {}
     out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
     try:
@@ -321,41 +336,44 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
 
 
 @flow(name="vae_pipeline", log_prints=True)
-def vae_pipeline(config_path: str, overrides: list[str] | None = None) -> dict:
-    """prepare_data -> train -> (evaluate || render) -> register, tracked as one MLflow parent run."""
-    return run_pipeline(config_path, overrides)
+def vae_pipeline(config_path: str, overrides: list[str] | None = None, config: Optional[Config] = None) -> dict:
+    """prepare_data -> train -> (evaluate || render) -> register, tracked as one MLflow parent run.
+
+    `config`, when given, is the whole run config (the form the Prefect UI shows); config_path then only names
+    the run. Without it, the YAML at config_path is read."""
+    return run_pipeline(config_path, overrides, config=config)
 
 
 # One flow per stage, for deployments: each runs the pipeline up to its stage, so the stages
 # before it are cache hits when their inputs are unchanged. Module-level so Prefect can load them.
 @flow(name="prepare_data_flow", log_prints=True)
-def prepare_data_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+def prepare_data_flow(config_path: str, overrides: list[str] | None = None, config: Optional[Config] = None) -> dict:
     """Prepare and cache the data, with its manifest."""
-    return run_pipeline(config_path, overrides, until="prepare_data")
+    return run_pipeline(config_path, overrides, until="prepare_data", config=config)
 
 
 @flow(name="train_flow", log_prints=True)
-def train_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+def train_flow(config_path: str, overrides: list[str] | None = None, config: Optional[Config] = None) -> dict:
     """Prepare (cached) and train."""
-    return run_pipeline(config_path, overrides, until="train")
+    return run_pipeline(config_path, overrides, until="train", config=config)
 
 
 @flow(name="evaluate_flow", log_prints=True)
-def evaluate_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+def evaluate_flow(config_path: str, overrides: list[str] | None = None, config: Optional[Config] = None) -> dict:
     """Up to evaluation of the trained model."""
-    return run_pipeline(config_path, overrides, until="evaluate")
+    return run_pipeline(config_path, overrides, until="evaluate", config=config)
 
 
 @flow(name="render_flow", log_prints=True)
-def render_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+def render_flow(config_path: str, overrides: list[str] | None = None, config: Optional[Config] = None) -> dict:
     """Up to evaluation and rendering."""
-    return run_pipeline(config_path, overrides, until="render")
+    return run_pipeline(config_path, overrides, until="render", config=config)
 
 
 @flow(name="register_flow", log_prints=True)
-def register_flow(config_path: str, overrides: list[str] | None = None) -> dict:
+def register_flow(config_path: str, overrides: list[str] | None = None, config: Optional[Config] = None) -> dict:
     """The whole pipeline (the same stages as vae_pipeline)."""
-    return run_pipeline(config_path, overrides, until="register")
+    return run_pipeline(config_path, overrides, until="register", config=config)
 
 
 STAGE_FLOWS = {"prepare_data": prepare_data_flow, "train": train_flow, "evaluate": evaluate_flow,

@@ -57,3 +57,40 @@ def reconstructions(model: VAE, test: torch.Tensor, n: int, out: Path) -> Path:
     rows = square_rows(n)
     chunks = [torch.cat([a, b]) for a, b in zip(x.split(rows), recon.split(rows))]
     return save_grid(torch.cat(chunks), out, nrow=rows)
+
+
+def model_kind(model) -> str:
+    """"discrete" for a VQ model (code grids), else "continuous"."""
+    return "discrete" if getattr(model, "levels", ()) else "continuous"
+
+
+def render_all(model, cfg, images: torch.Tensor, out_dir: Path, priors: dict | None = None,
+               names: list[str] | None = None) -> list[Path]:
+    """Run the configured renderers that apply to this model kind (or only `names`), each into out_dir/NAME/."""
+    from core.interfaces import RenderContext
+    from core.model import component_options
+    from core.registry import get_registry
+
+    registry, kind = get_registry(), model_kind(model)
+    chosen = [(spec.name, component_options(registry.get("renderer", spec.name).cls, spec))
+              for spec in cfg.render.renderers]
+    if names:
+        for name in names:
+            if name not in registry.names("renderer"):
+                raise VaeflowError(f"unknown renderer {name!r}; known renderers: {', '.join(registry.names('renderer'))}")
+        configured = {name for name, _ in chosen}  # a renderer asked for but not configured runs with its defaults
+        chosen += [(name, registry.get("renderer", name).cls.Options()) for name in names if name not in configured]
+        chosen = [(name, options) for name, options in chosen if name in names]
+    images = images[: cfg.render.max_examples]
+    paths: list[Path] = []
+    for name, options in chosen:
+        cls = registry.get("renderer", name).cls
+        if kind not in cls.kinds:
+            if names:
+                raise VaeflowError(f"renderer {name!r} renders {' and '.join(cls.kinds)} models, but this is a "
+                                   f"{cfg.model.kind} ({kind} latents)")
+            continue
+        ctx = RenderContext(model=model, images=images, out_dir=Path(out_dir) / name, seed=cfg.render.seed,
+                            priors=priors or {})
+        paths += cls(options).render(ctx)
+    return paths

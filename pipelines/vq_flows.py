@@ -17,14 +17,16 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from core.config import config_hash
+from typing import Optional
+
+from core.config import Config, config_hash
 from core.interfaces import file_sha256
 from pipelines.flows import (
     _cfg, _digest, _key_fn, _transient, _workspace, close_pipeline_run, finish, fresh, open_pipeline_run,
-    prepare_data, train,
+    prepare_data, resolve_config, train,
 )
 
-VQ_STAGES = ("prepare_data", "train", "extract_codes", "train_prior", "sample", "evaluate", "register")
+VQ_STAGES = ("prepare_data", "train", "extract_codes", "train_prior", "sample", "render", "evaluate", "register")
 PRIOR_TRAIN_FIELDS_EXCLUDED = {"top", "bottom", "sample", "log_every"}  # not in a level's key
 
 
@@ -47,6 +49,12 @@ def sample_key(config: str, trained: dict, priors: dict) -> str:
     cfg = _cfg(config)
     return "sample-" + _digest(cfg.prior.sample.model_dump(mode="json"), trained["weights_sha256"],
                                sorted(p["weights_sha256"] for p in priors.values()))
+
+
+def vq_render_key(config: str, data: dict, trained: dict, priors: dict) -> str:
+    """render section + the stage-1 weights + every prior's weights + the data manifest."""
+    return "render-" + _digest(config_hash(_cfg(config), "render"), trained["weights_sha256"],
+                               sorted(p["weights_sha256"] for p in priors.values()), data["manifest_hash"])
 
 
 def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict) -> str:
@@ -135,6 +143,29 @@ def sample(config: str, trained: dict, priors: dict, run: dict) -> dict:
     return {"folder": str(folder), "files": [str(path)], "run_id": run_id}
 
 
+@task(name="render", cache_key_fn=_key_fn(vq_render_key), persist_result=True, result_serializer="json")
+def render(config: str, data: dict, trained: dict, priors: dict, run: dict) -> dict:
+    """Discrete traversals (codes resampled by the priors, code swaps, temperature sweeps) and code-space
+    interpolations, from the configured renderers."""
+    from core.checkpoint import load_model
+    from core.interfaces import to_unit_float
+    from core.manifest import load_prepared
+    from core.priors import load_prior
+    from pipelines.render import render_all
+    from pipelines.tracking import get_client, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    folder = _workspace(cfg) / "render" / vq_render_key(config, data, trained, priors).removeprefix("render-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "render", run["tags"]) as run_id:
+        model, _ = load_model(trained["run_dir"], device="auto")
+        loaded = {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
+        test = to_unit_float(load_prepared(data["folder"])["test"])
+        paths = render_all(model, cfg, test, folder, loaded)
+        for path in paths:
+            client.log_artifact(run_id, str(path), f"images/{path.parent.relative_to(folder).as_posix()}")
+    return {"folder": str(folder), "files": [str(p) for p in paths], "run_id": run_id}
+
+
 @task(name="evaluate", cache_key_fn=_key_fn(vq_evaluate_key), persist_result=True, result_serializer="json")
 def evaluate(config: str, data: dict, trained: dict, priors: dict, run: dict) -> dict:
     """Test reconstruction and codebook health of stage 1, the priors' held-out NLL, and a reconstruction grid."""
@@ -199,45 +230,51 @@ def check_vq_config(cfg, until: str = "register", source: str = "config") -> Non
                            for level in extra], source)
 
 
-def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
+def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
+                    config: Config | dict | None = None) -> dict:
     """Run the VQ stages up to and including `until` as one MLflow parent run; cached stages are skipped."""
-    from core.config import load_config
-
     if until not in VQ_STAGES:
         raise ValueError(f"until must be one of {VQ_STAGES}, got {until!r}")
     stop = VQ_STAGES.index(until)
-    check_vq_config(load_config(config_path, overrides or []), until, config_path)  # before any MLflow run exists
-    cfg, config, client, run = open_pipeline_run(config_path, overrides, "vqvae2_pipeline")
+    check_vq_config(resolve_config(config_path, overrides, config), until, config_path)  # before any MLflow run
+    cfg, config, client, run = open_pipeline_run(config_path, overrides, "vqvae2_pipeline", config)
     levels = cfg.model.levels
     status: dict[str, str] = {}
     out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
     try:
+        def reached(stage: str) -> bool:
+            return stop >= VQ_STAGES.index(stage)
+
         data, status["prepare_data"] = finish("prepare_data", prepare_data(config, run, return_state=True),
                                               fresh(prepare_data, run, config))
-        if stop >= 1:
+        if reached("train"):
             trained, status["train"] = finish("train", train(config, data, run, return_state=True),
                                               fresh(train, run, config, data))
             out["run_dir"] = trained["run_dir"]
-        if stop >= 2:
+        if reached("extract_codes"):
             codes, status["extract_codes"] = finish("extract_codes", extract_codes(config, data, trained, run, return_state=True),
                                                     fresh(extract_codes, run, config, data, trained))
             out["codes"] = codes["folder"]
-        if stop >= 3:
+        if reached("train_prior"):
             priors = {}
             for level in levels:  # top first: the bottom prior's codes are conditioned on the top codes
                 priors[level], status[f"train_prior_{level}"] = finish(
                     "train_prior", train_prior(config, level, codes, run, return_state=True),
                     fresh(train_prior, run, config, level, codes))
             out["priors"] = {level: p["run_dir"] for level, p in priors.items()}
-        if stop >= 4:
+        if reached("sample"):
             sampled, status["sample"] = finish("sample", sample(config, trained, priors, run, return_state=True),
                                                fresh(sample, run, config, trained, priors))
             out["images"] = sampled["files"]
-        if stop >= 5:
+        if reached("render"):
+            rendered, status["render"] = finish("render", render(config, data, trained, priors, run, return_state=True),
+                                                fresh(render, run, config, data, trained, priors))
+            out["rendered"] = rendered["files"]
+        if reached("evaluate"):
             evaluated, status["evaluate"] = finish("evaluate", evaluate(config, data, trained, priors, run, return_state=True),
                                                    fresh(evaluate, run, config, data, trained, priors))
             out["eval"] = evaluated["path"]
-        if stop >= 6:
+        if reached("register"):
             out["model"], status["register"] = finish(
                 "register", register(config, trained, codes, priors, evaluated, data, run, return_state=True),
                 fresh(register, run, config, trained, codes, priors, evaluated, data))
@@ -250,6 +287,9 @@ def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until:
 
 
 @flow(name="vqvae2_pipeline", log_prints=True)
-def vqvae2_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register") -> dict:
-    """prepare_data -> train -> extract_codes -> train_prior (top, bottom) -> sample -> evaluate -> register."""
-    return run_vq_pipeline(config_path, overrides, until)
+def vqvae2_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
+                    config: Optional[Config] = None) -> dict:
+    """prepare_data -> train -> extract_codes -> train_prior (top, bottom) -> sample -> evaluate -> register.
+
+    `config`, when given, is the whole run config (the Prefect UI form); else the YAML at config_path is read."""
+    return run_vq_pipeline(config_path, overrides, until, config)

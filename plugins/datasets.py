@@ -317,6 +317,7 @@ class Shapes(Dataset):
 
     name = "shapes"
     FACTOR_NAMES = FACTOR_NAMES
+    FACTOR_DISCRETE = (True, False, False, False, False)  # shape is categorical; scale, rotation, x, y ordered
 
     class Options(ComponentOptions):
         image_size: int = Field(32, ge=8, description="side S of the square images, in pixels")

@@ -16,7 +16,7 @@ from torchvision.utils import make_grid
 from typer.testing import CliRunner
 
 from core import load_model
-from core.data import load_split
+from core.data import known_factors, load_split
 from core.metrics import evaluate
 from pipelines.cli import app
 
@@ -79,9 +79,10 @@ def test_evaluate_json_matches_the_library(run_dir, tmp_path):
     got = json.loads(out.read_text())
     model, cfg = load_model(run_dir)
     cfg.eval.iwae_k = 16
-    want = evaluate(model, load_split(cfg, "test"), cfg.eval)
-    assert got.keys() == want.keys()
-    for key in ("neg_elbo_nats", "iwae_nll_nats", "mse", "psnr", "active_units"):
+    want = evaluate(model, load_split(cfg, "test"), cfg.eval, **known_factors(cfg))
+    assert got.keys() == want.keys() and "disentanglement/mig" in got  # shapes has known factors
+    for key in ("neg_elbo_nats", "iwae_nll_nats", "mse", "psnr", "active_units", "disentanglement/mig",
+                "disentanglement/sap"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
     assert got["iwae_k"] == 16 and got["examples"] == 256
     assert "iwae_nll_nats" in res.stdout and f"wrote {out}" in res.stdout
@@ -123,3 +124,20 @@ def test_core_imports_no_plugin_and_no_pipeline():
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
     for path in sorted((ROOT / "plugins").rglob("*.py")):
         assert "pipelines" not in imports_of(path), path
+
+
+def test_render_traversals_from_a_run_dir(run_dir, tmp_path):
+    res = runner.invoke(app, ["render", "--model", str(run_dir), "--out", str(tmp_path / "r"),
+                              "--kind", "traversal", "--kind", "phase"])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "r" / "traversal" / "traversal.json").read_text())
+    _, cfg = load_model(run_dir)
+    assert sorted(info["order"]) == list(range(cfg.model.latent_dim))  # every dimension, ordered by KL
+    kl = info["kl_per_dim"]
+    assert [kl[j] for j in info["order"]] == sorted(kl, reverse=True)
+    assert (tmp_path / "r" / "phase" / "phase.png").stat().st_size > 0
+    assert not (tmp_path / "r" / "interpolation").exists()  # only the renderers asked for
+    bad = runner.invoke(app, ["render", "--model", str(run_dir), "--out", str(tmp_path / "x"), "--kind", "nope"])
+    assert bad.exit_code == 2 and "unknown renderer 'nope'" in bad.stderr
+    vq_only = runner.invoke(app, ["render", "--model", str(run_dir), "--out", str(tmp_path / "y"), "--kind", "discrete"])
+    assert vq_only.exit_code == 2 and "discrete" in vq_only.stderr

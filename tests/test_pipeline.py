@@ -97,7 +97,12 @@ def test_mlflow_parent_and_nested_stage_runs(runs):
     assert {"eval/neg_elbo_bits_per_dim", "eval/mse", "eval/psnr", "eval/active_units"} <= set(eval_run.data.metrics)
     render_run = next(r for r in children if r.data.tags["stage"] == "render")
     images = {a.path for a in c.list_artifacts(render_run.info.run_id, "images")}
-    assert images == {"images/reconstructions.png", "images/samples.png", "images/interpolations.png"}
+    assert images == {"images/reconstructions.png", "images/samples.png", "images/interpolations.png",
+                      "images/traversal", "images/phase", "images/interpolation"}
+    traversal = {a.path for a in c.list_artifacts(render_run.info.run_id, "images/traversal")}
+    assert {"images/traversal/traversal.png", "images/traversal/traversal.json"} <= traversal
+    assert any(p.endswith(".gif") for p in traversal)  # one animation per active dimension
+    assert {a.path for a in c.list_artifacts(render_run.info.run_id, "images/phase")} == {"images/phase/phase.png"}
     prep = next(r for r in children if r.data.tags["stage"] == "prepare_data")
     assert {a.path for a in c.list_artifacts(prep.info.run_id)} == {"manifest.json"}
 

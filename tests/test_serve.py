@@ -103,8 +103,13 @@ def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(server, tmp_
             dep = wait_for(lambda: deployment("vae_pipeline/tiny"), 120, "the vae_pipeline deployment")
             # the schedule is visible through the API
             assert [s.schedule.interval.total_seconds() for s in dep.schedules] == [3600.0]
-            assert dep.parameters["overrides"] == SETS and dep.parameters["config_path"] == str(TINY)
-            assert "config_path" in dep.parameter_openapi_schema["properties"]  # the UI's form
+            # the resolved config (overrides applied) is the default of the structured `config` parameter
+            assert dep.parameters["config_path"] == str(TINY) and dep.parameters["overrides"] == []
+            assert dep.parameters["config"]["train"]["epochs"] == 1
+            assert dep.parameters["config"]["tracking"]["model_name"] == "served"
+            schema = dep.parameter_openapi_schema  # what the UI renders as the form
+            assert {"config_path", "overrides", "config"} <= set(schema["properties"])
+            assert {"epochs", "lr", "batch_size"} <= set(schema["definitions"]["TrainConfig"]["properties"])
             assert all(not deployment(f"{stage}_flow/tiny").schedules for stage in stages)  # only the pipeline is scheduled
             # launch it the way the UI does, and wait for the served process to run it
             run = client.create_flow_run_from_deployment(dep.id)

@@ -58,10 +58,10 @@ def test_prior_change_reruns_priors_not_stage1_and_stage1_change_invalidates_cod
     assert set(runs["first"]["stages"].values()) == {"ran"}
     assert runs["prior"]["stages"] == {
         "prepare_data": "cached", "train": "cached", "extract_codes": "cached", "train_prior_top": "ran",
-        "train_prior_bottom": "cached", "sample": "ran", "evaluate": "ran", "register": "ran"}
+        "train_prior_bottom": "cached", "sample": "ran", "render": "ran", "evaluate": "ran", "register": "ran"}
     assert runs["lr"]["stages"] == {"prepare_data": "cached"} | {
-        k: "ran" for k in ("train", "extract_codes", "train_prior_top", "train_prior_bottom", "sample", "evaluate",
-                           "register")}
+        k: "ran" for k in ("train", "extract_codes", "train_prior_top", "train_prior_bottom", "sample", "render",
+                           "evaluate", "register")}
     assert runs["prior"]["codes"] == runs["first"]["codes"] != runs["lr"]["codes"]
     assert runs["prior"]["priors"]["bottom"] == runs["first"]["priors"]["bottom"]
     assert runs["prior"]["priors"]["top"] != runs["first"]["priors"]["top"]
@@ -107,7 +107,7 @@ def test_parent_run_and_codebook_health_metrics_in_mlflow(runs):
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert set(by_stage) == {"prepare_data", "train", "extract_codes", "train_prior_top", "train_prior_bottom",
-                             "sample", "evaluate", "register"}
+                             "sample", "render", "evaluate", "register"}
     train = by_stage["train"].data.metrics
     for level in ("top", "bottom"):
         for stat in ("perplexity", "usage", "usage_ema", "dead_codes"):
@@ -184,8 +184,8 @@ def test_cached_stage_with_deleted_outputs_runs_again(runs):
     assert again["stages"]["train_prior_top"] == "ran" and again["stages"]["train"] == "cached"
     assert (prior_dir / PRIOR_INFO).exists()
     # retrained from the same seed, the prior is bit-identical, so everything downstream is a cache hit
-    assert {k: again["stages"][k] for k in ("sample", "evaluate", "register")} == dict.fromkeys(
-        ("sample", "evaluate", "register"), "cached")
+    assert {k: again["stages"][k] for k in ("sample", "render", "evaluate", "register")} == dict.fromkeys(
+        ("sample", "render", "evaluate", "register"), "cached")
 
 
 def _app():
@@ -239,7 +239,20 @@ def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
 
     deployments = build_deployments(VQ_TINY, SETS, [], "tiny")
     assert [d.flow_name for d in deployments] == ["vqvae2_pipeline"]
-    assert deployments[0].parameters == {"config_path": str(VQ_TINY), "overrides": SETS}
+    params = deployments[0].parameters
+    assert params["config_path"] == str(VQ_TINY) and params["overrides"] == []
+    assert params["config"]["model"]["kind"] == "vqvae2" and params["config"]["train"]["epochs"] == 1
+
+
+def test_the_structured_config_parameter_runs_instead_of_the_yaml(runs, tmp_path):
+    """What the UI form sends: a whole config; the YAML path only names the run."""
+    from core.config import load_config
+    from pipelines.vq_flows import vqvae2_pipeline
+
+    config = load_config(VQ_TINY, SETS).model_dump(mode="json")
+    again = vqvae2_pipeline(str(tmp_path / "not-read.yaml"), [], "train", config)
+    assert again["stages"] == {"prepare_data": "cached", "train": "cached"}
+    assert again["run_dir"] == runs["first"]["run_dir"]
 
 
 def test_every_stage_key_takes_exactly_its_task_inputs():
@@ -252,7 +265,23 @@ def test_every_stage_key_takes_exactly_its_task_inputs():
              (flows.evaluate, flows.evaluate_key), (flows.render, flows.render_key),
              (flows.register, flows.register_key), (vq_flows.extract_codes, vq_flows.extract_codes_key),
              (vq_flows.train_prior, vq_flows.train_prior_key), (vq_flows.sample, vq_flows.sample_key),
+             (vq_flows.render, vq_flows.vq_render_key),
              (vq_flows.evaluate, vq_flows.vq_evaluate_key), (vq_flows.register, vq_flows.vq_register_key)]
     for task_, key in pairs:
         task_params = set(inspect.signature(task_.fn).parameters) - {"run"}
         assert set(inspect.signature(key).parameters) == task_params, task_.name
+
+
+def test_pipeline_renders_discrete_traversals_and_render_works_on_the_registered_model(runs, tmp_path):
+    c = client()
+    parent = c.get_run(runs["first"]["mlflow_run_id"])
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    render_run = next(r for r in children if r.data.tags["stage"] == "render")
+    logged = {a.path for a in c.list_artifacts(render_run.info.run_id, "images/discrete")}
+    assert {"images/discrete/discrete_resample.png", "images/discrete/discrete_swaps.png",
+            "images/discrete/discrete_temperature.png"} <= logged
+    result = CliRunner().invoke(_app(), ["render", "--model", f"models:/{NAME}@champion", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "discrete" / "discrete_resample.png").exists()
+    assert (tmp_path / "interpolation" / "interpolation.png").exists()
+    assert not (tmp_path / "traversal").exists()  # Gaussian traversals do not apply to a VQ model
