@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, create_model, model_validator,
+)
 
 from core.errors import ConfigError
 from core.registry import Registry, get_registry
@@ -71,8 +73,17 @@ class BetaCapacity(Section):
     capacity_steps: int = Field(gt=0, description="optimizer steps over which C rises from 0")
 
 
+def _beta_schedule(value: Any) -> str:
+    """The schedule tag of a beta section; `schedule` may be left out for the constant default."""
+    if isinstance(value, dict):
+        return value.get("schedule", "constant")
+    return getattr(value, "schedule", "constant")
+
+
 BetaConfig = Annotated[
-    Union[BetaConstant, BetaLinear, BetaCyclical, BetaCapacity], Field(discriminator="schedule")
+    Union[Annotated[BetaConstant, Tag("constant")], Annotated[BetaLinear, Tag("linear")],
+          Annotated[BetaCyclical, Tag("cyclical")], Annotated[BetaCapacity, Tag("capacity")]],
+    Discriminator(_beta_schedule),
 ]
 
 

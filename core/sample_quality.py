@@ -84,6 +84,7 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, te
 
     Deterministic for a seed on the CPU; the global torch RNG is left as it was. Returns the net in eval
     mode and {"accuracy": test accuracy, "train_accuracy": accuracy on the last epoch's batches, ...}.
+    `net_options` (feature_dim, channels) go to FeatureNet.
     """
     _check_images(train_images, train_labels, "train")
     _check_images(test_images, test_labels, "test")
@@ -229,7 +230,8 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 def kernel_distance(f1, f2, subsets: int = 10, subset_size: int = 1000, seed: int = 0) -> dict:
     """KID (Bińkowski et al. 2018): unbiased MMD² between features (N1, F) and (N2, F), mean and std over subsets.
 
-    Each of `subsets` draws takes min(subset_size, N1, N2) rows of each set without replacement.
+    Each of `subsets` draws takes min(subset_size, N1, N2) rows of each set without replacement; when
+    that is all of both sets, every draw gives the same estimate and kid_std is 0.
     """
     x, y = _as_float64(f1), _as_float64(f2)
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:

@@ -431,6 +431,19 @@ def bench_vq_quality(
     print_summary(run(out=out, config=config, baseline=baseline))
 
 
+@bench_app.command("disentanglement")
+@user_errors
+def bench_disentanglement(
+    out: Annotated[Path, typer.Option("--out", help="JSON report; traversal grids are written next to it")] = Path("bench/disentanglement.json"),
+    config: Annotated[Path, typer.Option(help="the VAE config on a dataset with known factors")] = Path("configs/vae-shapes-tiny.yaml"),
+    beta: Annotated[list[float], typer.Option("--beta", help="β values (repeatable)")] = [1.0, 4.0, 8.0],
+):
+    """β-VAE at several β with the same budget: MIG, SAP, DCI per β, and a traversal grid for each."""
+    from pipelines.bench_disentangle import bench_disentanglement as run, print_summary
+
+    print_summary(run(out=out, config=config, betas=beta))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -130,8 +130,15 @@ def test_schema_has_plugin_options_as_discriminated_union():
     conv = defs[enc["discriminator"]["mapping"]["conv"].split("/")[-1]]
     assert {"channels", "hidden", "activation", "name"} <= set(conv["properties"])
     assert conv["additionalProperties"] is False
-    beta = defs["TrainConfig"]["properties"]["beta"]
-    assert set(beta["discriminator"]["mapping"]) == {"constant", "linear", "cyclical", "capacity"}
+    beta = defs["TrainConfig"]["properties"]["beta"]  # tagged by `schedule`, which may be left out (constant)
+    refs = [m["$ref"].split("/")[-1] for m in beta["oneOf"]]
+    assert refs == ["BetaConstant", "BetaLinear", "BetaCyclical", "BetaCapacity"]
+    assert [defs[r]["properties"]["schedule"]["const"] for r in refs] == ["constant", "linear", "cyclical", "capacity"]
+
+
+def test_beta_value_alone_overrides_the_constant_default():
+    cfg = load_config(TINY, ["train.beta.value=4"])
+    assert cfg.train.beta.schedule == "constant" and cfg.train.beta.value == 4.0
 
 
 def test_hash_is_canonical():
