@@ -194,6 +194,19 @@ class EvalConfig(Section):
     seed: int = 0
 
 
+class QualityConfig(Section):
+    """Offline sample quality: FID- and KID-style distances in the features of a classifier trained on the data."""
+
+    enabled: bool = Field(True, description="train the feature network and score samples (datasets with labels)")
+    feature_epochs: int = Field(3, gt=0, description="epochs of the feature network (a small conv classifier)")
+    feature_batch_size: int = Field(256, gt=0)
+    feature_lr: float = Field(1e-3, gt=0)
+    samples: int = Field(1000, gt=1, description="generated images scored against as many test images")
+    kid_subsets: int = Field(10, gt=0, description="random subsets averaged for KID")
+    kid_subset_size: int = Field(500, gt=1, description="images per KID subset (capped by the set sizes)")
+    seed: int = 0
+
+
 DEFAULT_RENDERERS = ({"name": "traversal"}, {"name": "phase"}, {"name": "interpolation"}, {"name": "discrete"})
 
 
@@ -269,6 +282,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig, description="code priors of a VQ model")
     render: RenderConfig = Field(default_factory=RenderConfig, description="rendered images of the trained model")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="offline FID/KID of generated samples")
     schedules: list[ScheduleConfig] = Field(default_factory=list, description="schedules for `vaeflow serve`")
 
 
@@ -506,7 +520,7 @@ def hashed_dump(cfg: Config) -> dict:
     return data
 
 
-NOT_IN_RUN_HASH = ("render",)  # sections that never change the trained model (keyed per stage instead)
+NOT_IN_RUN_HASH = ("render", "quality")  # sections that never change the trained model (keyed per stage instead)
 
 
 def config_hash(cfg: Config, section: str | None = None) -> str:

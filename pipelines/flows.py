@@ -70,9 +70,20 @@ def train_key(config: str, data: dict) -> str:
     return "train-" + _digest(model_section, train_section, data["manifest_hash"])
 
 
-def evaluate_key(config: str, data: dict, trained: dict) -> str:
-    """eval section + the trained weights + the data manifest."""
-    return "evaluate-" + _digest(config_hash(_cfg(config), "eval"), trained["weights_sha256"], data["manifest_hash"])
+QUALITY_SCORING = {"samples", "kid_subsets", "kid_subset_size", "seed"}  # quality options of evaluate, not of the net
+
+
+def train_features_key(config: str, data: dict) -> str:
+    """quality options of the feature network + the data manifest."""
+    section = _cfg(config).quality.model_dump(mode="json", exclude=QUALITY_SCORING)
+    return "train_features-" + _digest(section, data["manifest_hash"])
+
+
+def evaluate_key(config: str, data: dict, trained: dict, features: dict) -> str:
+    """eval and quality sections + the trained weights + the feature network + the data manifest."""
+    cfg = _cfg(config)
+    return "evaluate-" + _digest(config_hash(cfg, "eval"), config_hash(cfg, "quality"), trained["weights_sha256"],
+                                 features.get("weights_sha256"), data["manifest_hash"])
 
 
 def render_key(config: str, data: dict, trained: dict) -> str:
@@ -148,21 +159,57 @@ def train(config: str, data: dict, run: dict) -> dict:
     return {"run_dir": str(run_dir), "weights_sha256": file_sha256(run_dir / WEIGHTS_FILE), "run_id": run_id}
 
 
+@task(name="train_features", cache_key_fn=_key_fn(train_features_key), persist_result=True,
+      result_serializer="json")
+def train_features(config: str, data: dict, run: dict) -> dict:
+    """The offline feature network for FID/KID: a small classifier trained on the data, registered with its accuracy."""
+    from core.data import open_dataset
+    from core.manifest import load_prepared
+    from core.sample_quality import FEATURES_INFO, FEATURES_WEIGHTS, save_feature_net, train_feature_net
+    from pipelines.registry import register_features
+    from pipelines.tracking import get_client, log_metrics, stage_run
+
+    cfg, client = _cfg(config), get_client()
+    q = cfg.quality
+    dataset = open_dataset(cfg)
+    if not q.enabled or dataset.labels("train") is None:
+        reason = "quality.enabled is false" if not q.enabled else f"{cfg.data.dataset.name} has no class labels"
+        return {"enabled": False, "reason": reason, "files": []}
+    folder = _workspace(cfg) / "features" / train_features_key(config, data).removeprefix("train_features-")
+    with stage_run(client, run["experiment_id"], run["parent_id"], "train_features", run["tags"]) as run_id:
+        if not (folder / FEATURES_INFO).exists():
+            splits = load_prepared(data["folder"])
+            net, info = train_feature_net(splits["train"], dataset.labels("train"), splits["test"], dataset.labels("test"),
+                                          epochs=q.feature_epochs, batch_size=q.feature_batch_size, lr=q.feature_lr,
+                                          seed=q.seed, progress=cfg.train.progress)
+            save_feature_net(folder, net, {**info, "data_manifest_hash": data["manifest_hash"]})
+        info = json.loads((folder / FEATURES_INFO).read_text())
+        log_metrics(client, run_id, {f"features/{k}": v for k, v in info.items()})
+        registered = register_features(client, run_id, folder, f"features-{cfg.data.dataset.name}", info)
+    return {"enabled": True, "folder": str(folder), "weights_sha256": file_sha256(folder / FEATURES_WEIGHTS),
+            "accuracy": info["accuracy"], **registered, "files": [str(folder / FEATURES_WEIGHTS), str(folder / FEATURES_INFO)],
+            "run_id": run_id}
+
+
 @task(name="evaluate", cache_key_fn=_key_fn(evaluate_key), persist_result=True, result_serializer="json")
-def evaluate(config: str, data: dict, trained: dict, run: dict) -> dict:
-    """Test-split metrics of the trained model."""
+def evaluate(config: str, data: dict, trained: dict, features: dict, run: dict) -> dict:
+    """Test-split metrics of the trained model, and FID/KID of its samples in the feature network's space."""
     from core.checkpoint import load_model, write_text
     from core.interfaces import to_unit_float
     from core.manifest import load_prepared
     from core.data import known_factors
     from core.metrics import evaluate as run_eval
-    from pipelines.tracking import get_client, log_metrics, stage_run
+    from pipelines.tracking import get_client, log_metrics, set_tags, stage_run
 
     cfg, client = _cfg(config), get_client()
-    out = _workspace(cfg) / "evaluate" / evaluate_key(config, data, trained).removeprefix("evaluate-") / "eval.json"
+    out = _workspace(cfg) / "evaluate" / evaluate_key(config, data, trained, features).removeprefix("evaluate-") / "eval.json"
     with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
         model, _ = load_model(trained["run_dir"], device="auto")
-        metrics = run_eval(model, to_unit_float(load_prepared(data["folder"])["test"]), cfg.eval, **known_factors(cfg))
+        test = to_unit_float(load_prepared(data["folder"])["test"])
+        metrics = run_eval(model, test, cfg.eval, **known_factors(cfg))
+        if features.get("enabled"):
+            metrics.update(sample_quality(model, test, cfg, features))
+            set_tags(client, run_id, {"quality.feature_net": metrics["quality/feature_net"]})
         write_text(out, json.dumps(metrics, indent=2))
         log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
         client.log_artifact(run_id, str(out))
@@ -206,6 +253,24 @@ def register(config: str, data: dict, trained: dict, evaluated: dict, run: dict)
     with stage_run(client, run["experiment_id"], run["parent_id"], "register", run["tags"]) as run_id:
         info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage)
     return {**info, "run_id": run_id}
+
+
+def sample_quality(model, test, cfg: Config, features: dict) -> dict:
+    """FID and KID of generated images against as many test images (cfg.quality.samples at most), naming the
+    feature network."""
+    import torch
+
+    from core.sample_quality import load_feature_net, quality_scores
+
+    q = cfg.quality
+    n = min(q.samples, len(test))
+    net, _ = load_feature_net(features["folder"])
+    fake = model.generate(n, torch.Generator().manual_seed(q.seed)).cpu()  # (n, C, H, W)
+    scores = quality_scores(net, test[:n], fake, kid_subsets=q.kid_subsets, kid_subset_size=q.kid_subset_size,
+                            seed=q.seed)
+    return {**{f"quality/{k}": v for k, v in scores.items()}, "quality/samples": len(fake),
+            "quality/feature_net": f"{features['name']}/{features['version']}",
+            "quality/feature_net_accuracy": features["accuracy"]}
 
 
 def _loss_curve(run_dir: Path) -> None:
@@ -311,13 +376,15 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
                                                fresh(train, run, config, data))
             out["run_dir"] = trained["run_dir"]
         if stop >= 2:
-            futures = {"evaluate": evaluate.submit(config, data, trained, run)}
+            features, status["train_features"] = finish("train_features", train_features(config, data, run, return_state=True),
+                                                        fresh(train_features, run, config, data))
+            futures = {"evaluate": evaluate.submit(config, data, trained, features, run)}
             if stop >= 3:
                 futures["render"] = render.submit(config, data, trained, run)
             for future in futures.values():
                 future.wait()
             evaluated, status["evaluate"] = finish("evaluate", futures["evaluate"].state,
-                                                    fresh(evaluate, run, config, data, trained))
+                                                    fresh(evaluate, run, config, data, trained, features))
             out["eval"] = evaluated["path"]
             if stop >= 3:
                 rendered, status["render"] = finish("render", futures["render"].state,

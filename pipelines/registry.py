@@ -89,6 +89,23 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
             "champion": promoted, "metric": metric, "value": metrics.get(metric), **extra}
 
 
+def register_features(client: MlflowClient, run_id: str, folder: Path, name: str, info: dict) -> dict:
+    """Register the offline feature network once per weights file (a cached re-run reuses its version)."""
+    from core.interfaces import file_sha256
+    from core.sample_quality import FEATURES_WEIGHTS
+
+    sha = file_sha256(folder / FEATURES_WEIGHTS)
+    _ensure_registered_model(client, name)
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get("weights_sha256") == sha:
+            return {"name": name, "version": int(mv.version)}
+    client.log_artifacts(run_id, str(folder), "features")
+    tags = {"weights_sha256": sha, "accuracy": repr(float(info["accuracy"])),
+            "data_manifest_hash": info.get("data_manifest_hash", ""), "run_id": run_id}
+    version = client.create_model_version(name, source=f"runs:/{run_id}/features", run_id=run_id, tags=tags)
+    return {"name": name, "version": int(version.version)}
+
+
 def prior_model_name(name: str, level: str) -> str:
     """Registry name of a model's prior for one level, e.g. vqvae2-fashion-mnist-prior-top."""
     return f"{name}-prior-{level}"

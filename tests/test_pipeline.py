@@ -65,10 +65,10 @@ def client():
 def test_stages_rerun_only_where_their_inputs_changed(runs):
     assert set(runs["first"]["stages"].values()) == {"ran"}
     assert set(runs["again"]["stages"].values()) == {"cached"}
-    assert runs["eval"]["stages"] == {"prepare_data": "cached", "train": "cached", "evaluate": "ran",
-                                      "render": "cached", "register": "ran"}
-    assert runs["lr"]["stages"] == {"prepare_data": "cached", "train": "ran", "evaluate": "ran",
-                                    "render": "ran", "register": "ran"}
+    assert runs["eval"]["stages"] == {"prepare_data": "cached", "train": "cached", "train_features": "cached",
+                                      "evaluate": "ran", "render": "cached", "register": "ran"}
+    assert runs["lr"]["stages"] == {"prepare_data": "cached", "train": "ran", "train_features": "cached",
+                                    "evaluate": "ran", "render": "ran", "register": "ran"}
     assert runs["again"]["run_dir"] == runs["first"]["run_dir"] != runs["lr"]["run_dir"]
 
 
@@ -81,7 +81,8 @@ def test_mlflow_parent_and_nested_stage_runs(runs):
         assert parent.data.tags[tag], tag
     assert parent.data.tags["stage.train"] == "ran"
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "prepare_data", "register", "render", "train"]
+    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "prepare_data", "register", "render", "train",
+                                                             "train_features"]
     assert all(r.info.status == "FINISHED" for r in children)
     train_run = next(r for r in children if r.data.tags["stage"] == "train")
     history = c.get_metric_history(train_run.info.run_id, "train/loss")
@@ -145,7 +146,7 @@ def test_cli_models_list_promote_and_generate(runs, tmp_path):
     res = runner.invoke(app, ["models", "promote", NAME, "1"])
     assert res.exit_code == 0, res.output
     rows = json.loads(runner.invoke(app, ["models", "list", "--json"]).stdout)
-    assert [r["aliases"] for r in rows if r["version"] == 1] == [["champion"]]
+    assert [r["aliases"] for r in rows if r["version"] == 1 and r["name"] == NAME] == [["champion"]]
     bad = runner.invoke(app, ["models", "promote", NAME, "99"])
     assert bad.exit_code == 2 and "no version 99" in bad.stderr
     res = runner.invoke(app, ["generate", "--model", f"models:/{NAME}@champion", "-n", "4", "--out", str(tmp_path / "g.png")])
@@ -242,3 +243,20 @@ def test_get_client_follows_vaeflow_home_and_leaves_the_environment_alone(tmp_pa
         uris.append(get_client()._tracking_client.tracking_uri)
         assert "MLFLOW_TRACKING_URI" not in os.environ
     assert uris == [f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"]
+
+
+def test_samples_are_scored_in_the_registered_feature_networks_space(runs):
+    c = client()
+    metrics = json.loads(Path(runs["first"]["eval"]).read_text())
+    fid, kid = metrics["quality/fid"], metrics["quality/kid"]
+    assert fid > 0 and kid == kid and metrics["quality/samples"] == 64  # all 64 test images vs 64 samples
+    name, version = metrics["quality/feature_net"].split("/")
+    mv = c.get_model_version(name, version)
+    assert name == "features-shapes" and float(mv.tags["accuracy"]) == pytest.approx(metrics["quality/feature_net_accuracy"])
+    parent = c.get_run(runs["first"]["mlflow_run_id"])
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    eval_run = next(r for r in children if r.data.tags["stage"] == "evaluate")
+    assert eval_run.data.tags["quality.feature_net"] == metrics["quality/feature_net"]
+    assert eval_run.data.metrics["eval/quality/fid"] == pytest.approx(fid)
+    # one registered version per feature network: the cached re-runs did not add versions
+    assert [int(v.version) for v in c.search_model_versions(f"name='{name}'")] == [1]

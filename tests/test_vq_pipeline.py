@@ -262,6 +262,7 @@ def test_every_stage_key_takes_exactly_its_task_inputs():
     from pipelines import flows, vq_flows
 
     pairs = [(flows.prepare_data, flows.prepare_key), (flows.train, flows.train_key),
+             (flows.train_features, flows.train_features_key),
              (flows.evaluate, flows.evaluate_key), (flows.render, flows.render_key),
              (flows.register, flows.register_key), (vq_flows.extract_codes, vq_flows.extract_codes_key),
              (vq_flows.train_prior, vq_flows.train_prior_key), (vq_flows.sample, vq_flows.sample_key),
