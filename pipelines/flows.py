@@ -205,10 +205,11 @@ def evaluate(config: str, data: dict, trained: dict, features: dict, run: dict) 
     out = _workspace(cfg) / "evaluate" / evaluate_key(config, data, trained, features).removeprefix("evaluate-") / "eval.json"
     with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
         model, _ = load_model(trained["run_dir"], device="auto")
-        test = to_unit_float(load_prepared(data["folder"])["test"])
+        splits = load_prepared(data["folder"])
+        test = to_unit_float(splits["test"])
         metrics = run_eval(model, test, cfg.eval, **known_factors(cfg))
         if features.get("enabled"):
-            metrics.update(sample_quality(model, test, cfg, features))
+            metrics.update(sample_quality(model, test, cfg, features, splits["train"]))
             set_tags(client, run_id, {"quality.feature_net": metrics["quality/feature_net"]})
         write_text(out, json.dumps(metrics, indent=2))
         log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
@@ -255,20 +256,24 @@ def register(config: str, data: dict, trained: dict, evaluated: dict, run: dict)
     return {**info, "run_id": run_id}
 
 
-def sample_quality(model, test, cfg: Config, features: dict) -> dict:
+def sample_quality(model, test, cfg: Config, features: dict, train=None) -> dict:
     """FID and KID of generated images against as many test images (cfg.quality.samples at most), naming the
     feature network."""
     import torch
 
+    from core.interfaces import to_unit_float
     from core.sample_quality import load_feature_net, quality_scores
 
     q = cfg.quality
     n = min(q.samples, len(test))
     net, _ = load_feature_net(features["folder"])
     fake = model.generate(n, torch.Generator().manual_seed(q.seed)).cpu()  # (n, C, H, W)
-    scores = quality_scores(net, test[:n], fake, kid_subsets=q.kid_subsets, kid_subset_size=q.kid_subset_size,
-                            seed=q.seed)
+    kw = {"kid_subsets": q.kid_subsets, "kid_subset_size": q.kid_subset_size, "seed": q.seed}
+    scores = quality_scores(net, test[:n], fake, **kw)
+    # the floor for scale: as many real training images against the same test images
+    floor = quality_scores(net, test[:n], to_unit_float(train[:n]), **kw) if train is not None else {}
     return {**{f"quality/{k}": v for k, v in scores.items()}, "quality/samples": len(fake),
+            **{f"quality/real_train_{k}": v for k, v in floor.items()},
             "quality/feature_net": f"{features['name']}/{features['version']}",
             "quality/feature_net_accuracy": features["accuracy"]}
 

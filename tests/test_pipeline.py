@@ -250,6 +250,7 @@ def test_samples_are_scored_in_the_registered_feature_networks_space(runs):
     metrics = json.loads(Path(runs["first"]["eval"]).read_text())
     fid, kid = metrics["quality/fid"], metrics["quality/kid"]
     assert fid > 0 and kid == kid and metrics["quality/samples"] == 64  # all 64 test images vs 64 samples
+    assert metrics["quality/real_train_fid"] < fid  # real training images are closer to the test set than samples
     name, version = metrics["quality/feature_net"].split("/")
     mv = c.get_model_version(name, version)
     assert name == "features-shapes" and float(mv.tags["accuracy"]) == pytest.approx(metrics["quality/feature_net_accuracy"])
