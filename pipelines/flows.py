@@ -70,7 +70,7 @@ def train_key(config: str, data: dict) -> str:
     return "train-" + _digest(model_section, train_section, data["manifest_hash"])
 
 
-QUALITY_SCORING = {"samples", "kid_subsets", "kid_subset_size", "seed"}  # quality options of evaluate, not of the net
+QUALITY_SCORING = {"samples", "kid_subsets", "kid_subset_size"}  # quality options of evaluate only (seed: both)
 
 
 def train_features_key(config: str, data: dict) -> str:
