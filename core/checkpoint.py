@@ -68,6 +68,15 @@ def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, s
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
+def architecture_signature(module: torch.nn.Module) -> str:
+    """sha256 of the state dict's names, shapes and dtypes: changes when a plugin's architecture changes, so
+    cache keys built on it never hand back weights that the current code cannot load."""
+    import hashlib
+
+    lines = [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in sorted(module.state_dict().items())]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def read_run_config(run_dir: str | Path) -> Config:
     """The resolved config stored in a run directory."""
     run_dir = Path(run_dir)

@@ -57,6 +57,9 @@ def bench_vq_quality(out: str | Path, config: str | Path, baseline: str | Path) 
         **{f"prior_{level}_nll_bits_per_code": m_vq[f"prior_{level}_nll_bits_per_code"] for level in levels},
         **{f"prior_{level}_accuracy": m_vq[f"prior_{level}_accuracy"] for level in levels},
         "top_codebook_size": k_top, "prior_top_bar_bits": PRIOR_BAR * m_vq["prior_top_uniform_bits_per_code"],
+        **{k.replace("/", "_"): m_vq[k] for k in ("quality/fid", "quality/kid", "quality/kid_std", "quality/samples",
+                                                  "quality/real_train_fid", "quality/feature_net",
+                                                  "quality/feature_net_accuracy") if k in m_vq},
     }
     bars = {
         "usage_ge_0.8_all_levels": all(m_vq[f"{level}_usage"] >= USAGE_BAR for level in levels),
@@ -119,6 +122,9 @@ def print_summary(result: dict) -> None:
           f"uniform {f['prior_top_bar_bits'] / PRIOR_BAR:.2f})")
     if "prior_bottom_nll_bits_per_code" in f:
         print(f"bottom prior: {f['prior_bottom_nll_bits_per_code']:.3f} bits/code")
+    if "quality_fid" in f:
+        print(f"prior samples: FID-style {f['quality_fid']:.1f} (real training images {f['quality_real_train_fid']:.1f}) "
+              f"with {f['quality_feature_net']} ({f['quality_feature_net_accuracy']:.1%} accuracy)")
     for name, ok in bars.items():
         print(f"{'PASS' if ok else 'FAIL'} {name}")
     print(f"sample grid: {result['images']['samples']} (look at it)")

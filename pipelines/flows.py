@@ -62,12 +62,16 @@ NOT_IN_TRAIN_KEY = ("progress", "log_every", "checkpoint_every", "num_threads")
 
 
 def train_key(config: str, data: dict) -> str:
-    """model section (less its warning threshold) + train section (less bookkeeping options) + the data manifest."""
+    """model section (less its warning threshold) + train section (less bookkeeping options) + the data manifest
+    + the model's architecture signature (a plugin whose code changed shape never reuses old weights)."""
+    from core.checkpoint import architecture_signature
+    from core.model import build_model
+
     cfg = _cfg(config)
     model_section = hashed_dump(cfg)["model"]
     model_section.get("vq", {}).pop("usage_warning", None)  # only decides when to warn
     train_section = cfg.train.model_dump(mode="json", exclude=set(NOT_IN_TRAIN_KEY))
-    return "train-" + _digest(model_section, train_section, data["manifest_hash"])
+    return "train-" + _digest(model_section, train_section, data["manifest_hash"], architecture_signature(build_model(cfg)))
 
 
 QUALITY_SCORING = {"samples", "kid_subsets", "kid_subset_size"}  # quality options of evaluate only (seed: both)
@@ -209,7 +213,11 @@ def evaluate(config: str, data: dict, trained: dict, features: dict, run: dict) 
         test = to_unit_float(splits["test"])
         metrics = run_eval(model, test, cfg.eval, **known_factors(cfg))
         if features.get("enabled"):
-            metrics.update(sample_quality(model, test, cfg, features, splits["train"]))
+            import torch
+
+            n = min(cfg.quality.samples, len(test))
+            fake = model.generate(n, torch.Generator().manual_seed(cfg.quality.seed)).cpu()  # (n, C, H, W)
+            metrics.update(sample_quality(fake, test, cfg, features, splits["train"]))
             set_tags(client, run_id, {"quality.feature_net": metrics["quality/feature_net"]})
         write_text(out, json.dumps(metrics, indent=2))
         log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
@@ -256,23 +264,19 @@ def register(config: str, data: dict, trained: dict, evaluated: dict, run: dict)
     return {**info, "run_id": run_id}
 
 
-def sample_quality(model, test, cfg: Config, features: dict, train=None) -> dict:
-    """FID and KID of generated images against as many test images (cfg.quality.samples at most), naming the
-    feature network."""
-    import torch
-
+def sample_quality(fake, test, cfg: Config, features: dict, train=None) -> dict:
+    """FID and KID of generated images (n, C, H, W) against as many test images, naming the feature network;
+    plus the floor: as many real training images against the same test images."""
     from core.interfaces import to_unit_float
     from core.sample_quality import load_feature_net, quality_scores
 
     q = cfg.quality
-    n = min(q.samples, len(test))
+    n = len(fake)
     net, _ = load_feature_net(features["folder"])
-    fake = model.generate(n, torch.Generator().manual_seed(q.seed)).cpu()  # (n, C, H, W)
     kw = {"kid_subsets": q.kid_subsets, "kid_subset_size": q.kid_subset_size, "seed": q.seed}
     scores = quality_scores(net, test[:n], fake, **kw)
-    # the floor for scale: as many real training images against the same test images
     floor = quality_scores(net, test[:n], to_unit_float(train[:n]), **kw) if train is not None else {}
-    return {**{f"quality/{k}": v for k, v in scores.items()}, "quality/samples": len(fake),
+    return {**{f"quality/{k}": v for k, v in scores.items()}, "quality/samples": n,
             **{f"quality/real_train_{k}": v for k, v in floor.items()},
             "quality/feature_net": f"{features['name']}/{features['version']}",
             "quality/feature_net_accuracy": features["accuracy"]}

@@ -23,7 +23,7 @@ from core.config import Config, config_hash
 from core.interfaces import file_sha256
 from pipelines.flows import (
     _cfg, _digest, _key_fn, _transient, _workspace, close_pipeline_run, finish, fresh, open_pipeline_run,
-    prepare_data, resolve_config, train,
+    prepare_data, resolve_config, sample_quality, train, train_features,
 )
 
 VQ_STAGES = ("prepare_data", "train", "extract_codes", "train_prior", "sample", "render", "evaluate", "register")
@@ -37,11 +37,16 @@ def extract_codes_key(config: str, data: dict, trained: dict) -> str:
 
 
 def train_prior_key(config: str, level: str, codes: dict) -> str:
-    """this level's prior spec + the prior training options + the codes' sha256."""
+    """this level's prior spec + the prior training options + the codes' sha256 + the prior's architecture."""
+    from core.checkpoint import architecture_signature
+    from core.priors import CODES_MANIFEST, build_prior
+
     cfg = _cfg(config)
     spec = getattr(cfg.prior, level).model_dump(mode="json")
     options = cfg.prior.model_dump(mode="json", exclude=PRIOR_TRAIN_FIELDS_EXCLUDED)
-    return f"train_prior_{level}-" + _digest(level, spec, options, codes["codes_sha256"])
+    levels = json.loads((Path(codes["folder"]) / CODES_MANIFEST).read_text())["levels"]
+    return f"train_prior_{level}-" + _digest(level, spec, options, codes["codes_sha256"],
+                                             architecture_signature(build_prior(spec, level, levels)))
 
 
 def sample_key(config: str, trained: dict, priors: dict) -> str:
@@ -57,10 +62,13 @@ def vq_render_key(config: str, data: dict, trained: dict, priors: dict) -> str:
                                sorted(p["weights_sha256"] for p in priors.values()), data["manifest_hash"])
 
 
-def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict) -> str:
-    """eval section + the stage-1 weights + the priors' weights + the data manifest."""
-    return "evaluate-" + _digest(config_hash(_cfg(config), "eval"), trained["weights_sha256"], data["manifest_hash"],
-                                 sorted(p["weights_sha256"] for p in priors.values()))
+def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict, features: dict) -> str:
+    """eval, quality and prior.sample sections + the stage-1 and prior weights + the feature network + the data."""
+    cfg = _cfg(config)
+    return "evaluate-" + _digest(config_hash(cfg, "eval"), config_hash(cfg, "quality"),
+                                 cfg.prior.sample.model_dump(mode="json"), trained["weights_sha256"],
+                                 data["manifest_hash"], sorted(p["weights_sha256"] for p in priors.values()),
+                                 features.get("weights_sha256"))
 
 
 def vq_register_key(config: str, trained: dict, codes: dict, priors: dict, evaluated: dict, data: dict) -> str:
@@ -167,23 +175,34 @@ def render(config: str, data: dict, trained: dict, priors: dict, run: dict) -> d
 
 
 @task(name="evaluate", cache_key_fn=_key_fn(vq_evaluate_key), persist_result=True, result_serializer="json")
-def evaluate(config: str, data: dict, trained: dict, priors: dict, run: dict) -> dict:
-    """Test reconstruction and codebook health of stage 1, the priors' held-out NLL, and a reconstruction grid."""
+def evaluate(config: str, data: dict, trained: dict, priors: dict, features: dict, run: dict) -> dict:
+    """Test reconstruction and codebook health of stage 1, the priors' held-out NLL, a reconstruction grid, and
+    FID/KID of prior samples (prior.sample's temperature and top_k) in the feature network's space."""
     from core.checkpoint import load_model, write_text
     from core.interfaces import to_unit_float
     from core.manifest import load_prepared
     from core.metrics import evaluate as run_eval
+    from core.priors import load_prior
+    from core.vq import sample_images
     from pipelines.render import reconstructions
-    from pipelines.tracking import get_client, log_metrics, stage_run
+    from pipelines.tracking import get_client, log_metrics, set_tags, stage_run
 
     cfg, client = _cfg(config), get_client()
-    folder = _workspace(cfg) / "evaluate" / vq_evaluate_key(config, data, trained, priors).removeprefix("evaluate-")
+    folder = _workspace(cfg) / "evaluate" / vq_evaluate_key(config, data, trained, priors, features).removeprefix("evaluate-")
     with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
         model, _ = load_model(trained["run_dir"], device="auto")
-        test = to_unit_float(load_prepared(data["folder"])["test"])
+        splits = load_prepared(data["folder"])
+        test = to_unit_float(splits["test"])
         metrics = run_eval(model, test, cfg.eval)
         for level, p in priors.items():
             metrics.update({f"prior_{level}_{k}": v for k, v in p["test"].items()})
+        if features.get("enabled"):
+            s = cfg.prior.sample
+            loaded = {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
+            n = min(cfg.quality.samples, len(test))
+            fake = sample_images(model, loaded, n, s.temperature, s.top_k, cfg.quality.seed).cpu()  # (n, C, H, W)
+            metrics.update(sample_quality(fake, test, cfg, features, splits["train"]))
+            set_tags(client, run_id, {"quality.feature_net": metrics["quality/feature_net"]})
         write_text(folder / "eval.json", json.dumps(metrics, indent=2))
         grid = reconstructions(model, test, 32, folder / "reconstructions.png")
         log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
@@ -271,8 +290,12 @@ def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until:
                                                 fresh(render, run, config, data, trained, priors))
             out["rendered"] = rendered["files"]
         if reached("evaluate"):
-            evaluated, status["evaluate"] = finish("evaluate", evaluate(config, data, trained, priors, run, return_state=True),
-                                                   fresh(evaluate, run, config, data, trained, priors))
+            features, status["train_features"] = finish(
+                "train_features", train_features(config, data, run, return_state=True),
+                fresh(train_features, run, config, data))
+            evaluated, status["evaluate"] = finish(
+                "evaluate", evaluate(config, data, trained, priors, features, run, return_state=True),
+                fresh(evaluate, run, config, data, trained, priors, features))
             out["eval"] = evaluated["path"]
         if reached("register"):
             out["model"], status["register"] = finish(

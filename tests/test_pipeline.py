@@ -261,3 +261,22 @@ def test_samples_are_scored_in_the_registered_feature_networks_space(runs):
     assert eval_run.data.metrics["eval/quality/fid"] == pytest.approx(fid)
     # one registered version per feature network: the cached re-runs did not add versions
     assert [int(v.version) for v in c.search_model_versions(f"name='{name}'")] == [1]
+
+
+def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
+    """Same config, new plugin code with other parameters: the cached weights could not load, so the key changes."""
+    from core.config import canonical_json, load_config
+    from pipelines.flows import train_key
+    from plugins.encoders import ConvEncoder
+
+    config, data = canonical_json(load_config(TINY, SETS)), {"manifest_hash": "m" * 64}
+    before = train_key(config, data)
+    assert train_key(config, data) == before  # deterministic
+    original = ConvEncoder.__init__
+
+    def wider(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.extra = torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(ConvEncoder, "__init__", wider)
+    assert train_key(config, data) != before

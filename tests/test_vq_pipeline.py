@@ -58,8 +58,9 @@ def test_prior_change_reruns_priors_not_stage1_and_stage1_change_invalidates_cod
     assert set(runs["first"]["stages"].values()) == {"ran"}
     assert runs["prior"]["stages"] == {
         "prepare_data": "cached", "train": "cached", "extract_codes": "cached", "train_prior_top": "ran",
-        "train_prior_bottom": "cached", "sample": "ran", "render": "ran", "evaluate": "ran", "register": "ran"}
-    assert runs["lr"]["stages"] == {"prepare_data": "cached"} | {
+        "train_prior_bottom": "cached", "sample": "ran", "render": "ran", "train_features": "cached", "evaluate": "ran",
+        "register": "ran"}
+    assert runs["lr"]["stages"] == {"prepare_data": "cached", "train_features": "cached"} | {
         k: "ran" for k in ("train", "extract_codes", "train_prior_top", "train_prior_bottom", "sample", "render",
                            "evaluate", "register")}
     assert runs["prior"]["codes"] == runs["first"]["codes"] != runs["lr"]["codes"]
@@ -107,7 +108,7 @@ def test_parent_run_and_codebook_health_metrics_in_mlflow(runs):
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert set(by_stage) == {"prepare_data", "train", "extract_codes", "train_prior_top", "train_prior_bottom",
-                             "sample", "render", "evaluate", "register"}
+                             "sample", "render", "train_features", "evaluate", "register"}
     train = by_stage["train"].data.metrics
     for level in ("top", "bottom"):
         for stat in ("perplexity", "usage", "usage_ema", "dead_codes"):
@@ -115,6 +116,9 @@ def test_parent_run_and_codebook_health_metrics_in_mlflow(runs):
         assert 1.0 <= train[f"train/{level}/perplexity"] <= 16.0  # at most K for K = 16
     evaluated = by_stage["evaluate"].data.metrics
     assert 0 < evaluated["eval/top_usage"] <= 1 and "eval/prior_top_nll_bits_per_code" in evaluated
+    # prior samples scored in the registered feature network's space, against real training images as the floor
+    assert evaluated["eval/quality/samples"] == 32 and evaluated["eval/quality/fid"] > 0
+    assert by_stage["evaluate"].data.tags["quality.feature_net"].startswith("features-shapes/")
     history = c.get_metric_history(by_stage["train_prior_bottom"].info.run_id, "train/prior_bottom/nll_bits_per_code")
     assert history
 
