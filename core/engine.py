@@ -288,10 +288,10 @@ class Trainer:
                 hook(*args)
 
     def _health(self, record: dict) -> None:
-        """Warn once per epoch and message about the model's health (e.g. a collapsing codebook)."""
+        """Warn once per epoch and topic about the model's health (e.g. a collapsing codebook)."""
         check = getattr(self.model, "health_warnings", None)
-        for message in check(record) if (check is not None and self.main) else []:
-            key = f"{self.epoch}:{message.split(' is ')[0]}"
+        for topic, message in (check(record) if (check is not None and self.main) else {}).items():
+            key = f"{self.epoch}:{topic}"
             if key not in self.warned:
                 self.warned.add(key)
                 tqdm.write(f"warning: step {self.step}: {message}")

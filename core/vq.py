@@ -145,16 +145,16 @@ class VQVAE(nn.Module):
             digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
         return digest.hexdigest()
 
-    def health_warnings(self, record: dict) -> list[str]:
-        """Messages for levels whose usage EMA fell below the configured fraction."""
-        out = []
+    def health_warnings(self, record: dict) -> dict[str, str]:
+        """{topic: message} for levels whose usage EMA fell below the configured fraction."""
+        out = {}
         for level in self.levels:
             usage = record.get(f"{level}/usage_ema")
             if usage is not None and usage < self.usage_warning:
-                out.append(f"codebook usage of the {level} level is {usage:.1%} of "
-                           f"{self.quantizers[level].codebook_size} codes (below model.vq.usage_warning="
-                           f"{self.usage_warning:.0%}): the codebook is collapsing; consider kmeans_init, "
-                           f"restart_after, or a smaller codebook_size")
+                out[f"{level}/usage"] = (
+                    f"codebook usage of the {level} level is {usage:.1%} of {self.quantizers[level].codebook_size} "
+                    f"codes (below model.vq.usage_warning={self.usage_warning:.0%}): the codebook is collapsing; "
+                    f"consider kmeans_init, restart_after, or a smaller codebook_size")
         return out
 
 

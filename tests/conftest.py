@@ -68,3 +68,17 @@ class CrashAt:
     def on_log(self, step, record):
         if step >= self.step:
             raise RuntimeError("simulated crash")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, request):
+    """A project folder per test module holding mlflow.db, mlartifacts/ and .vaeflow/, with a Prefect test server."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VAEFLOW_HOME", str(root))
+    mp.chdir(root)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield root
+    mp.undo()

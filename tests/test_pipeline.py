@@ -25,20 +25,6 @@ NAME = "vae-shapes-tiny"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A project folder holding mlflow.db, mlartifacts/ and .vaeflow/, with a Prefect test server."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    root = tmp_path_factory.mktemp("project")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VAEFLOW_HOME", str(root))
-    mp.chdir(root)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield root
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def runs(home):
     """Four pipeline runs: first, unchanged, eval changed, train.lr changed."""
     from pipelines.flows import vae_pipeline

@@ -23,20 +23,6 @@ NAME = "vqvae2-shapes-tiny"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A project folder holding mlflow.db, mlartifacts/ and .vaeflow/, with a Prefect test server."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    root = tmp_path_factory.mktemp("vq-project")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VAEFLOW_HOME", str(root))
-    mp.chdir(root)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield root
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def runs(home):
     """Three runs: first, a top-prior change, a stage-1 (train.lr) change."""
     from pipelines.vq_flows import vqvae2_pipeline
