@@ -281,7 +281,8 @@ def run(
 ):
     """Run the pipeline through Prefect: vae_pipeline, or vqvae2_pipeline for kind vqvae/vqvae2."""
     from core.config import VQ_KINDS, load_config
-    from pipelines.tracking import tracking_uri
+    from pipelines.processes import sigterm_as_interrupt, temporary_server
+    from pipelines.tracking import tracking_uri, ui_hint
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
     from core.model import build_model
@@ -293,7 +294,7 @@ def run(
             raise VaeflowError(f"--until {until!r}: choose one of {', '.join(VQ_STAGES)}")
         check_vq_config(cfg, until, str(config))
         build_model(cfg)  # shape and stride errors exit 2 here, before any run exists
-        result = vqvae2_pipeline(str(config), list(set_), until)
+        call = lambda: vqvae2_pipeline(str(config), list(set_), until)  # noqa: E731
     else:
         from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline
 
@@ -301,14 +302,22 @@ def run(
             raise VaeflowError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
         build_model(cfg)  # shape errors exit 2 here, before any run exists
         flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
-        result = flow_(str(config), list(set_))
+        call = lambda: flow_(str(config), list(set_))  # noqa: E731
+    again = " ".join(["vaeflow run", str(config), *(f"--set {s}" for s in set_),
+                      *([f"--until {until}"] if until != "register" else [])])
+    try:
+        with sigterm_as_interrupt(), temporary_server():
+            result = call()
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; its MLflow runs are marked KILLED. Run `{again}` again to continue: finished "
+                   "stages come back cached and training resumes from its last checkpoint", err=True)
+        raise typer.Exit(130) from None
     typer.echo(json.dumps(result, indent=2))
+    typer.echo("\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
+    typer.echo(f"MLflow run {result['mlflow_run_id']} in {tracking_uri()}; UI: {ui_hint()}")
     if "model" not in result:
-        typer.echo("\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
         return
     model = result["model"]
-    typer.echo(f"\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
-    typer.echo(f"MLflow run {result['mlflow_run_id']} in {tracking_uri()}: `make ui`, then http://127.0.0.1:5000")
     typer.echo(f"model {model['name']} version {model['version']}"
                + (" (champion)" if model.get("champion") else "")
                + f": vaeflow generate --model models:/{model['name']}@champion -n 64 --out samples.png")
@@ -319,26 +328,58 @@ def run(
 def serve(
     config: Path,
     set_: SetOption = [],
-    cron: Annotated[list[str], typer.Option("--cron", help="cron schedule for vae_pipeline (repeatable)")] = [],
+    cron: Annotated[list[str], typer.Option("--cron", help="cron schedule for the pipeline (repeatable)")] = [],
     interval: Annotated[list[int], typer.Option("--interval", min=1, help="interval schedule in seconds (repeatable)")] = [],
     name: Annotated[Optional[str], typer.Option(help="deployment name (default: tracking.model_name)")] = None,
+    pin: Annotated[bool, typer.Option("--pin", help="pin the resolved config as the runs' `config` default (a "
+                                      "snapshot the UI form shows); default: each run reads CONFIG when it starts")] = False,
 ):
-    """Register deployments for vae_pipeline and each stage flow, and serve them (needs PREFECT_API_URL)."""
-    import os
-
-    from core.config import ScheduleConfig, load_config
+    """Register the pipeline's deployments (vae_pipeline and each stage flow, or vqvae2_pipeline) and run their flow
+    runs in this process until Ctrl-C (needs PREFECT_API_URL). For several worker processes, use `vaeflow deploy`."""
+    from core.config import load_config
+    from pipelines.deployments import require_api, schedules_from, serve_deployments
 
     cfg = load_config(config, set_)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise VaeflowError("vaeflow serve needs a Prefect server: run `make server` (or `prefect server start`) and "
-                           "export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    try:
-        schedules = cfg.schedules + [ScheduleConfig(cron=c) for c in cron] + [ScheduleConfig(interval_seconds=i) for i in interval]
-    except ValueError as exc:
-        raise VaeflowError(f"--cron/--interval: {exc}") from None
-    from pipelines.deployments import serve_deployments
+    require_api("serve")
+    schedules = schedules_from(cfg, cron, interval)
+    serve_deployments(config.resolve(), list(set_), schedules, name or cfg.tracking.model_name, pin)
 
-    serve_deployments(config.resolve(), list(set_), schedules, name or cfg.tracking.model_name)
+
+@app.command()
+@user_errors
+def deploy(
+    config: Path,
+    pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process; created when missing)")],
+    set_: SetOption = [],
+    cron: Annotated[list[str], typer.Option("--cron", help="cron schedule for the pipeline (repeatable)")] = [],
+    interval: Annotated[list[int], typer.Option("--interval", min=1, help="interval schedule in seconds (repeatable)")] = [],
+    name: Annotated[Optional[str], typer.Option(help="deployment name (default: tracking.model_name)")] = None,
+    pin: Annotated[bool, typer.Option("--pin", help="pin the resolved config as the runs' `config` default (a "
+                                      "snapshot the UI form shows); default: each run reads CONFIG when it starts")] = False,
+    workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", help="folder the flow runs write to (stage outputs; the sqlite MLflow store unless "
+                            "MLFLOW_TRACKING_URI is set): a path every worker sees; default VAEFLOW_HOME, else here")] = None,
+    env: Annotated[list[str], typer.Option("--env", help="extra KEY=VALUE for the flow runs' environment (repeatable)")] = [],
+):
+    """Deploy the pipeline (and for a VAE its stage flows) to a process work pool, for any number of
+    `prefect worker start --pool POOL` processes to run (needs PREFECT_API_URL)."""
+    import os
+
+    from core.config import load_config
+    from pipelines.deployments import (check_runnable, deploy_summary, deploy_to_pool, ensure_process_pool,
+                                       parse_env, require_api, schedules_from, worker_env)
+
+    cfg = load_config(config, set_)
+    require_api("deploy")
+    schedules = schedules_from(cfg, cron, interval)
+    extra = parse_env(env)
+    check_runnable(cfg, str(config))  # shape errors exit 2 here, not in every worker's run
+    folder = (workspace or Path(os.environ.get("VAEFLOW_HOME") or Path.cwd())).resolve()
+    run_env = worker_env(folder, extra)
+    pool_message = ensure_process_pool(pool)
+    done = deploy_to_pool(config.resolve(), list(set_), cfg, schedules, name or cfg.tracking.model_name, pool, run_env, pin)
+    for line in deploy_summary(done, pool, pool_message, config, pin, schedules, run_env):
+        typer.echo(line)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="The MLflow model registry.")

@@ -1,13 +1,61 @@
-"""Prefect deployments: vae_pipeline and each stage flow (or vqvae2_pipeline for a VQ config), served for the UI."""
+"""Prefect deployments of the pipeline: served by one process (`vaeflow serve`) or deployed to a work pool
+(`vaeflow deploy`) whose runs any number of `prefect worker start --pool NAME` processes execute.
+
+Both register the same deployments, vae_pipeline and each stage flow (or vqvae2_pipeline for a VQ config), and
+give them parameters that mean what they say:
+- by default `config` is None, so each run reads the YAML at `config_path` when it starts (a scheduled run picks up
+  edits to the file), with the `--set` overrides as the `overrides` default;
+- with `pin`, the resolved config (overrides applied) is pinned as the default of `config`: a snapshot, and the
+  Prefect UI's custom-run form shows it ready to edit.
+The description and a tag (`config:runtime` / `config:pinned`) say which.
+
+The parameter form is built from the discovered config model (core.config.config_model), not from the flow's
+static signature: each plugin section is a union selected by `name` whose branches carry that plugin's own
+options, and sections that do not apply to the deployment's model kind are left out (form_schema).
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Optional
 
-from core.config import ScheduleConfig
+from core.config import VQ_KINDS, Config, ScheduleConfig
+from core.errors import VaeflowError
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ and core/: the deployments' source
+PIPELINE_ENTRYPOINTS = {"vae_pipeline": "pipelines/flows.py:vae_pipeline",
+                        "vqvae2_pipeline": "pipelines/vq_flows.py:vqvae2_pipeline"}
+STAGE_ENTRYPOINT = "pipelines/flows.py:{stage}_flow"
+TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+# the form's section headings (the JSON schema titles the Prefect UI shows), by path in the config
+SECTION_TITLES = {
+    "data": "Data", "model": "Model", "model.vq": "VQ architecture", "train": "Training", "eval": "Evaluation",
+    "tracking": "Tracking", "prior": "Code priors (VQ)", "prior.sample": "Prior sampling", "render": "Rendering",
+    "quality": "Sample quality",
+}
+# fields that apply to one family of model kinds only: left out of the other family's form (and pinned value)
+VQ_ONLY = ("model.vq", "model.quantizer", "prior")
+VARIATIONAL_ONLY = ("model.latent_dim", "model.noise")
+NOT_IN_FORM = ("schedules",)  # deployment schedules, not run settings: a run ignores them
+PARAMETER_DESCRIPTIONS = {
+    "config_path": "YAML config file, read at run time unless `config` is set (then it only names the run)",
+    "overrides": "overrides applied on top of the config, as with `vaeflow run --set`, e.g. train.epochs=3",
+    "until": "last stage to run",
+}
+CONFIG_DESCRIPTION = {
+    False: "The whole run config. Left empty (None), the run reads `config_path` when it starts; set it to run "
+           "with these values instead of the file.",
+    True: "The whole run config, pinned when the deployment was made (a snapshot of `config_path` with its "
+          "overrides): runs use these values, not the file. Set it to None to read `config_path` at run time.",
+}
 
 
+# --- schedules -------------------------------------------------------------------------------
 def to_prefect_schedules(schedules: list[ScheduleConfig]) -> list:
     """Config schedules as Prefect schedule objects."""
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
@@ -21,30 +69,396 @@ def to_prefect_schedules(schedules: list[ScheduleConfig]) -> list:
     return out
 
 
-def build_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str) -> list:
-    """RunnerDeployments whose parameters (config path + overrides) the UI shows as a validated form."""
-    from core.config import VQ_KINDS, load_config
-    from pipelines.flows import STAGE_FLOWS, vae_pipeline
+def describe_schedule(s: ScheduleConfig) -> str:
+    return f"cron {s.cron!r}" + (f" ({s.timezone})" if s.timezone else "") if s.cron else f"every {s.interval_seconds} s"
 
-    cfg = load_config(config_path, overrides)
-    # the resolved config is the default of the `config` parameter, so the UI shows its fields as a form
-    params = {"config_path": str(config_path), "overrides": [], "config": cfg.model_dump(mode="json")}
-    if cfg.model.kind in VQ_KINDS:
+
+# --- the parameter form ----------------------------------------------------------------------
+def is_vq(cfg: Config) -> bool:
+    return cfg.model.kind in VQ_KINDS
+
+
+def _drop(data: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data.get(key) or {}
+    data.pop(last, None)
+
+
+def form_value(cfg: Config) -> dict:
+    """The config as the value of the `config` parameter: JSON, less the fields the form leaves out for its kind
+    (they take their defaults when the run validates the config)."""
+    data = cfg.model_dump(mode="json")
+    for dotted in (VARIATIONAL_ONLY if is_vq(cfg) else VQ_ONLY) + NOT_IN_FORM:
+        _drop(data, dotted)
+    return data
+
+
+def _first_paragraph(doc: str | None) -> str | None:
+    return inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ") if doc else None
+
+
+def _ref_name(node: dict) -> str | None:
+    ref = node.get("$ref", "")
+    return ref.rsplit("/", 1)[-1] if ref.startswith("#/definitions/") else None
+
+
+def _union_refs(node: dict) -> list[dict]:
+    """The `$ref` branches of a (possibly optional, possibly list-of) union property, in place."""
+    if "items" in node:
+        node = node["items"]
+    if "anyOf" in node:  # Optional[...]: the non-null member
+        node = next(m for m in node["anyOf"] if m.get("type") != "null")
+    if "oneOf" in node:
+        return node["oneOf"]
+    return [node] if "$ref" in node else []
+
+
+def _order_first(node: dict, tag: str, value: Any, defs: dict) -> None:
+    """Put the union branch whose `tag` const equals value first. Prefect's UI picks a union's tab by the overlap of
+    the value's keys with each branch's fields, the first on a tie; the configured branch first wins ties."""
+    target = node.get("items", node)
+    if "anyOf" in target:
+        target = next(m for m in target["anyOf"] if m.get("type") != "null")
+    if "oneOf" not in target:
+        return
+    target["oneOf"].sort(key=lambda ref: defs[_ref_name(ref)]["properties"].get(tag, {}).get("const") != value)
+
+
+def _gc_definitions(schema: dict) -> None:
+    """Drop definitions that nothing references any more."""
+    while True:
+        text = json.dumps({k: v for k, v in schema.items() if k != "definitions"}) + json.dumps(
+            list(schema["definitions"].values()))
+        unused = [name for name in schema["definitions"] if f'"#/definitions/{name}"' not in text]
+        if not unused:
+            return
+        for name in unused:
+            del schema["definitions"][name]
+
+
+def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
+    """The deployment's parameter schema (Prefect's `parameter_openapi_schema`), from the flow's signature with its
+    `config` parameter typed by the discovered config model (core.config.config_model):
+
+    - every plugin section (data.dataset, model.encoder/decoder/likelihood/noise/quantizer, prior.top/bottom,
+      render.renderers) is a union selected by `name`, one branch per registered plugin, titled by the plugin's
+      name and described by its docstring, with that plugin's options as fields (descriptions and defaults);
+    - sections get human titles, and the parameters descriptions that say how the config is chosen;
+    - fields of the other model family are left out (a VAE form has no model.vq, model.quantizer or prior; a VQ
+      form has no model.latent_dim or model.noise), and so are the deployment schedules.
+
+    Prefect's server validates every flow run's parameters against it (jsonschema), so form_value(cfg) must pass."""
+    from prefect.utilities.callables import generate_parameter_schema, parameter_docstrings
+
+    from core.config import COMPONENT_FIELDS, config_model
+    from core.registry import get_registry
+
+    registry = registry or get_registry()
+    signature = inspect.signature(flow_fn, eval_str=True)
+    params = [p.replace(annotation=Optional[config_model(registry)]) if p.name == "config" else p
+              for p in signature.parameters.values()]
+    schema = generate_parameter_schema(signature.replace(parameters=params),
+                                       parameter_docstrings(inspect.getdoc(flow_fn))).model_dump()
+    defs, props = schema["definitions"], schema["properties"]
+    for name, text in PARAMETER_DESCRIPTIONS.items():
+        if name in props:
+            props[name]["description"] = text
+    if "until" in props:
+        from pipelines.vq_flows import VQ_STAGES
+
+        props["until"]["enum"] = list(VQ_STAGES)
+    props["config"]["description"] = CONFIG_DESCRIPTION[pinned]
+    root_name = _ref_name(next(m for m in props["config"]["anyOf"] if "$ref" in m))
+    root = defs[root_name]
+    root.update(title="Run config", description=_first_paragraph(Config.__doc__))
+
+    def section(path: str) -> tuple[dict, dict]:
+        """(the property node at a dotted path under the config, the definition it refers to)."""
+        node_def, node = root, None
+        for key in path.split("."):
+            node = node_def["properties"][key]
+            node_def = defs.get(_ref_name(node) or "", {})
+        return node, node_def
+
+    # kind-specific fields and run-irrelevant ones leave the form
+    model_def = section("model")[1]
+    kinds = list(VQ_KINDS) if is_vq(cfg) else [k for k in model_def["properties"]["kind"]["enum"] if k not in VQ_KINDS]
+    model_def["properties"]["kind"]["enum"] = kinds
+    for dotted in (VARIATIONAL_ONLY if is_vq(cfg) else VQ_ONLY) + NOT_IN_FORM:
+        *parents, last = dotted.split(".")
+        owner = section(".".join(parents))[1] if parents else root
+        owner["properties"].pop(last, None)
+        if last in owner.get("required", []):
+            owner["required"].remove(last)
+
+    # section titles and descriptions (the typed sections built after discovery carry no docstring)
+    static = {"": Config}
+    for path, title in SECTION_TITLES.items():
+        try:
+            node, node_def = section(path)
+        except KeyError:  # left out for this kind
+            continue
+        parent, _, key = path.rpartition(".")
+        field = static[parent].model_fields[key]
+        static[path] = field.annotation if isinstance(field.annotation, type) else None
+        node_def["title"] = title
+        description = _first_paragraph(getattr(static[path], "__doc__", None)) or field.description
+        if description:
+            node_def["description"] = description
+        if field.description:
+            node.setdefault("description", field.description)
+
+    # plugin unions: one branch per registered plugin, titled by its name
+    values = cfg.model_dump(mode="json")
+    for (sec, fname), family in COMPONENT_FIELDS.items():
+        try:
+            node = section(sec)[1]["properties"][fname]
+        except KeyError:
+            continue
+        for ref in _union_refs(node):
+            branch = defs[_ref_name(ref)]
+            name = branch["properties"]["name"].get("const")
+            if name is None:  # a family with no plugin at all: a bare name box
+                branch.update(title=f"{family} (none registered)", description=f"no {family} plugin is installed; "
+                                                                               "`vaeflow plugins` lists them")
+                continue
+            entry = registry.get(family, name)
+            branch["title"] = name
+            branch["description"] = _first_paragraph(entry.cls.__doc__) or f"the {name} {family}"
+            branch["properties"]["name"].update(title="Name", default=name,
+                                                description=f"the {family} plugin ({entry.package})")
+        current = (values.get(sec) or {}).get(fname)
+        if isinstance(current, dict):
+            _order_first(node, "name", current.get("name"), defs)
+        node.setdefault("title", fname.replace("_", " ").capitalize())
+        node["description"] = (node.get("description", "") + f" (choose the {family}; its options follow)").strip()
+
+    # the beta schedule union: titled by its tag, the configured one first
+    if "train" in root["properties"]:
+        beta = section("train")[1]["properties"].get("beta")
+        if beta is not None:
+            for ref in _union_refs(beta):
+                branch = defs[_ref_name(ref)]
+                tag = branch["properties"]["schedule"]
+                branch["title"] = tag.get("const", tag.get("default"))
+                tag.setdefault("default", branch["title"])
+            _order_first(beta, "schedule", values["train"]["beta"].get("schedule"), defs)
+    _gc_definitions(schema)
+    return schema
+
+
+def check_form(schema: dict, parameters: dict) -> None:
+    """Validate parameters as Prefect's server does, before anything is registered."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    try:
+        validate(parameters, schema, raise_on_error=True)
+    except ValidationError as exc:  # a bug here, not a user error: the form would refuse its own defaults
+        raise RuntimeError(f"the deployment's parameter form rejects its own parameters: {exc}") from None
+
+
+# --- the deployments ---------------------------------------------------------------------------
+def pipeline_flows(cfg: Config) -> dict[str, tuple[str, Any]]:
+    """{flow name: (entrypoint relative to PROJECT_DIR, flow)}: the pipeline first, then the VAE's stage flows."""
+    if is_vq(cfg):
         from pipelines.vq_flows import vqvae2_pipeline
 
-        return [vqvae2_pipeline.to_deployment(name=name, parameters=params, schedules=to_prefect_schedules(schedules),
-                                              description=f"vaeflow VQ pipeline for {config_path.name}",
-                                              tags=["vaeflow", "vq"])]
-    deployments = [vae_pipeline.to_deployment(name=name, parameters=params, schedules=to_prefect_schedules(schedules),
-                                              description=f"vaeflow pipeline for {config_path.name}", tags=["vaeflow"])]
+        return {"vqvae2_pipeline": (PIPELINE_ENTRYPOINTS["vqvae2_pipeline"], vqvae2_pipeline)}
+    from pipelines.flows import STAGE_FLOWS, vae_pipeline
+
+    flows = {"vae_pipeline": (PIPELINE_ENTRYPOINTS["vae_pipeline"], vae_pipeline)}
     for stage, flow_ in STAGE_FLOWS.items():
-        deployments.append(flow_.to_deployment(name=name, parameters=params, tags=["vaeflow", stage],
-                                               description=f"vaeflow pipeline up to {stage}"))
-    return deployments
+        flows[flow_.name] = (STAGE_ENTRYPOINT.format(stage=stage), flow_)
+    return flows
 
 
-def serve_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str) -> None:
+def deployment_specs(config_path: Path, overrides: list[str], cfg: Config, schedules: list[ScheduleConfig],
+                     pin: bool = False) -> list[dict]:
+    """What each deployment registers: flow, entrypoint, parameters, schema, description, tags, schedules."""
+    config_path = Path(config_path).resolve()
+    mode = "pinned" if pin else "runtime"
+    how = (f"Config pinned at deploy time: a snapshot of {config_path} with overrides {overrides or '(none)'}; "
+           "edits to the file do not apply (set `config` to None in a custom run to read the file)."
+           if pin else
+           f"Config read from {config_path} when each run starts, so edits to the file apply to later runs"
+           + (f", with overrides {overrides}" if overrides else "") + "; set `config` in a custom run to override it.")
+    params = ({"config_path": str(config_path), "overrides": [], "config": form_value(cfg)} if pin else
+              {"config_path": str(config_path), "overrides": list(overrides), "config": None})
+    specs = []
+    for i, (flow_name, (entrypoint, flow_)) in enumerate(pipeline_flows(cfg).items()):
+        stage = flow_name.removesuffix("_flow")
+        what = ("vaeflow VQ pipeline" if is_vq(cfg) else "vaeflow pipeline") if i == 0 else f"vaeflow pipeline up to {stage}"
+        schema = form_schema(flow_.fn, cfg, pin)
+        check_form(schema, params)
+        specs.append(dict(flow_name=flow_name, entrypoint=entrypoint, flow=flow_, parameters=params, schema=schema,
+                          description=f"{what} for {config_path.name}. {how}",
+                          tags=["vaeflow", f"config:{mode}"] + (["vq"] if is_vq(cfg) else [] if i == 0 else [stage]),
+                          schedules=to_prefect_schedules(schedules) if i == 0 else []))
+    return specs
+
+
+def _with_form(deployment, spec: dict):
+    """Replace the schema Prefect derived from the flow's static signature by the plugin-aware form.
+
+    RunnerDeployment keeps it in the private attribute `_parameter_openapi_schema` (a ParameterSchema), which
+    `apply()` sends as the deployment's `parameter_openapi_schema`."""
+    from prefect.utilities.callables import ParameterSchema
+
+    deployment._parameter_openapi_schema = ParameterSchema(**spec["schema"])
+    return deployment
+
+
+def build_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str,
+                      pin: bool = False, cfg: Config | None = None) -> list:
+    """RunnerDeployments for `prefect.serve` (the flows run in the serving process)."""
+    from core.config import load_config
+
+    cfg = cfg or load_config(config_path, overrides)
+    return [_with_form(spec["flow"].to_deployment(name=name, parameters=spec["parameters"], schedules=spec["schedules"],
+                                                  description=spec["description"], tags=spec["tags"]), spec)
+            for spec in deployment_specs(config_path, overrides, cfg, schedules, pin)]
+
+
+def serve_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str,
+                      pin: bool = False) -> None:
     """Register the deployments with the Prefect server and run their flow runs until interrupted."""
     from prefect import serve
 
-    serve(*build_deployments(config_path, overrides, schedules, name))
+    serve(*build_deployments(config_path, overrides, schedules, name, pin))
+
+
+# --- work pools --------------------------------------------------------------------------------
+def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> dict:
+    """The environment each flow run gets from the deployment's job variables, so that workers write into the
+    deployer's workspace and MLflow store: VAEFLOW_HOME, MLFLOW_TRACKING_URI (the workspace's sqlite store unless
+    the deployer points at a server), the deployer's VAEFLOW_* settings (plugins, data dir, config overrides),
+    telemetry off, and OMP_WAIT_POLICY=PASSIVE (runs from several workers on one machine otherwise spin against each other)."""
+    environ = os.environ if environ is None else environ
+    workspace = Path(workspace).resolve()
+    env = {k: v for k, v in sorted(environ.items()) if k.startswith("VAEFLOW_")}
+    env["VAEFLOW_HOME"] = str(workspace)
+    uri = environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to the deployer's folder
+        uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
+    env["MLFLOW_TRACKING_URI"] = uri
+    if environ.get("MLFLOW_REGISTRY_URI"):
+        env["MLFLOW_REGISTRY_URI"] = environ["MLFLOW_REGISTRY_URI"]
+    env["OMP_WAIT_POLICY"] = environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(TELEMETRY_OFF)
+    env.update(extra or {})
+    return env
+
+
+def ensure_process_pool(pool: str) -> str:
+    """Create the work pool (type process) if it is missing; refuse a pool of another type. Returns a message."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(
+                    name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                    description="vaeflow pipeline runs, executed by `prefect worker start --pool " + pool + "`"))
+            except ObjectAlreadyExists:  # created meanwhile by another deployer
+                return f"work pool {pool!r} exists (type process)"
+            return f"created work pool {pool!r} (type process)"
+    if existing.type != "process":
+        raise VaeflowError(f"work pool {pool!r} is of type {existing.type!r}; `vaeflow deploy` targets process pools, "
+                           f"whose workers run the flows in local processes: choose another --pool name")
+    return f"work pool {pool!r} exists (type process)"
+
+
+def deploy_to_pool(config_path: Path, overrides: list[str], cfg: Config, schedules: list[ScheduleConfig], name: str,
+                   pool: str, env: dict[str, str], pin: bool = False) -> list[dict]:
+    """Register the deployments on a process work pool, with the flows loaded from PROJECT_DIR by
+    `flow.from_source` (the workers run that code), and return what was deployed."""
+    from prefect import flow
+    from prefect.deployments.runner import DeploymentApplyError
+
+    deployments = []
+    for spec in deployment_specs(config_path, overrides, cfg, schedules, pin):
+        remote = flow.from_source(source=str(PROJECT_DIR), entrypoint=spec["entrypoint"])
+        deployments.append((spec, _with_form(remote.to_deployment(
+            name=name, parameters=spec["parameters"], schedules=spec["schedules"], description=spec["description"],
+            tags=spec["tags"], work_pool_name=pool, job_variables={"env": env}), spec)))
+    # Flow.deploy(...) is to_deployment(...) then prefect.deploy(...), which applies each deployment to the pool
+    # (no image to build or push for a process pool). The form schema must go in between, so apply them here; unlike
+    # prefect.deploy, a failure of any one is an error, not a line in a table.
+    done = []
+    for spec, deployment in deployments:
+        try:
+            deployment_id = deployment.apply(work_pool_name=pool)
+        except DeploymentApplyError as exc:
+            raise VaeflowError(f"the Prefect server refused deployment {spec['flow_name']}/{name}: {exc}") from None
+        done.append({"name": f"{spec['flow_name']}/{name}", "id": str(deployment_id), "entrypoint": spec["entrypoint"],
+                     "tags": spec["tags"], "schedules": len(spec["schedules"])})
+    return done
+
+
+# --- command-line helpers (vaeflow serve / vaeflow deploy) ---------------------------------------
+def require_api(command: str) -> str:
+    """PREFECT_API_URL, or a user error saying how to get a server."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        raise VaeflowError(f"vaeflow {command} needs a Prefect server: run `make server` (or `prefect server start`) "
+                           "and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
+def schedules_from(cfg: Config, cron: list[str], interval: list[int]) -> list[ScheduleConfig]:
+    """The config's `schedules:` plus --cron / --interval."""
+    try:
+        return (cfg.schedules + [ScheduleConfig(cron=c) for c in cron]
+                + [ScheduleConfig(interval_seconds=i) for i in interval])
+    except ValueError as exc:
+        raise VaeflowError(f"--cron/--interval: {exc}") from None
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """--env KEY=VALUE items."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VaeflowError(f"--env {item!r}: expected KEY=VALUE, e.g. --env OMP_NUM_THREADS=2")
+        out[key.strip()] = value
+    return out
+
+
+def check_runnable(cfg: Config, source: str) -> None:
+    """Fail at deploy time, exit 2, on what every run would fail on (shapes, a VQ config without priors)."""
+    from core.model import build_model
+
+    if is_vq(cfg):
+        from pipelines.vq_flows import check_vq_config
+
+        check_vq_config(cfg, "register", source)
+    build_model(cfg)
+
+
+def deploy_summary(done: list[dict], pool: str, pool_message: str, config_path: Path, pin: bool,
+                   schedules: list[ScheduleConfig], env: dict[str, str]) -> list[str]:
+    """What `vaeflow deploy` prints: the deployments, where runs write, and the commands to run them."""
+    import shlex
+
+    how = ("the resolved config is pinned as the `config` default (edits to the file do not apply)" if pin else
+           f"each run reads {Path(config_path).resolve()} when it starts (--pin pins a snapshot instead)")
+    lines = [pool_message, f"deployed to work pool {pool!r}; {how}:"]
+    width = max(len(d["name"]) for d in done)
+    for i, d in enumerate(done):
+        when = ", ".join(describe_schedule(s) for s in schedules) if i == 0 and schedules else ""
+        lines.append(f"  {d['name']:<{width}}  {when}".rstrip())
+    lines += ["",
+              f"flow runs write to workspace {env['VAEFLOW_HOME']} and MLflow store {env['MLFLOW_TRACKING_URI']}",
+              "start workers (any number, on machines that reach this Prefect server and see that workspace and "
+              "config), with PREFECT_API_URL exported:",
+              f"  prefect worker start --pool {shlex.quote(pool)}",
+              "run the pipeline now (or from the UI: Deployments -> Run):",
+              f"  prefect deployment run {shlex.quote(done[0]['name'])}"]
+    return lines

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Iterator, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.states import State
@@ -23,11 +26,6 @@ from prefect.states import State
 from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
 from core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
 from core.interfaces import file_sha256
-
-for _var, _value in (("DO_NOT_TRACK", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")):
-    os.environ.setdefault(_var, _value)
 
 STAGES = ("prepare_data", "train", "evaluate", "render", "register")
 
@@ -39,13 +37,6 @@ def _digest(*parts: object) -> str:
 
 def _cfg(config: str) -> Config:
     return validate(json.loads(config))
-
-
-def _workspace(cfg: Config) -> Path:
-    from pipelines.tracking import project_root
-
-    ws = Path(cfg.tracking.workspace)
-    return ws if ws.is_absolute() else project_root() / ws
 
 
 # --- stage keys: own section + parent hashes --------------------------------------------------
@@ -102,7 +93,82 @@ def register_key(config: str, data: dict, trained: dict, evaluated: dict) -> str
 
 
 def _key_fn(fn):
-    return lambda context, params: fn(**{k: v for k, v in params.items() if k != "run"})
+    """A Prefect cache_key_fn: the stage key, scoped to this workspace and tracking store (never another's)."""
+    from pipelines.workspace import scope
+
+    def key(context, params) -> str:
+        return f"{fn(**{k: v for k, v in params.items() if k != 'run'})}-{scope(_cfg(params['config']))}"
+
+    return key
+
+
+def run_logger():
+    """The Prefect run logger (its lines show in the UI), or a plain logger outside a flow or task run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("vaeflow")
+
+
+def _artifact_key(text: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
+
+
+@contextmanager
+def stage(config: str, run: dict, name: str, key: str, folder: str | None = None) -> Iterator[SimpleNamespace]:
+    """One stage's context: its config and MLflow client, the workspace lock on its key (a second identical run
+    waits, then reuses), its MLflow run (ended by how the block ends), and a Prefect link artifact to that run.
+
+    Yields cfg, client, run_id, log (the Prefect run logger) and folder (workspace/<folder>/<key digest>)."""
+    from prefect.artifacts import create_link_artifact
+
+    from pipelines.tracking import get_client, run_url, stage_run
+    from pipelines.workspace import stage_lock, workspace
+
+    cfg, client, log = _cfg(config), get_client(), run_logger()
+    digest = key.rsplit("-", 1)[1]
+    out = workspace(cfg) / (folder or name) / digest
+    with stage_lock(cfg, key, log), stage_run(client, run["experiment_id"], run["parent_id"], name, run["tags"]) as run_id:
+        url = run_url(run["experiment_id"], run_id)
+        create_link_artifact(link=url, link_text=f"MLflow run of {name}", key=f"mlflow-{_artifact_key(name)}",
+                             description=f"The MLflow run of stage `{name}` (params, metrics, artifacts).")
+        log.info("%s: MLflow run %s (%s)", name, run_id, url)
+        yield SimpleNamespace(cfg=cfg, client=client, run_id=run_id, log=log, folder=out)
+
+
+class EpochLog:
+    """Engine callback: one Prefect log line per epoch (loss terms, img/s, ETA), and a line at most every
+    `every` seconds between syncs (the priors report only those)."""
+
+    def __init__(self, log, epochs: int, every: float = 30.0):
+        self.log, self.epochs, self.every = log, epochs, every
+        self.last, self.seconds = time.monotonic(), []
+
+    def on_epoch(self, record: dict) -> None:
+        """Epoch N/E: loss, reconstruction, KL, img/s, ETA."""
+        self.seconds.append(record.get("seconds", 0.0))
+        eta = (self.epochs - record["epoch"]) * sum(self.seconds) / len(self.seconds)
+        terms = ", ".join(f"{k} {record[k]:.4g}" for k in ("loss", "reconstruction", "kl", "vq") if k in record)
+        self.log.info("epoch %d/%d: %s, %.0f img/s, ETA %.0f s", record["epoch"], self.epochs, terms,
+                      record.get("img_per_s", 0.0), eta)
+        self.last = time.monotonic()
+
+    def on_log(self, step: int, record: dict) -> None:
+        """Step N: the record's numbers, throttled to one line per `every` seconds."""
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            self.log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                          if isinstance(v, float)))
+
+
+def watched(cfg: Config) -> Config:
+    """The config a stage trains with: no progress bar when stderr is not a terminal (a worker), Prefect logs instead."""
+    return cfg if sys.stderr.isatty() else apply_sets(cfg, ["train.progress=false"])
 
 
 # --- stages ----------------------------------------------------------------------------------
@@ -124,14 +190,16 @@ def _transient(task, task_run, state) -> bool:
 def prepare_data(config: str, run: dict) -> dict:
     """Load, check and cache the splits; write the data manifest."""
     from core.manifest import MANIFEST_FILE, prepare
-    from pipelines.tracking import get_client, log_params, stage_run
+    from pipelines.tracking import log_params
+    from pipelines.workspace import workspace
 
-    cfg, client = _cfg(config), get_client()
-    with stage_run(client, run["experiment_id"], run["parent_id"], "prepare_data", run["tags"]) as run_id:
-        manifest, folder = prepare(cfg, _workspace(cfg) / "data")
-        log_params(client, run_id, {f"data.split.{k}.n": str(v["n"]) for k, v in manifest["splits"].items()})
-        client.log_artifact(run_id, str(folder / MANIFEST_FILE))
-    return {"manifest_hash": manifest["manifest_hash"], "folder": str(folder), "run_id": run_id}
+    with stage(config, run, "prepare_data", prepare_key(config)) as st:
+        manifest, folder = prepare(st.cfg, workspace(st.cfg) / "data")
+        log_params(st.client, st.run_id, {f"data.split.{k}.n": str(v["n"]) for k, v in manifest["splits"].items()})
+        st.client.log_artifact(st.run_id, str(folder / MANIFEST_FILE))
+        st.log.info("data %s: %s", manifest["manifest_hash"][:12],
+                    ", ".join(f"{k} {v['n']}" for k, v in manifest["splits"].items()))
+    return {"manifest_hash": manifest["manifest_hash"], "folder": str(folder), "run_id": st.run_id}
 
 
 @task(name="train", cache_key_fn=_key_fn(train_key), persist_result=True, result_serializer="json", retries=1,
@@ -140,27 +208,40 @@ def train(config: str, data: dict, run: dict) -> dict:
     """Train on the prepared split; a re-run or retry with the same key resumes from its checkpoint."""
     from core.engine import Trainer
     from core.manifest import load_prepared
-    from pipelines.tracking import MetricsLogger, get_client, log_metrics, stage_run
+    from pipelines.tracking import MetricsLogger, log_metrics
 
-    cfg, client = _cfg(config), get_client()
-    run_dir = _workspace(cfg) / "train" / train_key(config, data).removeprefix("train-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "train", run["tags"]) as run_id:
-        if not (run_dir / WEIGHTS_FILE).exists():
+    with stage(config, run, "train", train_key(config, data)) as st:
+        run_dir, client, run_id = st.folder, st.client, st.run_id
+        if (run_dir / WEIGHTS_FILE).exists():
+            st.log.info("weights already trained in %s (an earlier or concurrent run); reusing them", run_dir)
+        else:
             resume = (run_dir / CHECKPOINT_FILE).exists()
             if resume:  # same key, so same weights-relevant config; bookkeeping options come from the run dir
-                get_run_logger().info("resuming %s from its last checkpoint", run_dir)
-            trainer = Trainer(read_run_config(run_dir) if resume else cfg, run_dir, resume=resume,
-                              train_images=load_prepared(data["folder"])["train"],
-                              callbacks=[MetricsLogger(client, run_id)])
+                st.log.info("resuming %s from its last checkpoint", run_dir)
+            cfg = watched(read_run_config(run_dir) if resume else st.cfg)
+            trainer = Trainer(cfg, run_dir, resume=resume, train_images=load_prepared(data["folder"])["train"],
+                              callbacks=[MetricsLogger(client, run_id, constant=constant_terms(cfg)),
+                                         EpochLog(st.log, cfg.train.epochs)])
             trainer.fit()
         records = read_metrics(run_dir)
         if records:
-            log_metrics(client, run_id, {f"final/{k}": v for k, v in records[-1].items()})
+            log_metrics(client, run_id, {f"final/{k}": v for k, v in records[-1].items()
+                                         if k not in constant_terms(st.cfg)})
         _loss_curve(run_dir)
         for name in ("config.yaml", "plugins.json", WEIGHTS_FILE, METRICS_FILE, "loss_curve.png"):
             client.log_artifact(run_id, str(run_dir / name))
         client.log_artifact(run_id, str(run_dir / CHECKPOINT_FILE), "checkpoints")
     return {"run_dir": str(run_dir), "weights_sha256": file_sha256(run_dir / WEIGHTS_FILE), "run_id": run_id}
+
+
+def constant_terms(cfg: Config) -> set[str]:
+    """Engine record keys that stay constant in this run (already params): lr without a schedule, a constant beta."""
+    constant = set()
+    if cfg.train.lr_schedule == "constant" and not cfg.train.warmup_steps:
+        constant.add("lr")
+    if cfg.train.beta.schedule == "constant":
+        constant.add("beta")
+    return constant
 
 
 @task(name="train_features", cache_key_fn=_key_fn(train_features_key), persist_result=True,
@@ -171,16 +252,16 @@ def train_features(config: str, data: dict, run: dict) -> dict:
     from core.manifest import load_prepared
     from core.sample_quality import FEATURES_INFO, FEATURES_WEIGHTS, save_feature_net, train_feature_net
     from pipelines.registry import register_features
-    from pipelines.tracking import get_client, log_metrics, stage_run
+    from pipelines.tracking import log_metrics
 
-    cfg, client = _cfg(config), get_client()
+    cfg = _cfg(config)
     q = cfg.quality
     dataset = open_dataset(cfg)
     if not q.enabled or dataset.labels("train") is None:
         reason = "quality.enabled is false" if not q.enabled else f"{cfg.data.dataset.name} has no class labels"
         return {"enabled": False, "reason": reason, "files": []}
-    folder = _workspace(cfg) / "features" / train_features_key(config, data).removeprefix("train_features-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "train_features", run["tags"]) as run_id:
+    with stage(config, run, "train_features", train_features_key(config, data), "features") as st:
+        folder, client, run_id = st.folder, st.client, st.run_id
         if not (folder / FEATURES_INFO).exists():
             splits = load_prepared(data["folder"])
             net, info = train_feature_net(splits["train"], dataset.labels("train"), splits["test"], dataset.labels("test"),
@@ -189,6 +270,7 @@ def train_features(config: str, data: dict, run: dict) -> dict:
             save_feature_net(folder, net, {**info, "data_manifest_hash": data["manifest_hash"]})
         info = json.loads((folder / FEATURES_INFO).read_text())
         log_metrics(client, run_id, {f"features/{k}": v for k, v in info.items()})
+        st.log.info("feature network: test accuracy %.4f", info["accuracy"])
         registered = register_features(client, run_id, folder, f"features-{cfg.data.dataset.name}", info)
     return {"enabled": True, "folder": str(folder), "weights_sha256": file_sha256(folder / FEATURES_WEIGHTS),
             "accuracy": info["accuracy"], **registered, "files": [str(folder / FEATURES_WEIGHTS), str(folder / FEATURES_INFO)],
@@ -203,26 +285,51 @@ def evaluate(config: str, data: dict, trained: dict, features: dict, run: dict) 
     from core.manifest import load_prepared
     from core.data import known_factors
     from core.metrics import evaluate as run_eval
-    from pipelines.tracking import get_client, log_metrics, set_tags, stage_run
 
-    cfg, client = _cfg(config), get_client()
-    out = _workspace(cfg) / "evaluate" / evaluate_key(config, data, trained, features).removeprefix("evaluate-") / "eval.json"
-    with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
-        model, _ = load_model(trained["run_dir"], device="auto")
-        splits = load_prepared(data["folder"])
-        test = to_unit_float(splits["test"])
-        metrics = run_eval(model, test, cfg.eval, **known_factors(cfg))
-        if features.get("enabled"):
-            import torch
+    with stage(config, run, "evaluate", evaluate_key(config, data, trained, features)) as st:
+        cfg, out = st.cfg, st.folder / "eval.json"
+        if out.exists():  # written last and atomically: a concurrent run of the same key finished it
+            metrics = json.loads(out.read_text())
+        else:
+            model, _ = load_model(trained["run_dir"], device="auto")
+            splits = load_prepared(data["folder"])
+            test = to_unit_float(splits["test"])
+            metrics = run_eval(model, test, cfg.eval, **known_factors(cfg))
+            if features.get("enabled"):
+                import torch
 
-            n = min(cfg.quality.samples, len(test))
-            fake = model.generate(n, torch.Generator().manual_seed(cfg.quality.seed)).cpu()  # (n, C, H, W)
-            metrics.update(sample_quality(fake, test, cfg, features, splits["train"]))
-            set_tags(client, run_id, {"quality.feature_net": metrics["quality/feature_net"]})
-        write_text(out, json.dumps(metrics, indent=2))
-        log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
-        client.log_artifact(run_id, str(out))
-    return {"path": str(out), "metrics_sha256": file_sha256(out), "run_id": run_id}
+                n = min(cfg.quality.samples, len(test))
+                fake = model.generate(n, torch.Generator().manual_seed(cfg.quality.seed)).cpu()  # (n, C, H, W)
+                metrics.update(sample_quality(fake, test, cfg, features, splits["train"]))
+            write_text(out, json.dumps(metrics, indent=2))
+        publish_metrics(st, metrics)
+    return {"path": str(out), "metrics_sha256": file_sha256(out), "run_id": st.run_id}
+
+
+# evaluation outputs that are counts or settings, not measurements: MLflow params, not metrics
+EVAL_CONSTANTS = ("examples", "dims", "latent_dim", "active_threshold", "iwae_k", "quality/samples",
+                  "quality/feature_net")
+
+
+def publish_metrics(st: SimpleNamespace, metrics: dict) -> None:
+    """An evaluate stage's metrics: the measurements as MLflow metrics, the constants as params, eval.json as an
+    artifact, and one Prefect log line per headline metric."""
+    from pipelines.tracking import log_metrics, log_params, set_tags
+
+    constants = {k: metrics[k] for k in EVAL_CONSTANTS if k in metrics}
+    log_params(st.client, st.run_id, {f"eval/{k}": str(v) for k, v in constants.items()})
+    if "quality/feature_net" in metrics:
+        set_tags(st.client, st.run_id, {"quality.feature_net": metrics["quality/feature_net"]})
+    log_metrics(st.client, st.run_id, {f"eval/{k}": v for k, v in metrics.items() if k not in constants})
+    st.client.log_artifact(st.run_id, str(st.folder / "eval.json"))
+    for key, value in headline(metrics).items():
+        st.log.info("%-28s %.6g", key, value)
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The scalar measurements of an eval.json (no constants, no per-dimension lists)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k not in EVAL_CONSTANTS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @task(name="render", cache_key_fn=_key_fn(render_key), persist_result=True, result_serializer="json")
@@ -232,11 +339,9 @@ def render(config: str, data: dict, trained: dict, run: dict) -> dict:
     from core.interfaces import to_unit_float
     from core.manifest import load_prepared
     from pipelines import render as grids
-    from pipelines.tracking import get_client, stage_run
 
-    cfg, client = _cfg(config), get_client()
-    folder = _workspace(cfg) / "render" / render_key(config, data, trained).removeprefix("render-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "render", run["tags"]) as run_id:
+    with stage(config, run, "render", render_key(config, data, trained)) as st:
+        cfg, client, run_id, folder = st.cfg, st.client, st.run_id, st.folder
         model, _ = load_model(trained["run_dir"], device="auto")
         test = to_unit_float(load_prepared(data["folder"])["test"])
         paths = [grids.reconstructions(model, test, 32, folder / "reconstructions.png"),
@@ -246,6 +351,7 @@ def render(config: str, data: dict, trained: dict, run: dict) -> dict:
         for path in paths:
             sub = path.parent.relative_to(folder).as_posix()
             client.log_artifact(run_id, str(path), "images" if sub == "." else f"images/{sub}")
+        st.log.info("rendered %d images under %s", len(paths), folder)
     return {"folder": str(folder), "files": [str(p) for p in paths], "run_id": run_id}
 
 
@@ -253,15 +359,29 @@ def render(config: str, data: dict, trained: dict, run: dict) -> dict:
 def register(config: str, data: dict, trained: dict, evaluated: dict, run: dict) -> dict:
     """Log the model (python_function flavor) and register it; promote on the configured metric."""
     from pipelines.registry import register as register_model
-    from pipelines.tracking import get_client, stage_run
 
-    cfg, client = _cfg(config), get_client()
     metrics = json.loads(Path(evaluated["path"]).read_text())
     lineage = {"data_manifest_hash": data["manifest_hash"], "parent_model_version": "",
                "train_run_id": trained["run_id"], "weights_sha256": trained["weights_sha256"]}
-    with stage_run(client, run["experiment_id"], run["parent_id"], "register", run["tags"]) as run_id:
-        info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage)
-    return {**info, "run_id": run_id}
+    with stage(config, run, "register", register_key(config, data, trained, evaluated)) as st:
+        info = register_model(st.client, st.run_id, Path(trained["run_dir"]), st.cfg, metrics, lineage)
+        log_registered(st, info)
+    return {**info, "run_id": st.run_id}
+
+
+def log_registered(st: SimpleNamespace, info: dict) -> None:
+    """A Prefect log line and link artifact for a registered version."""
+    from prefect.artifacts import create_link_artifact
+
+    from pipelines.tracking import tracking_uri
+
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    url = f"{base}/#/models/{info['name']}/versions/{info['version']}"
+    how = "reused" if info.get("reused") else "registered"
+    st.log.info("%s %s version %d%s", how, info["name"], info["version"], " (champion)" if info.get("champion") else "")
+    create_link_artifact(link=url, link_text=f"{info['name']} v{info['version']}", key="mlflow-model-version",
+                         description="The registered model version in the MLflow registry.")
 
 
 def sample_quality(fake, test, cfg: Config, features: dict, train=None) -> dict:
@@ -303,67 +423,137 @@ def _loss_curve(run_dir: Path) -> None:
     plt.close(fig)
 
 
-def _outputs_exist(stage: str, result: dict) -> bool:
-    """Whether a cached stage's files are still on disk (else it must run again)."""
+def _still_valid(stage_name: str, result: dict, client) -> bool:
+    """Whether a cached stage's files are still on disk and the MLflow objects it names (its run, a registered
+    version) still exist in this store; else the stage must run again."""
+    from mlflow.exceptions import MlflowException
+
     paths = {"prepare_data": lambda: [Path(result["folder"]) / "manifest.json"],
              "train": lambda: [Path(result["run_dir"]) / WEIGHTS_FILE],
-             "evaluate": lambda: [Path(result["path"])],
-             "render": lambda: [Path(p) for p in result["files"]],
-             "register": lambda: []}
-    # other stages (the VQ pipeline's) list their files under "files"
-    files = paths[stage]() if stage in paths else [Path(p) for p in result.get("files", [])]
-    return all(p.exists() for p in files)
+             "evaluate": lambda: [Path(result["path"])]}
+    # the other stages list their files under "files"
+    files = paths[stage_name]() if stage_name in paths else [Path(p) for p in result.get("files", [])]
+    if not all(p.exists() for p in files):
+        return False
+    try:
+        if result.get("run_id") and client.get_run(result["run_id"]).info.lifecycle_stage != "active":
+            return False
+        if result.get("name") and result.get("version"):  # a registered version (model, feature network)
+            client.get_model_version(result["name"], str(result["version"]))
+        for prior in (result.get("priors") or {}).values():
+            client.get_model_version(prior["name"], str(prior["version"]))
+    except MlflowException:
+        return False
+    return True
 
 
-def finish(stage: str, state: State, resubmit) -> tuple[dict, str]:
-    """(result, 'ran' | 'cached'); a cached result whose files are gone runs again with refresh_cache."""
-    result = state.result()  # raises the stage's own error if it failed
-    if state.name == "Cached" and not _outputs_exist(stage, result):
-        state = resubmit()
-        result = state.result()
-    return result, "cached" if state.name == "Cached" else "ran"
-
-
-# --- the pipeline ----------------------------------------------------------------------------
 def resolve_config(config_path: str, overrides: list[str] | None, config: Config | dict | None = None) -> Config:
     """The run's config: `config` (the structured flow parameter, e.g. edited in the Prefect UI form) when given,
-    else the YAML at config_path; then the overrides."""
+    else the YAML at config_path, read now; then the overrides."""
     if config is None:
         return load_config(config_path, overrides or [])
     raw = config.model_dump(mode="json") if isinstance(config, Config) else dict(config)
     return apply_sets(validate(raw, source="the config parameter"), overrides or [])
 
 
-def open_pipeline_run(config_path: str, overrides: list[str] | None, name: str,
-                      config: Config | dict | None = None) -> tuple[Config, str, object, dict]:
-    """Resolve the config and start the MLflow parent run: (cfg, canonical config JSON, client, run)."""
-    from core.engine import resolve_device
-    from pipelines.tracking import experiment_id, flatten, get_client, log_params, run_tags, start_run
+class Pipeline:
+    """One pipeline run: its config, its MLflow parent run, and what each stage did (ran or cached, its run).
 
-    cfg = resolve_config(config_path, overrides, config)
-    client = get_client()
-    exp = experiment_id(client, cfg.tracking.experiment)
-    tags = run_tags(cfg, str(resolve_device(cfg.train.device)))
-    parent = start_run(client, exp, f"{name} {Path(config_path).stem}", tags=tags)
-    log_params(client, parent, flatten(cfg.model_dump(mode="json")))
-    return cfg, canonical_json(cfg), client, {"experiment_id": exp, "parent_id": parent, "tags": tags}
+    Stages run through it so that their Prefect records live in this workspace, and a cached result whose files
+    or MLflow objects are gone runs again."""
 
+    def __init__(self, config_path: str, overrides: list[str] | None, name: str, config: Config | dict | None = None):
+        """Resolve the config, end runs of dead processes, and start the MLflow parent run."""
+        from core.engine import resolve_device
+        from pipelines.tracking import (experiment_id, flatten, get_client, log_params, reap_dead_runs, run_tags,
+                                        start_run)
+        from pipelines.workspace import result_storage
 
-def close_pipeline_run(client, run: dict, status: dict[str, str], extra: dict[str, str],
-                       error: BaseException | None = None) -> None:
-    """Tag the parent run with each stage's status (and the error), and end it FINISHED or FAILED."""
-    from pipelines.tracking import set_tags
+        self.cfg = resolve_config(config_path, overrides, config)
+        self.config = canonical_json(self.cfg)
+        self.client = get_client()
+        exp = experiment_id(self.client, self.cfg.tracking.experiment)
+        self.log = run_logger()
+        for run_id in reap_dead_runs(self.client, exp):
+            self.log.warning("MLflow run %s belonged to a process that died; marked KILLED", run_id)
+        tags = run_tags(self.cfg, str(resolve_device(self.cfg.train.device)))
+        parent = start_run(self.client, exp, f"{name} {Path(config_path).stem}", tags=tags)
+        log_params(self.client, parent, flatten(self.cfg.model_dump(mode="json")))
+        self.run = {"experiment_id": exp, "parent_id": parent, "tags": tags}
+        self.storage = result_storage(self.cfg)
+        self.status: dict[str, str] = {}
+        self.runs: dict[str, str] = {}
 
-    tags = {f"stage.{k}": v for k, v in status.items()} | extra
-    if error is not None:
-        tags["error"] = f"{type(error).__name__}: {error}"
-    set_tags(client, run["parent_id"], tags)
-    client.set_terminated(run["parent_id"], "FAILED" if error is not None else "FINISHED")
+    def _task(self, task_):
+        return task_.with_options(result_storage=self.storage)
 
+    def submit(self, task_, *args):
+        """Start a stage in the background (a Prefect future)."""
+        return self._task(task_).submit(self.config, *args, self.run)
 
-def fresh(task_, run: dict, *args):
-    """A re-submission of a cached stage with refresh_cache (its outputs were deleted)."""
-    return lambda: task_.with_options(refresh_cache=True)(*args, run, return_state=True)
+    def collect(self, name: str, task_, future, *args) -> dict:
+        """The result of a submitted stage (see `stage`)."""
+        future.wait()
+        return self._finish(name, task_, future.state, args)
+
+    def stage(self, name: str, task_, *args) -> dict:
+        """Run a stage (config first, the run last) and return its result; a cached result that is no longer
+        valid here runs again with refresh_cache."""
+        return self._finish(name, task_, self._task(task_)(self.config, *args, self.run, return_state=True), args)
+
+    def _finish(self, name: str, task_, state: State, args: tuple) -> dict:
+        result = state.result()  # raises the stage's own error if it failed
+        if state.name == "Cached" and not _still_valid(task_.name, result, self.client):
+            self.log.info("%s: the cached result's files or MLflow objects are gone; running it again", name)
+            state = self._task(task_).with_options(refresh_cache=True)(self.config, *args, self.run, return_state=True)
+            result = state.result()
+        self.status[name] = "cached" if state.name == "Cached" else "ran"
+        self.runs[name] = result.get("run_id", "")
+        return result
+
+    def close(self, out: dict, error: BaseException | None = None) -> None:
+        """Tag the parent run with each stage's status, copy the headline metrics onto it, publish the Prefect
+        summary, and end it FINISHED, KILLED (interrupted) or FAILED."""
+        from pipelines.tracking import end_failed, log_metrics, set_tags
+
+        parent = self.run["parent_id"]
+        tags = {f"stage.{k}": v for k, v in self.status.items()}
+        tags["vaeflow.all_cached"] = str(bool(self.status) and all(v == "cached" for v in self.status.values())).lower()
+        metrics = headline(json.loads(Path(out["eval"]).read_text())) if out.get("eval") else {}
+        if "model" in out:
+            tags["registered_model"] = f"{out['model']['name']}/{out['model']['version']}"
+        set_tags(self.client, parent, tags)
+        log_metrics(self.client, parent, metrics)
+        if error is not None:
+            end_failed(self.client, parent, error)
+            return
+        self.client.set_terminated(parent, "FINISHED")
+        self.summary(out, metrics)
+
+    def summary(self, out: dict, metrics: dict) -> None:
+        """A markdown artifact on the flow run: each stage (ran or cached, its MLflow run), the key metrics and the
+        registered version."""
+        from prefect.artifacts import create_markdown_artifact
+
+        from pipelines.tracking import run_url, tracking_uri
+
+        exp = self.run["experiment_id"]
+        lines = [f"MLflow store: `{tracking_uri()}`; pipeline run [{self.run['parent_id']}]"
+                 f"({run_url(exp, self.run['parent_id'])})", "", "| stage | status | MLflow run |", "|---|---|---|"]
+        lines += [f"| {name} | {how} | [{self.runs.get(name, '')[:12]}]({run_url(exp, self.runs[name])}) |"
+                  if self.runs.get(name) else f"| {name} | {how} | - |" for name, how in self.status.items()]
+        if metrics:
+            lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in metrics.items()]
+        if "model" in out:
+            m = out["model"]
+            lines += ["", f"Registered **{m['name']}** version {m['version']}"
+                      + (" (champion)" if m.get("champion") else "") + f": `models:/{m['name']}/{m['version']}`"]
+        create_markdown_artifact("\n".join(lines), key="vaeflow-pipeline-summary",
+                                 description=f"vaeflow pipeline run of {self.cfg.tracking.model_name}")
+
+    def outcome(self) -> dict:
+        """The start of a pipeline's result: its MLflow run and each stage's status."""
+        return {"mlflow_run_id": self.run["parent_id"], "stages": self.status}
 
 
 def run_pipeline(config_path: str, overrides: list[str] | None = None, until: str = "register",
@@ -372,42 +562,28 @@ def run_pipeline(config_path: str, overrides: list[str] | None = None, until: st
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     stop = STAGES.index(until)
-    name = "vae_pipeline" if until == "register" else f"{until}_flow"
-    cfg, config, client, run = open_pipeline_run(config_path, overrides, name, config)
-    status: dict[str, str] = {}
-    out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
+    p = Pipeline(config_path, overrides, "vae_pipeline" if until == "register" else f"{until}_flow", config)
+    out = p.outcome()
     try:
-        data, status["prepare_data"] = finish("prepare_data", prepare_data(config, run, return_state=True),
-                                               fresh(prepare_data, run, config))
-        out["data"] = data
+        data = out["data"] = p.stage("prepare_data", prepare_data)
         if stop >= 1:
-            trained, status["train"] = finish("train", train(config, data, run, return_state=True),
-                                               fresh(train, run, config, data))
+            trained = p.stage("train", train, data)
             out["run_dir"] = trained["run_dir"]
         if stop >= 2:
-            features, status["train_features"] = finish("train_features", train_features(config, data, run, return_state=True),
-                                                        fresh(train_features, run, config, data))
-            futures = {"evaluate": evaluate.submit(config, data, trained, features, run)}
+            features = p.stage("train_features", train_features, data)
+            futures = {"evaluate": p.submit(evaluate, data, trained, features)}
             if stop >= 3:
-                futures["render"] = render.submit(config, data, trained, run)
-            for future in futures.values():
-                future.wait()
-            evaluated, status["evaluate"] = finish("evaluate", futures["evaluate"].state,
-                                                    fresh(evaluate, run, config, data, trained, features))
+                futures["render"] = p.submit(render, data, trained)
+            evaluated = p.collect("evaluate", evaluate, futures["evaluate"], data, trained, features)
             out["eval"] = evaluated["path"]
             if stop >= 3:
-                rendered, status["render"] = finish("render", futures["render"].state,
-                                                     fresh(render, run, config, data, trained))
-                out["images"] = rendered["files"]
+                out["images"] = p.collect("render", render, futures["render"], data, trained)["files"]
         if stop >= 4:
-            out["model"], status["register"] = finish(
-                "register", register(config, data, trained, evaluated, run, return_state=True),
-                fresh(register, run, config, data, trained, evaluated))
+            out["model"] = p.stage("register", register, data, trained, evaluated)
     except BaseException as exc:
-        close_pipeline_run(client, run, status, {}, exc)
+        p.close(out, exc)
         raise
-    extra = {"registered_model": f"{out['model']['name']}/{out['model']['version']}"} if "model" in out else {}
-    close_pipeline_run(client, run, status, extra)
+    p.close(out)
     return out
 
 

@@ -50,43 +50,70 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
+def _version_with(client: MlflowClient, name: str, **tags: str):
+    """The newest READY version of `name` whose tags include all of `tags`, or None (search by tag, then check)."""
+    query = " and ".join([f"name='{name}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
+    ready = [mv for mv in client.search_model_versions(query) if mv.status == "READY"]
+    return max(ready, key=lambda mv: int(mv.version), default=None)
+
+
+def _await_ready(client: MlflowClient, version) -> None:
+    """Raise unless a new version finished registering (aliases may only point at READY versions)."""
+    if version.status != "READY":
+        version = client.get_model_version(version.name, version.version)
+    if version.status != "READY":
+        raise VaeflowError(f"model {version.name} version {version.version} did not become READY "
+                           f"(status {version.status}: {version.status_message or 'no message'})")
+
+
 def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metrics: dict,
              lineage: dict[str, str], companions=None) -> dict:
     """Log the model (python_function flavor) in run_id, register a version, alias it candidate,
     and promote it to champion when its metric beats the current champion's.
 
+    Idempotent: a version whose weights_sha256 tag matches is reused, not registered again (a re-run after a
+    crash between registering and aliasing completes the aliases). Aliases are set only on a READY version,
+    and all of it happens while run_id is still open, so the run ends after its version and aliases exist.
     `companions(version) -> dict` registers what the version needs (a VQ model's priors) before any
     promotion, so an alias never points at a version whose companions failed to register."""
     name = cfg.tracking.model_name
     metric, lower = cfg.tracking.promote_metric, cfg.tracking.promote_lower_is_better
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = export_model_dir(Path(run_dir), Path(tmp) / MODEL_DIR)  # the artifact folder keeps this name
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # fluent API, this task's own thread
-            # the signature is explicit (below), so MLflow's hints about type hints and input examples do not apply
-            warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
-                signature=signature(cfg),
-                pip_requirements=[f"vaeflow=={__version__}"],
-                metadata={"vaeflow_version": __version__, "config_hash": config_hash(cfg)},
-            )
     _ensure_registered_model(client, name)
     tags = {**lineage, "run_id": run_id, "config_hash": config_hash(cfg)}
     if metric in metrics:
         tags[f"metric.{metric}"] = repr(float(metrics[metric]))
-    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags)
-    extra = {} if companions is None else {"priors": companions(int(version.version))}
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
-    promoted = False
-    if metric in metrics:
-        champion = _alias_version(client, name, CHAMPION)
-        best = None if champion is None else champion.tags.get(f"metric.{metric}")
-        new = float(metrics[metric])
-        if best is None or (new < float(best) if lower else new > float(best)):
-            client.set_registered_model_alias(name, CHAMPION, version.version)
-            promoted = True
+    with mlflow.start_run(run_id=run_id):  # fluent API, this task's own thread; ends the run after the aliases
+        version = _version_with(client, name, weights_sha256=lineage["weights_sha256"])
+        reused = version is not None
+        if not reused:
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                model_dir = export_model_dir(Path(run_dir), Path(tmp) / MODEL_DIR)  # the artifact folder keeps this name
+                # the signature is explicit (below), so MLflow's hints about type hints and input examples do not apply
+                warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
+                    signature=signature(cfg),
+                    pip_requirements=[f"vaeflow=={__version__}"],
+                    metadata={"vaeflow_version": __version__, "config_hash": config_hash(cfg)},
+                )
+            # model_id names the logged model: an `mlflow server` refuses a models:/m-... source without it
+            version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
+                                                  model_id=info.model_id)
+            _await_ready(client, version)
+        extra = {} if companions is None else {"priors": companions(int(version.version))}
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+        promoted = False
+        if metric in metrics:
+            champion = _alias_version(client, name, CHAMPION)
+            best = None if champion is None else champion.tags.get(f"metric.{metric}")
+            new = float(metrics[metric])
+            if champion is not None and champion.version == version.version:
+                promoted = True
+            elif best is None or (new < float(best) if lower else new > float(best)):
+                client.set_registered_model_alias(name, CHAMPION, version.version)
+                promoted = True
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
-            "champion": promoted, "metric": metric, "value": metrics.get(metric), **extra}
+            "champion": promoted, "metric": metric, "value": metrics.get(metric), "reused": reused, **extra}
 
 
 def register_features(client: MlflowClient, run_id: str, folder: Path, name: str, info: dict) -> dict:
@@ -96,13 +123,14 @@ def register_features(client: MlflowClient, run_id: str, folder: Path, name: str
 
     sha = file_sha256(folder / FEATURES_WEIGHTS)
     _ensure_registered_model(client, name)
-    for mv in client.search_model_versions(f"name='{name}'"):
-        if mv.tags.get("weights_sha256") == sha:
-            return {"name": name, "version": int(mv.version)}
+    existing = _version_with(client, name, weights_sha256=sha)
+    if existing is not None:
+        return {"name": name, "version": int(existing.version)}
     client.log_artifacts(run_id, str(folder), "features")
     tags = {"weights_sha256": sha, "accuracy": repr(float(info["accuracy"])),
             "data_manifest_hash": info.get("data_manifest_hash", ""), "run_id": run_id}
     version = client.create_model_version(name, source=f"runs:/{run_id}/features", run_id=run_id, tags=tags)
+    _await_ready(client, version)
     return {"name": name, "version": int(version.version)}
 
 
@@ -117,15 +145,20 @@ def register_prior(client: MlflowClient, run_id: str, prior_dir: Path, stage1_na
     from core.priors import PRIOR_INFO
 
     info = json.loads((prior_dir / PRIOR_INFO).read_text())
+    name = prior_model_name(stage1_name, level)
+    _ensure_registered_model(client, name)
+    existing = _version_with(client, name, weights_sha256=info["weights_sha256"], stage1_version=str(stage1_version))
+    if existing is not None:  # a re-run after a crash: this prior is registered for this stage-1 version already
+        client.set_registered_model_alias(name, CANDIDATE, existing.version)
+        return {"name": name, "version": int(existing.version), "model_uri": f"models:/{name}/{existing.version}"}
     artifact = f"prior-{level}"
     if not client.list_artifacts(run_id, artifact):
         client.log_artifacts(run_id, str(prior_dir), artifact)
-    name = prior_model_name(stage1_name, level)
-    _ensure_registered_model(client, name)
     tags = {**info["lineage"], "stage1_model": stage1_name, "stage1_version": str(stage1_version), "level": level,
             "weights_sha256": info["weights_sha256"], "run_id": run_id,
             "metric.nll_bits_per_code": repr(float(info["test"]["nll_bits_per_code"]))}
     version = client.create_model_version(name, source=f"runs:/{run_id}/{artifact}", run_id=run_id, tags=tags)
+    _await_ready(client, version)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}"}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -69,18 +70,92 @@ def get_client() -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in its model-training view (not the GenAI one) with this tag
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created with an absolute artifact location if missing."""
+    """The id of experiment `name`, created with an absolute artifact location if missing, tagged as model training."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:///"):
-        location = (project_root() / ARTIFACTS_DIR / name).as_uri()
+    if exp is None:
+        location = None
+        if tracking_uri().startswith("sqlite:///"):
+            location = (project_root() / ARTIFACTS_DIR / name).as_uri()
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:  # another process created it first
+            exp_id = client.get_experiment_by_name(name).experiment_id
+        return exp_id
+    if exp.tags.get("mlflow.experimentKind") is None:  # created before vaeflow tagged experiments
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
+def ui_hint(uri: str | None = None) -> str:
+    """How to open the MLflow UI on the store actually used."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
+
+
+def run_url(exp_id: str, run_id: str, uri: str | None = None) -> str:
+    """The MLflow UI address of a run: on the tracking server, or on `mlflow ui`'s default address for a local store."""
+    uri = uri or tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+# --- crash hygiene: every run names the process that owns it ----------------------------------
+HOST_TAG, PID_TAG, START_TAG = "vaeflow.host", "vaeflow.pid", "vaeflow.pid_start"
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process pid in clock ticks since boot (field 22 of /proc/PID/stat), '' if unknown.
+
+    Together with the pid it names one process: a pid reused by a later process has another start time."""
     try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # another process created it first
-        return client.get_experiment_by_name(name).experiment_id
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process: host, pid and the pid's start time."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), START_TAG: _process_start(os.getpid())}
+
+
+def process_alive(pid: int, start: str) -> bool:
+    """Whether the process that set these tags on this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return not start or _process_start(pid) in ("", start)
+
+
+def reap_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose owning process on this host has died; their ids.
+
+    A run killed by any signal (kill -9 included) can not end itself; the next pipeline run ends it."""
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    reaped = []
+    for run in client.search_runs([exp_id], query, max_results=1000):
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(PID_TAG, ""))
+        except ValueError:
+            continue
+        if pid == os.getpid() or process_alive(pid, tags.get(START_TAG, "")):
+            continue
+        set_tags(client, run.info.run_id, {"error": f"process {pid} on {host} died before the run ended"})
+        client.set_terminated(run.info.run_id, "KILLED")
+        reaped.append(run.info.run_id)
+    return reaped
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -120,7 +195,7 @@ def run_tags(cfg: Config, device: str) -> dict[str, str]:
 def start_run(client: MlflowClient, exp_id: str, name: str, parent_id: str | None = None,
               tags: dict[str, str] | None = None) -> str:
     """Create a run (nested under parent_id if given) and return its id."""
-    tags = dict(tags or {})
+    tags = {**(tags or {}), **process_tags()}
     tags["mlflow.runName"] = name
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
@@ -150,16 +225,23 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 
 @contextmanager
 def stage_run(client: MlflowClient, exp_id: str, parent_id: str, stage: str, tags: dict[str, str]) -> Iterator[str]:
-    """A nested run for one stage: FINISHED when the block succeeds, FAILED with the error otherwise."""
+    """A nested run for one stage: FINISHED when the block succeeds, KILLED when interrupted (Ctrl-C, SIGTERM),
+    FAILED with the error otherwise."""
     run_id = start_run(client, exp_id, stage, parent_id, {**tags, "stage": stage})
     try:
         yield run_id
     except BaseException as exc:
-        set_tags(client, run_id, {"error": f"{type(exc).__name__}: {exc}"})
-        client.set_terminated(run_id, "FAILED")
+        end_failed(client, run_id, exc)
         raise
     log_metrics(client, run_id, {"peak_rss_gib": peak_rss_gib()})
     client.set_terminated(run_id, "FINISHED")
+
+
+def end_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """End a run that raised: KILLED for an interruption, FAILED with the error for anything else."""
+    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    set_tags(client, run_id, {"error": "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"})
+    client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
 
 
 def peak_rss_gib() -> float:
@@ -172,14 +254,15 @@ def peak_rss_gib() -> float:
 class MetricsLogger:
     """Engine callback: step metrics (train/*) at every sync, epoch metrics (epoch/*) at every epoch."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, constant: set[str] = frozenset()):
+        """`constant`: record keys that never change in this run (a fixed lr or beta): params, so not logged."""
+        self.client, self.run_id, self.skip = client, run_id, {"epoch", *constant}
 
     def on_log(self, step: int, record: dict[str, Any]) -> None:
         """Loss terms, beta, lr and img/s every log_every steps."""
-        log_metrics(self.client, self.run_id, {f"train/{k}": v for k, v in record.items()}, step)
+        log_metrics(self.client, self.run_id, {f"train/{k}": v for k, v in record.items() if k not in self.skip}, step)
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         """The epoch's mean terms, at step = epoch."""
-        log_metrics(self.client, self.run_id, {f"epoch/{k}": v for k, v in record.items() if k != "epoch"},
+        log_metrics(self.client, self.run_id, {f"epoch/{k}": v for k, v in record.items() if k not in self.skip},
                     record["epoch"])

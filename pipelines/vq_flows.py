@@ -22,8 +22,8 @@ from typing import Optional
 from core.config import Config, config_hash
 from core.interfaces import file_sha256
 from pipelines.flows import (
-    _cfg, _digest, _key_fn, _transient, _workspace, close_pipeline_run, finish, fresh, open_pipeline_run,
-    prepare_data, resolve_config, sample_quality, train, train_features,
+    EpochLog, Pipeline, _cfg, _digest, _key_fn, _transient, log_registered, prepare_data, publish_metrics,
+    resolve_config, sample_quality, stage, train, train_features, watched,
 )
 
 VQ_STAGES = ("prepare_data", "train", "extract_codes", "train_prior", "sample", "render", "evaluate", "register")
@@ -86,11 +86,10 @@ def extract_codes(config: str, data: dict, trained: dict, run: dict) -> dict:
     from core.interfaces import to_unit_float
     from core.manifest import load_prepared
     from core.priors import CODES_FILE, CODES_MANIFEST, write_codes
-    from pipelines.tracking import get_client, log_metrics, stage_run
+    from pipelines.tracking import log_metrics
 
-    cfg, client = _cfg(config), get_client()
-    folder = _workspace(cfg) / "codes" / extract_codes_key(config, data, trained).removeprefix("extract_codes-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "extract_codes", run["tags"]) as run_id:
+    with stage(config, run, "extract_codes", extract_codes_key(config, data, trained), "codes") as st:
+        folder, client, run_id = st.folder, st.client, st.run_id
         model, model_cfg = load_model(trained["run_dir"], device="auto")
         splits = {k: to_unit_float(v) for k, v in load_prepared(data["folder"]).items()}
         stage1 = {"weights_sha256": trained["weights_sha256"], "train_run_id": trained["run_id"],
@@ -112,19 +111,20 @@ def train_prior(config: str, level: str, codes: dict, run: dict) -> dict:
     from core.engine import resolve_device
     from core.priors import PRIOR_INFO, PRIOR_WEIGHTS, load_codes
     from core.priors import train_prior as fit_prior
-    from pipelines.tracking import MetricsLogger, get_client, log_metrics, stage_run
+    from pipelines.tracking import MetricsLogger, log_metrics
 
-    cfg, client = _cfg(config), get_client()
-    run_dir = _workspace(cfg) / "priors" / train_prior_key(config, level, codes).removeprefix(f"train_prior_{level}-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], f"train_prior_{level}", run["tags"]) as run_id:
+    with stage(config, run, f"train_prior_{level}", train_prior_key(config, level, codes), "priors") as st:
+        cfg, client, run_id, run_dir = watched(st.cfg), st.client, st.run_id, st.folder
         manifest, tensors = load_codes(codes["folder"])
         spec = getattr(cfg.prior, level).model_dump(mode="json")
         if (run_dir / PRIOR_INFO).exists():
             info = json.loads((run_dir / PRIOR_INFO).read_text())
         else:
             info = fit_prior(spec, level, manifest, tensors, cfg.prior, run_dir, resolve_device(cfg.train.device),
-                             callbacks=[MetricsLogger(client, run_id)], progress=cfg.train.progress)
+                             callbacks=[MetricsLogger(client, run_id), EpochLog(st.log, cfg.prior.epochs)],
+                             progress=cfg.train.progress)
         log_metrics(client, run_id, {f"prior_{level}/test_{k}": v for k, v in info["test"].items()})
+        st.log.info("%s prior: %.4f bits per code on the test codes", level, info["test"]["nll_bits_per_code"])
         client.log_artifacts(run_id, str(run_dir), f"prior-{level}")
     return {"level": level, "run_dir": str(run_dir), "weights_sha256": info["weights_sha256"], "test": info["test"],
             "files": [str(run_dir / PRIOR_WEIGHTS), str(run_dir / PRIOR_INFO)], "run_id": run_id}
@@ -137,12 +137,8 @@ def sample(config: str, trained: dict, priors: dict, run: dict) -> dict:
     from core.priors import load_prior
     from core.vq import sample_images
     from pipelines.render import save_grid, square_rows
-    from pipelines.tracking import get_client, stage_run
-
-    cfg, client = _cfg(config), get_client()
-    s = cfg.prior.sample
-    folder = _workspace(cfg) / "sample" / sample_key(config, trained, priors).removeprefix("sample-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "sample", run["tags"]) as run_id:
+    with stage(config, run, "sample", sample_key(config, trained, priors)) as st:
+        s, client, run_id, folder = st.cfg.prior.sample, st.client, st.run_id, st.folder
         model, _ = load_model(trained["run_dir"], device="auto")
         loaded = {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
         images = sample_images(model, loaded, s.n, s.temperature, s.top_k, s.seed)  # (n, C, H, W)
@@ -160,11 +156,9 @@ def render(config: str, data: dict, trained: dict, priors: dict, run: dict) -> d
     from core.manifest import load_prepared
     from core.priors import load_prior
     from pipelines.render import render_all
-    from pipelines.tracking import get_client, stage_run
 
-    cfg, client = _cfg(config), get_client()
-    folder = _workspace(cfg) / "render" / vq_render_key(config, data, trained, priors).removeprefix("render-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "render", run["tags"]) as run_id:
+    with stage(config, run, "render", vq_render_key(config, data, trained, priors)) as st:
+        cfg, client, run_id, folder = st.cfg, st.client, st.run_id, st.folder
         model, _ = load_model(trained["run_dir"], device="auto")
         loaded = {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
         test = to_unit_float(load_prepared(data["folder"])["test"])
@@ -185,11 +179,8 @@ def evaluate(config: str, data: dict, trained: dict, priors: dict, features: dic
     from core.priors import load_prior
     from core.vq import sample_images
     from pipelines.render import reconstructions
-    from pipelines.tracking import get_client, log_metrics, set_tags, stage_run
-
-    cfg, client = _cfg(config), get_client()
-    folder = _workspace(cfg) / "evaluate" / vq_evaluate_key(config, data, trained, priors, features).removeprefix("evaluate-")
-    with stage_run(client, run["experiment_id"], run["parent_id"], "evaluate", run["tags"]) as run_id:
+    with stage(config, run, "evaluate", vq_evaluate_key(config, data, trained, priors, features)) as st:
+        cfg, client, run_id, folder = st.cfg, st.client, st.run_id, st.folder
         model, _ = load_model(trained["run_dir"], device="auto")
         splits = load_prepared(data["folder"])
         test = to_unit_float(splits["test"])
@@ -202,11 +193,9 @@ def evaluate(config: str, data: dict, trained: dict, priors: dict, features: dic
             n = min(cfg.quality.samples, len(test))
             fake = sample_images(model, loaded, n, s.temperature, s.top_k, cfg.quality.seed).cpu()  # (n, C, H, W)
             metrics.update(sample_quality(fake, test, cfg, features, splits["train"]))
-            set_tags(client, run_id, {"quality.feature_net": metrics["quality/feature_net"]})
         write_text(folder / "eval.json", json.dumps(metrics, indent=2))
         grid = reconstructions(model, test, 32, folder / "reconstructions.png")
-        log_metrics(client, run_id, {f"eval/{k}": v for k, v in metrics.items()})
-        client.log_artifact(run_id, str(folder / "eval.json"))
+        publish_metrics(st, metrics)
         client.log_artifact(run_id, str(grid), "images")
     return {"path": str(folder / "eval.json"), "metrics_sha256": file_sha256(folder / "eval.json"),
             "files": [str(folder / "eval.json"), str(grid)], "run_id": run_id}
@@ -217,17 +206,17 @@ def register(config: str, trained: dict, codes: dict, priors: dict, evaluated: d
     """Register the stage-1 model, then each prior with lineage tags naming that exact version and codebook hash."""
     from pipelines.registry import register as register_model
     from pipelines.registry import register_prior
-    from pipelines.tracking import get_client, stage_run
 
-    cfg, client = _cfg(config), get_client()
     metrics = json.loads(Path(evaluated["path"]).read_text())
     lineage = {"data_manifest_hash": data["manifest_hash"], "parent_model_version": "",
                "train_run_id": trained["run_id"], "weights_sha256": trained["weights_sha256"],
                "codebook_sha256": codes["codebook_sha256"]}
-    with stage_run(client, run["experiment_id"], run["parent_id"], "register", run["tags"]) as run_id:
+    with stage(config, run, "register", vq_register_key(config, trained, codes, priors, evaluated, data)) as st:
+        cfg, client, run_id = st.cfg, st.client, st.run_id
         info = register_model(client, run_id, Path(trained["run_dir"]), cfg, metrics, lineage, companions=lambda v: {
             level: register_prior(client, run_id, Path(p["run_dir"]), cfg.tracking.model_name, v, level)
             for level, p in priors.items()})
+        log_registered(st, info)
     return {**info, "run_id": run_id}
 
 
@@ -256,56 +245,38 @@ def run_vq_pipeline(config_path: str, overrides: list[str] | None = None, until:
         raise ValueError(f"until must be one of {VQ_STAGES}, got {until!r}")
     stop = VQ_STAGES.index(until)
     check_vq_config(resolve_config(config_path, overrides, config), until, config_path)  # before any MLflow run
-    cfg, config, client, run = open_pipeline_run(config_path, overrides, "vqvae2_pipeline", config)
-    levels = cfg.model.levels
-    status: dict[str, str] = {}
-    out: dict = {"mlflow_run_id": run["parent_id"], "stages": status}
-    try:
-        def reached(stage: str) -> bool:
-            return stop >= VQ_STAGES.index(stage)
+    p = Pipeline(config_path, overrides, "vqvae2_pipeline", config)
+    out = p.outcome()
 
-        data, status["prepare_data"] = finish("prepare_data", prepare_data(config, run, return_state=True),
-                                              fresh(prepare_data, run, config))
+    def reached(name: str) -> bool:
+        return stop >= VQ_STAGES.index(name)
+
+    try:
+        data = p.stage("prepare_data", prepare_data)
         if reached("train"):
-            trained, status["train"] = finish("train", train(config, data, run, return_state=True),
-                                              fresh(train, run, config, data))
+            trained = p.stage("train", train, data)
             out["run_dir"] = trained["run_dir"]
         if reached("extract_codes"):
-            codes, status["extract_codes"] = finish("extract_codes", extract_codes(config, data, trained, run, return_state=True),
-                                                    fresh(extract_codes, run, config, data, trained))
+            codes = p.stage("extract_codes", extract_codes, data, trained)
             out["codes"] = codes["folder"]
         if reached("train_prior"):
-            priors = {}
-            for level in levels:  # top first: the bottom prior's codes are conditioned on the top codes
-                priors[level], status[f"train_prior_{level}"] = finish(
-                    "train_prior", train_prior(config, level, codes, run, return_state=True),
-                    fresh(train_prior, run, config, level, codes))
-            out["priors"] = {level: p["run_dir"] for level, p in priors.items()}
+            # top first: the bottom prior's codes are conditioned on the top codes
+            priors = {level: p.stage(f"train_prior_{level}", train_prior, level, codes) for level in p.cfg.model.levels}
+            out["priors"] = {level: prior["run_dir"] for level, prior in priors.items()}
         if reached("sample"):
-            sampled, status["sample"] = finish("sample", sample(config, trained, priors, run, return_state=True),
-                                               fresh(sample, run, config, trained, priors))
-            out["images"] = sampled["files"]
+            out["images"] = p.stage("sample", sample, trained, priors)["files"]
         if reached("render"):
-            rendered, status["render"] = finish("render", render(config, data, trained, priors, run, return_state=True),
-                                                fresh(render, run, config, data, trained, priors))
-            out["rendered"] = rendered["files"]
+            out["rendered"] = p.stage("render", render, data, trained, priors)["files"]
         if reached("evaluate"):
-            features, status["train_features"] = finish(
-                "train_features", train_features(config, data, run, return_state=True),
-                fresh(train_features, run, config, data))
-            evaluated, status["evaluate"] = finish(
-                "evaluate", evaluate(config, data, trained, priors, features, run, return_state=True),
-                fresh(evaluate, run, config, data, trained, priors, features))
+            features = p.stage("train_features", train_features, data)
+            evaluated = p.stage("evaluate", evaluate, data, trained, priors, features)
             out["eval"] = evaluated["path"]
         if reached("register"):
-            out["model"], status["register"] = finish(
-                "register", register(config, trained, codes, priors, evaluated, data, run, return_state=True),
-                fresh(register, run, config, trained, codes, priors, evaluated, data))
+            out["model"] = p.stage("register", register, trained, codes, priors, evaluated, data)
     except BaseException as exc:
-        close_pipeline_run(client, run, status, {}, exc)
+        p.close(out, exc)
         raise
-    extra = {"registered_model": f"{out['model']['name']}/{out['model']['version']}"} if "model" in out else {}
-    close_pipeline_run(client, run, status, extra)
+    p.close(out)
     return out
 
 

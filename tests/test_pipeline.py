@@ -74,14 +74,23 @@ def test_mlflow_parent_and_nested_stage_runs(runs):
     history = c.get_metric_history(train_run.info.run_id, "train/loss")
     assert len(history) == 512 // 64 // 2  # every log_every=2 steps of 8
     assert [m.step for m in history] == [2, 4, 6, 8]
-    for name in ("train/kl", "train/reconstruction", "train/beta", "train/lr", "train/img_per_s", "epoch/loss"):
+    for name in ("train/kl", "train/reconstruction", "train/img_per_s", "epoch/loss"):
         assert c.get_metric_history(train_run.info.run_id, name), name
+    # a constant lr and beta are params of the parent (train.lr, train.beta.value), not metric curves
+    assert not {"train/lr", "train/beta", "epoch/lr", "epoch/beta"} & set(train_run.data.metrics)
+    assert parent.data.params["train.beta.value"] == "1.0"
     artifacts = {a.path for a in c.list_artifacts(train_run.info.run_id)}
     assert {"config.yaml", "model.safetensors", "metrics.jsonl", "loss_curve.png", "checkpoints"} <= artifacts
     eval_run = next(r for r in children if r.data.tags["stage"] == "evaluate")
     metrics = json.loads(Path(runs["first"]["eval"]).read_text())
     assert eval_run.data.metrics["eval/iwae_nll_nats"] == pytest.approx(metrics["iwae_nll_nats"])
     assert {"eval/neg_elbo_bits_per_dim", "eval/mse", "eval/psnr", "eval/active_units"} <= set(eval_run.data.metrics)
+    # settings and counts are params, measurements are metrics
+    assert eval_run.data.params["eval/iwae_k"] == "8" and eval_run.data.params["eval/examples"] == "64"
+    assert not {"eval/iwae_k", "eval/examples", "eval/dims", "eval/latent_dim"} & set(eval_run.data.metrics)
+    # the parent carries the headline metrics, so the runs table ranks pipeline runs
+    assert parent.data.metrics["iwae_nll_nats"] == pytest.approx(metrics["iwae_nll_nats"])
+    assert parent.data.metrics["mse"] == pytest.approx(metrics["mse"]) and "iwae_k" not in parent.data.metrics
     render_run = next(r for r in children if r.data.tags["stage"] == "render")
     images = {a.path for a in c.list_artifacts(render_run.info.run_id, "images")}
     assert images == {"images/reconstructions.png", "images/samples.png", "images/interpolations.png",
@@ -94,11 +103,26 @@ def test_mlflow_parent_and_nested_stage_runs(runs):
     assert {a.path for a in c.list_artifacts(prep.info.run_id)} == {"manifest.json"}
 
 
+def test_mlflow_layout_experiment_kind_cached_tag_and_process_tags(runs):
+    import os
+
+    c = client()
+    first, again = (c.get_run(runs[k]["mlflow_run_id"]) for k in ("first", "again"))
+    exp = c.get_experiment(first.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens the training view
+    assert again.data.tags["vaeflow.all_cached"] == "true" and first.data.tags["vaeflow.all_cached"] == "false"
+    assert again.data.metrics == first.data.metrics  # a cached re-run still ranks in the runs table
+    for run in (first, *c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{first.info.run_id}'")):
+        assert run.data.tags["vaeflow.pid"] == str(os.getpid()) and run.data.tags["vaeflow.host"]
+
+
 def test_registry_versions_aliases_and_lineage(runs):
     c = client()
     versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'"))
-    assert versions == [1, 2, 3]  # the unchanged re-run registered nothing new
-    assert int(c.get_model_version_by_alias(NAME, "candidate").version) == 3
+    # the unchanged re-run registered nothing; the eval-only change has the same weights, so it reused version 1
+    assert versions == [1, 2]
+    assert runs["eval"]["model"]["version"] == 1 and runs["eval"]["model"]["reused"]
+    assert int(c.get_model_version_by_alias(NAME, "candidate").version) == 2
     v1 = c.get_model_version(NAME, "1")
     assert v1.tags["config_hash"] and v1.tags["run_id"] and "parent_model_version" in v1.tags
     manifest = json.loads((prepared_folder(runs, v1) / "manifest.json").read_text())
@@ -115,7 +139,7 @@ def test_pyfunc_and_core_load_model_from_the_registry(runs):
     local, _ = load_model(runs["lr"]["run_dir"])
     for k, v in local.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
-    test = to_unit_float(load_prepared(prepared_folder(runs, client().get_model_version(NAME, "3")))["test"][:5])
+    test = to_unit_float(load_prepared(prepared_folder(runs, client().get_model_version(NAME, "2")))["test"][:5])
     pyfunc = mlflow.pyfunc.load_model(uri)
     recon = pyfunc.predict(test.numpy())
     assert recon.shape == (5, 1, 32, 32)
@@ -191,7 +215,7 @@ def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins)
     for r in children:
         assert r.info.status == "FAILED" and "exploded on purpose" in r.data.tags["error"]
     assert parent.data.tags["stage.prepare_data"] == "cached"
-    assert sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == [1, 2, 3]
+    assert sorted(int(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == [1, 2]
 
 
 def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):
@@ -199,13 +223,14 @@ def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):
     from core.config import canonical_json, load_config
     from core.engine import Trainer
     from pipelines import flows
+    from pipelines.workspace import workspace
 
     sets = SETS + ["train.seed=7", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
                    "tracking.model_name=resumed"]
     data = flows.run_pipeline(str(TINY), sets, until="prepare_data")["data"]
     cfg = load_config(TINY, sets)
     images = load_prepared(data["folder"])["train"]
-    run_dir = flows._workspace(cfg) / "train" / flows.train_key(canonical_json(cfg), data).removeprefix("train-")
+    run_dir = workspace(cfg) / "train" / flows.train_key(canonical_json(cfg), data).removeprefix("train-")
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(cfg, run_dir, train_images=images, callbacks=[CrashAt(5)]).fit()
     assert load_checkpoint(run_dir / CHECKPOINT_FILE)["step"] == 3 and not (run_dir / WEIGHTS_FILE).exists()
