@@ -33,7 +33,7 @@ class Section(BaseModel):
 
 
 class ComponentSpec(Section):
-    """A component chosen by `name`; replaced by a union of plugin option models after discovery."""
+    """A component chosen by `name` (`vaeflow plugins` lists them), with that plugin's options."""
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(description="registered component name (see `vaeflow plugins`)")
@@ -176,6 +176,8 @@ class TrainConfig(Section):
     bf16: bool = Field(False, description="bf16 autocast (CUDA first; works on CPU)")
     compile: bool = Field(False, description="torch.compile the model")
     num_threads: Optional[int] = Field(None, gt=0, description="CPU threads (null: torch default)")
+    nproc: int = Field(1, ge=1, description="data-parallel processes for the pipeline's train stage (torchrun: NCCL on "
+                       "GPUs, gloo on CPU); each takes batch_size / nproc of every global batch")
     log_every: int = Field(50, gt=0, description="steps between progress/metric syncs")
     checkpoint_every: Optional[int] = Field(None, gt=0, description="steps between checkpoints; always at epoch end")
     beta: BetaConfig = Field(default_factory=BetaConstant, description="KL weight schedule")
@@ -513,6 +515,8 @@ def hashed_dump(cfg: Config) -> dict:
     """The config as JSON data for hashing: fields that only VQ models read are left out of other kinds,
     so adding them did not change the hashes (cache keys, resume checks) of existing VAE configs."""
     data = cfg.model_dump(mode="json")
+    if data["train"].get("nproc") == 1:  # the default: configs written before the field keep their hashes
+        del data["train"]["nproc"]
     if cfg.model.kind not in VQ_KINDS:
         for name in ("quantizer", "vq"):
             data["model"].pop(name, None)

@@ -196,7 +196,7 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
     static = {"": Config}
     for path, title in SECTION_TITLES.items():
         try:
-            node, node_def = section(path)
+            _, node_def = section(path)
         except KeyError:  # left out for this kind
             continue
         parent, _, key = path.rpartition(".")
@@ -206,8 +206,6 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
         description = _first_paragraph(getattr(static[path], "__doc__", None)) or field.description
         if description:
             node_def["description"] = description
-        if field.description:
-            node.setdefault("description", field.description)
 
     # plugin unions: one branch per registered plugin, titled by its name
     values = cfg.model_dump(mode="json")
@@ -226,13 +224,14 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
             entry = registry.get(family, name)
             branch["title"] = name
             branch["description"] = _first_paragraph(entry.cls.__doc__) or f"the {name} {family}"
-            branch["properties"]["name"].update(title="Name", default=name,
-                                                description=f"the {family} plugin ({entry.package})")
+            branch["properties"]["name"].update(title="Name", default=name, description=f"the {family} plugin, from "
+                                                f"{entry.package} (switch plugins with the tabs above)")
         current = (values.get(sec) or {}).get(fname)
         if isinstance(current, dict):
             _order_first(node, "name", current.get("name"), defs)
         node.setdefault("title", fname.replace("_", " ").capitalize())
-        node["description"] = (node.get("description", "") + f" (choose the {family}; its options follow)").strip()
+        pick = f"pick the {family} plugin (a tab each), then its options"
+        node["description"] = f"{node['description']}; {pick}" if node.get("description") else pick.capitalize()
 
     # the beta schedule union: titled by its tag, the configured one first
     if "train" in root["properties"]:

@@ -61,7 +61,7 @@ def train_key(config: str, data: dict) -> str:
     cfg = _cfg(config)
     model_section = hashed_dump(cfg)["model"]
     model_section.get("vq", {}).pop("usage_warning", None)  # only decides when to warn
-    train_section = cfg.train.model_dump(mode="json", exclude=set(NOT_IN_TRAIN_KEY))
+    train_section = {k: v for k, v in hashed_dump(cfg)["train"].items() if k not in NOT_IN_TRAIN_KEY}
     return "train-" + _digest(model_section, train_section, data["manifest_hash"], architecture_signature(build_model(cfg)))
 
 
@@ -219,10 +219,15 @@ def train(config: str, data: dict, run: dict) -> dict:
             if resume:  # same key, so same weights-relevant config; bookkeeping options come from the run dir
                 st.log.info("resuming %s from its last checkpoint", run_dir)
             cfg = watched(read_run_config(run_dir) if resume else st.cfg)
-            trainer = Trainer(cfg, run_dir, resume=resume, train_images=load_prepared(data["folder"])["train"],
-                              callbacks=[MetricsLogger(client, run_id, constant=constant_terms(cfg)),
-                                         EpochLog(st.log, cfg.train.epochs)])
-            trainer.fit()
+            if cfg.train.nproc > 1:
+                from pipelines.ddp import train_ddp
+
+                train_ddp(cfg, run_dir, data["folder"], resume, run_id, st.log)
+            else:
+                trainer = Trainer(cfg, run_dir, resume=resume, train_images=load_prepared(data["folder"])["train"],
+                                  callbacks=[MetricsLogger(client, run_id, constant=constant_terms(cfg)),
+                                             EpochLog(st.log, cfg.train.epochs)])
+                trainer.fit()
         records = read_metrics(run_dir)
         if records:
             log_metrics(client, run_id, {f"final/{k}": v for k, v in records[-1].items()
@@ -323,7 +328,8 @@ def publish_metrics(st: SimpleNamespace, metrics: dict) -> None:
     log_metrics(st.client, st.run_id, {f"eval/{k}": v for k, v in metrics.items() if k not in constants})
     st.client.log_artifact(st.run_id, str(st.folder / "eval.json"))
     for key, value in headline(metrics).items():
-        st.log.info("%-28s %.6g", key, value)
+        if key.count("/") < 2:  # per-factor breakdowns stay in MLflow
+            st.log.info("%-28s %.6g", key, value)
 
 
 def headline(metrics: dict) -> dict[str, float]:

@@ -37,7 +37,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 @contextmanager
 def temporary_server() -> Iterator[str | None]:
     """Without PREFECT_API_URL: start Prefect's temporary server now (with the configured start-up timeout), guarded
-    by a watchdog, and stop it at the end; yields its API URL. With PREFECT_API_URL: nothing to start, yields None."""
+    by a watchdog; yields its API URL. With PREFECT_API_URL: nothing to start, yields None."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if PREFECT_API_URL.value():
@@ -47,15 +47,22 @@ def temporary_server() -> Iterator[str | None]:
 
     server = SubprocessASGIServer()  # the instance Prefect's own clients use when no API URL is set
     server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    watchdog = subprocess.Popen([sys.executable, "-m", "pipelines.processes", str(os.getpid()),
-                                 str(server.server_process.pid)], start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield server.api_url
-    finally:
-        server.stop()
-        watchdog.terminate()
-        watchdog.wait(timeout=10)
+    # Prefect stops the server at interpreter exit, after its log and event workers have flushed (atexit runs
+    # last-registered first); the watchdog covers the deaths that skip atexit, and then exits by itself
+    subprocess.Popen([sys.executable, "-m", "pipelines.processes", str(os.getpid()), str(server.server_process.pid)],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    yield server.api_url
+
+
+FAILPOINT = "VAEFLOW_FAILPOINT"  # tests: the name of a failpoint at which this process kills itself with SIGKILL
+
+
+def failpoint(name: str) -> None:
+    """Die at once (SIGKILL, no cleanup) when VAEFLOW_FAILPOINT names this point: how the crash tests stop a run
+    at an exact place, e.g. between registering a version and setting its aliases."""
+    if os.environ.get(FAILPOINT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:

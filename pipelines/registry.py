@@ -16,6 +16,7 @@ from core import __version__
 from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE
 from core.config import Config, config_hash
 from core.errors import VaeflowError
+from pipelines.processes import failpoint
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -100,6 +101,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
             version = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
                                                   model_id=info.model_id)
             _await_ready(client, version)
+        failpoint("register.after_version")
         extra = {} if companions is None else {"priors": companions(int(version.version))}
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         promoted = False

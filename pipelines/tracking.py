@@ -239,7 +239,9 @@ def stage_run(client: MlflowClient, exp_id: str, parent_id: str, stage: str, tag
 
 def end_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
     """End a run that raised: KILLED for an interruption, FAILED with the error for anything else."""
-    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    from prefect.exceptions import ExternalSignal  # Prefect's own SIGTERM handler in flow runs raises TerminationSignal
+
+    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit, ExternalSignal))
     set_tags(client, run_id, {"error": "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"})
     client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
 

@@ -57,3 +57,37 @@ def test_ranks_partition_every_global_batch():
         a, b = shards[0][i], shards[1][i]
         assert len(a) + len(b) == len(batch) and abs(len(a) - len(b)) <= 1
         assert torch.equal(torch.cat([a, b]), batch)  # disjoint halves, in order, covering the batch
+
+
+def test_pipeline_train_stage_runs_data_parallel_with_rank_0_logging(tmp_path):
+    """`train.nproc: 2` inside `vaeflow run`: two gloo processes match one process, and MLflow gets each epoch once."""
+    import json
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from core.engine import Trainer
+    from core.manifest import load_prepared
+
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**os.environ, "VAEFLOW_HOME": str(project), "PREFECT_HOME": str(project / "prefect-home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    sets = SETS + ["train.nproc=2", "tracking.model_name=ddp"]
+    proc = subprocess.run([VAEFLOW, "run", str(TINY), *[a for s in sets for a in ("--set", s)], "--until", "train"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"): proc.stdout.index("\nstages:")])
+    run_dir = Path(out["run_dir"])
+    reference = tmp_path / "single"
+    Trainer(load_config(TINY, SETS), reference, train_images=load_prepared(out["data"]["folder"])["train"]).fit()
+    single, ddp = load_file(reference / WEIGHTS_FILE), load_file(run_dir / WEIGHTS_FILE)
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (train_run,) = c.search_runs([c.get_experiment_by_name("vaeflow").experiment_id], "tags.stage = 'train'")
+    assert [m.step for m in c.get_metric_history(train_run.info.run_id, "epoch/loss")] == [1, 2]  # rank 0 alone
+    assert len(c.get_metric_history(train_run.info.run_id, "train/loss")) == 2 * 256 // 64 // 2  # every log_every=2
+    assert "data-parallel processes" in proc.stderr + proc.stdout and "rank 0: epoch 2/2" in proc.stderr + proc.stdout

@@ -291,3 +291,41 @@ def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
 
     monkeypatch.setattr(ConvEncoder, "__init__", wider)
     assert train_key(config, data) != before
+
+
+def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypatch):
+    """One PREFECT_HOME (the harness's), two workspaces, two stores: a cache hit only ever comes from the same
+    workspace and store, and a cached stage whose MLflow run is gone from the store runs again."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.flows import run_pipeline
+
+    sets = SETS + ["tracking.model_name=scoped"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("VAEFLOW_HOME", str(a))
+    first = run_pipeline(str(TINY), sets, until="evaluate")
+    assert set(first["stages"].values()) == {"ran"}
+    assert set(run_pipeline(str(TINY), sets, until="evaluate")["stages"].values()) == {"cached"}
+
+    monkeypatch.setenv("VAEFLOW_HOME", str(b))
+    other = run_pipeline(str(TINY), sets, until="evaluate")
+    assert set(other["stages"].values()) == {"ran"}  # nothing from workspace a
+    assert Path(other["run_dir"]).is_relative_to(b) and Path(other["eval"]).is_relative_to(b)
+    store_b = MlflowClient(f"sqlite:///{b / 'mlflow.db'}")
+    name, version = json.loads(Path(other["eval"]).read_text())["quality/feature_net"].split("/")
+    assert store_b.get_model_version(name, version).tags["weights_sha256"]  # its own store's feature network
+
+    monkeypatch.setenv("VAEFLOW_HOME", str(a))  # workspace a, but another tracking store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    elsewhere = run_pipeline(str(TINY), sets, until="evaluate")
+    assert set(elsewhere["stages"].values()) == {"ran"}
+    MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").get_run(elsewhere["mlflow_run_id"])
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # back to a's own store, where every stage is cached ...
+    store_a = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
+    train_run = next(r for r in store_a.search_runs([store_a.get_experiment_by_name("vaeflow").experiment_id],
+                                                    "tags.stage = 'train'"))
+    store_a.delete_run(train_run.info.run_id)  # ... except train, whose MLflow run is gone now
+    again = run_pipeline(str(TINY), sets, until="evaluate")
+    assert again["stages"] == {"prepare_data": "cached", "train": "ran", "train_features": "cached", "evaluate": "cached"}
+    assert again["run_dir"] == first["run_dir"]  # the weights on disk were reused, under a new MLflow run
