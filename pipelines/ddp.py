@@ -71,7 +71,7 @@ def main(job_file: str) -> None:
     die_with_parent()
     job = json.loads(Path(job_file).read_text())
     cfg = validate(job["config"])
-    logging.basicConfig(level=logging.INFO, format="rank %(rank)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="rank %(rank)s: %(message)s", stream=sys.stdout, force=True)
     log = logging.LoggerAdapter(logging.getLogger("vaeflow.ddp"), {"rank": os.environ.get("RANK", "0")})
     client = MlflowClient(job["tracking_uri"])
     callbacks = [MetricsLogger(client, job["run_id"], constant=constant_terms(cfg)), EpochLog(log, cfg.train.epochs)]

@@ -473,8 +473,10 @@ class Pipeline:
         from core.engine import resolve_device
         from pipelines.tracking import (experiment_id, flatten, get_client, log_params, reap_dead_runs, run_tags,
                                         start_run)
+        from pipelines.processes import end_with_parent
         from pipelines.workspace import result_storage
 
+        end_with_parent()
         self.cfg = resolve_config(config_path, overrides, config)
         self.config = canonical_json(self.cfg)
         self.client = get_client()

@@ -55,6 +55,26 @@ def temporary_server() -> Iterator[str | None]:
     yield server.api_url
 
 
+def end_with_parent(poll: float = 1.0) -> None:
+    """In a flow run started by a Prefect worker or `vaeflow serve` (PREFECT__FLOW_RUN_ID is set): SIGTERM this
+    process when its parent dies, kill -9 included, so that Prefect reports the run Crashed and the stages end their
+    MLflow runs KILLED, instead of an orphan training on unseen. A no-op in `vaeflow run`, which must outlive its shell
+    under nohup. A thread polls getppid(): PR_SET_PDEATHSIG would follow the parent's thread, not its process."""
+    import threading
+
+    if not os.environ.get("PREFECT__FLOW_RUN_ID") or getattr(end_with_parent, "started", False):
+        return
+    parent = os.getppid()
+
+    def check() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=check, name="vaeflow-parent-watch", daemon=True).start()
+    end_with_parent.started = True
+
+
 FAILPOINT = "VAEFLOW_FAILPOINT"  # tests: the name of a failpoint at which this process kills itself with SIGKILL
 
 

@@ -109,7 +109,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
             champion = _alias_version(client, name, CHAMPION)
             best = None if champion is None else champion.tags.get(f"metric.{metric}")
             new = float(metrics[metric])
-            if champion is not None and champion.version == version.version:
+            if champion is not None and str(champion.version) == str(version.version):
                 promoted = True
             elif best is None or (new < float(best) if lower else new > float(best)):
                 client.set_registered_model_alias(name, CHAMPION, version.version)

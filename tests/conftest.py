@@ -82,3 +82,45 @@ def home(tmp_path_factory, request):
     with prefect_test_harness(server_startup_timeout=120):
         yield root
     mp.undo()
+
+
+# Real servers (tests/servers.py), started lazily: only the tests that ask for them pay the start-up.
+_PG_URL = os.environ.get("VAEFLOW_TEST_PG_URL")  # read at import: _isolated_env strips VAEFLOW_* at session start
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """Base URL of a PostgreSQL cluster: $VAEFLOW_TEST_PG_URL (CI starts one), else a throwaway one for the session."""
+    from servers import postgres
+
+    with postgres(_PG_URL) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pg_url, tmp_path_factory):
+    """`mlflow server` on a fresh PostgreSQL database, proxying artifacts to disk: .uri, .artifacts, .db."""
+    from servers import MlflowServer, fresh_database
+    from servers import mlflow_server as serve
+
+    db = fresh_database(pg_url, "mlflow")
+    artifacts = tmp_path_factory.mktemp("mlflow-server") / "artifacts"
+    with serve(db, artifacts) as uri:
+        yield MlflowServer(uri, artifacts, db)
+
+
+@pytest.fixture(scope="session")
+def prefect_pg_db(pg_url):
+    """A fresh PostgreSQL database for the Prefect server (its URL, for checking what the server wrote)."""
+    from servers import fresh_database
+
+    return fresh_database(pg_url, "prefect")
+
+
+@pytest.fixture(scope="session")
+def prefect_pg_server(prefect_pg_db, tmp_path_factory):
+    """`prefect server start` on PostgreSQL with its own PREFECT_HOME; yields the API URL."""
+    from servers import prefect_server
+
+    with prefect_server(prefect_pg_db, tmp_path_factory.mktemp("prefect-pg-server")) as api:
+        yield api

@@ -1,8 +1,10 @@
-"""The Prefect UI as a user sees it: headless Chromium against a real `prefect server` and `vaeflow serve`.
+"""The Prefect UI as a user sees it: headless Chromium against a real `prefect server` and `vaeflow serve --pin`.
 
-The deployment page of vae_pipeline shows the structured `config` parameter as a form (TrainConfig's epochs, lr,
-batch_size ... with the resolved config as defaults); a custom run submitted from that form, with one field edited,
-runs in the served process to Completed, and the edit reaches MLflow. Screenshots go to artifacts/browser/; with
+The deployment page of vae_pipeline shows the structured `config` parameter as a form (the Training section's epochs,
+lr, batch_size ... with the pinned config as defaults, and each plugin section as tabs, one per registered plugin,
+with that plugin's options); a custom run submitted from that form, with a tracking field and a plugin option of the
+encoder edited, runs in the served process to Completed, both edits reach MLflow, and the flow run page lists the
+MLflow link artifacts. Screenshots go to artifacts/browser/; with
 VAEFLOW_UPDATE_DOCS=1 the parameter form is also copied to docs/prefect-ui.png and the completed
 run to docs/prefect-ui-run.png (for the README).
 
@@ -37,6 +39,7 @@ UPDATE_DOCS = os.environ.get("VAEFLOW_UPDATE_DOCS") == "1"
 SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=1", "eval.iwae_k=4",
         "train.progress=false", "tracking.model_name=served-ui"]
 FORM_MODEL_NAME = "browser-ui"  # typed into the form's tracking.model_name field; the registered model proves it
+FORM_ENCODER_HIDDEN = 96  # typed into model.encoder's `hidden` option (the conv encoder's; 128 in the tiny config)
 TIMEOUT_MS = 60_000
 
 
@@ -106,7 +109,7 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
     chrome = require_browser()
     from playwright.sync_api import expect, sync_playwright
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,8 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
     project = tmp_path / "project"
     project.mkdir()
     env = client_env(api, project, tmp_path / "client-home")
-    args = [VAEFLOW, "serve", str(TINY), *[a for s in SETS for a in ("--set", s)], "--interval", "3600", "--name", "ui"]
+    args = [VAEFLOW, "serve", str(TINY), *[a for s in SETS for a in ("--set", s)], "--interval", "3600", "--name", "ui",
+            "--pin"]  # the resolved config pinned as the `config` default: the form is filled in
     serve_log = tmp_path / "serve.log"
     log = open(serve_log, "w")
     proc = subprocess.Popen(args, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -135,7 +139,10 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                     return None
 
             dep = wait_for(deployment, 180, "the vae_pipeline deployment")
+            assert "config:pinned" in dep.tags
             train_defaults = dep.parameters["config"]["train"]
+            encoder = dep.parameters["config"]["model"]["encoder"]
+            assert encoder["name"] == "conv" and encoder["hidden"] != FORM_ENCODER_HIDDEN
             base = ui_base(api)
 
             with sync_playwright() as p:
@@ -156,20 +163,32 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                     page.get_by_role("button", name="Run", exact=True).click()
                     page.get_by_role("menuitem", name="Custom run").or_(
                         page.get_by_text("Custom run", exact=True)).first.click()
-                    for field in ("config_path", "config", "epochs", "lr", "batch_size"):
+                    for field in ("config_path", "config", "epochs", "lr", "batch_size", "channels", "hidden"):
                         expect(page.get_by_text(label(field)).first, f"form field {field}").to_be_visible()
-                    for field in ("epochs", "lr", "batch_size"):  # TrainConfig precedes PriorConfig (same names)
+                    for heading in ("Training", "Model", "Data"):  # section titles, not class names
+                        expect(page.get_by_text(label(heading)).first, f"section {heading}").to_be_visible()
+                    assert page.get_by_text(re.compile(r"TrainConfig|ComponentSpec|Encoder_conv")).count() == 0
+                    # the encoder's plugin tabs: one per registered encoder, the configured one selected
+                    for plugin in ("conv", "mlp"):
+                        expect(page.get_by_role("tab", name=plugin, exact=True).first).to_be_visible()
+                    expect(page.get_by_role("tab", name="conv", exact=True).first).to_have_attribute(
+                        "aria-selected", "true")
+                    for field in ("epochs", "lr", "batch_size"):  # Training precedes Evaluation (batch_size in both)
                         box = page.get_by_label(label(field)).first
                         assert float(box.input_value()) == float(train_defaults[field]), (field, box.input_value())
                     model_name = page.get_by_label(label("model_name")).first
                     expect(model_name).to_have_value("served-ui")
                     model_name.fill(FORM_MODEL_NAME)
-                    # TrainConfig's heading at the top of the viewport, for the picture
-                    page.get_by_text(re.compile(r"^\s*TrainConfig\b")).first.evaluate(
+                    # a plugin option: the first `hidden` box is model.encoder's (the encoder precedes the decoder)
+                    hidden = page.get_by_label(label("hidden")).first
+                    assert int(hidden.input_value()) == encoder["hidden"], hidden.input_value()
+                    hidden.fill(str(FORM_ENCODER_HIDDEN))
+                    # the Training heading at the top of the viewport, for the picture
+                    page.get_by_text(label("Training")).first.evaluate(
                         "e => { e.scrollIntoView({block: 'start'}); window.scrollBy(0, -16); }")
                     page.mouse.move(0, 0)
                     form_shot = ARTIFACTS / "02-custom-run-form.png"
-                    page.screenshot(path=form_shot)  # the viewport around TrainConfig; the full form is ~8000 px
+                    page.screenshot(path=form_shot)  # the viewport around Training; the full form is several thousand px
                     page.screenshot(path=ARTIFACTS / "02-custom-run-form-full.png", full_page=True)
 
                     # 3. submit it: the UI creates the flow run, the served process picks it up
@@ -198,6 +217,7 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                     assert len(runs) == 1, f"the form created {len(runs)} flow runs" + tail()
                     run = runs[0]
                     assert run.parameters["config"]["train"]["epochs"] == train_defaults["epochs"]
+                    assert run.parameters["config"]["model"]["encoder"] == {**encoder, "hidden": FORM_ENCODER_HIDDEN}
 
                     # 4. it runs to Completed
                     try:
@@ -215,6 +235,13 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                     page.wait_for_timeout(1500)  # let the run graph settle before the picture
                     run_shot = ARTIFACTS / "03-flow-run-completed.png"
                     page.screenshot(path=run_shot, full_page=True)
+                    # the flow run page shows the MLflow link artifacts (one per stage run, the model version)
+                    links = [a.key for a in client.read_artifacts(flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=[run.id])), limit=100) if (a.key or "").startswith("mlflow")]
+                    assert links, "no MLflow link artifact on the flow run" + tail()
+                    page.get_by_role("tab", name="Artifacts").first.click()
+                    expect(page.get_by_text(re.compile(r"^\s*mlflow-")).first).to_be_visible()
+                    page.screenshot(path=ARTIFACTS / "03b-flow-run-artifacts.png", full_page=True)
                     page.goto(f"{base}deployments/deployment/{dep.id}", wait_until="networkidle")
                     expect(page.get_by_text(run.name).first).to_be_visible()
                     page.screenshot(path=ARTIFACTS / "04-deployment-after-run.png", full_page=True)
@@ -229,9 +256,16 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
         proc.wait(timeout=60)
         log.close()
 
-    # the value typed into the form reached the pipeline: the model is registered under that name
-    versions = store(project).search_model_versions(f"name='{FORM_MODEL_NAME}'")
+    # the values typed into the form reached the pipeline: the model is registered under that name, and the MLflow
+    # run trained the encoder with the edited option
+    mlflow_client = store(project)
+    versions = mlflow_client.search_model_versions(f"name='{FORM_MODEL_NAME}'")
     assert [int(v.version) for v in versions] == [1]
+    params = mlflow_client.get_run(versions[0].run_id).data.params
+    if "model.encoder.hidden" not in params:  # the version's run is a stage run: its parent holds the config params
+        params = mlflow_client.get_run(mlflow_client.get_run(versions[0].run_id).data.tags["mlflow.parentRunId"]).data.params
+    assert params["model.encoder.hidden"] == str(FORM_ENCODER_HIDDEN) and params["model.decoder.hidden"] == str(
+        encoder["hidden"]), params
     print(f"UI-submitted flow run completed in {run_seconds:.0f} s; screenshots in {ARTIFACTS}")
     if UPDATE_DOCS:
         DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)

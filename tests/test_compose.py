@@ -3,13 +3,21 @@ construction, because no Docker engine runs where these tests run.
 
 The compose file is read with yaml.safe_load (which resolves the `<<: *anchor` merges the way
 Compose does) and `${VAR:-default}` is replaced by its default, as Compose does with an empty
-environment. Nothing here needs Docker; `docker compose config` runs only where it works.
+environment. Nothing here needs Docker (there is no `docker compose` plugin where these tests run, so
+no test calls it).
+
+The stack must run what the native team setup runs: the MLflow and Prefect server commands are
+compared with the ones tests/servers.py starts (read from its source, not imported), the workers'
+environment with what `vaeflow deploy` (pipelines.deployments.worker_env) writes into the deployments,
+and the deploy command in docker/README.md with the workers' pools and workspace.
 """
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
+import posixpath
 import re
 import shlex
 import shutil
@@ -29,16 +37,21 @@ DOCKERFILE = DOCKER / "Dockerfile"
 MLFLOW_DOCKERFILE = DOCKER / "mlflow.Dockerfile"
 INIT_SQL = DOCKER / "postgres-init.sql"
 README = DOCKER / "README.md"
+DOCKERIGNORE = DOCKER / "Dockerfile.dockerignore"
+SERVERS = ROOT / "tests" / "servers.py"  # how the tests start the real servers (the native team setup)
+CONFIGS = ROOT / "configs"
 
 EXPECTED_SERVICES = {"postgres", "minio", "create-bucket", "mlflow", "prefect-server", "worker", "worker-gpu"}
 WORKERS = ("worker", "worker-gpu")
+SCALABLE = ("worker",)  # `docker compose up --scale worker=N`: no fixed hostname
 PREFECT_SERVICES = ("prefect-server", *WORKERS)
 UI_PORTS = {"prefect-server": 4200, "mlflow": 5000}  # the only published ports, host side
 
 # Keys of a service that this stack may use (a subset of the Compose specification): a typo such
 # as `depend_on` or `healthchek` would otherwise be ignored here and rejected by Compose there.
 SERVICE_KEYS = {"build", "image", "command", "entrypoint", "environment", "volumes", "ports", "depends_on",
-                "healthcheck", "restart", "profiles", "deploy", "working_dir", "user", "expose"}
+                "healthcheck", "restart", "profiles", "deploy", "working_dir", "user", "expose", "hostname",
+                "shm_size"}
 HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "start_interval", "disable"}
 BUILD_KEYS = {"context", "dockerfile", "args", "target"}
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
@@ -272,7 +285,8 @@ def test_mlflow_backend_store_is_the_mlflow_database(services):
     cmd = argv(services["mlflow"]["command"])
     url = urlparse(flag(cmd, "--backend-store-uri"))
     pg = env(services["postgres"])
-    assert url.scheme in ("postgresql", "postgresql+psycopg2")
+    # SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3, which the MLflow image does not have
+    assert url.scheme == "postgresql+psycopg2", url.scheme
     assert url.hostname == "postgres" and (url.port or 5432) == 5432
     assert url.path.lstrip("/") == "mlflow" and "mlflow" in init_databases()
     assert url.username == pg["POSTGRES_USER"] and url.password == pg["POSTGRES_PASSWORD"]
@@ -281,7 +295,8 @@ def test_mlflow_backend_store_is_the_mlflow_database(services):
 
 def test_mlflow_artifacts_go_to_the_bucket_the_one_shot_service_creates(services):
     cmd = argv(services["mlflow"]["command"])
-    assert "--serve-artifacts" in cmd, "clients upload through the server; they need no S3 credentials"
+    # clients upload through the server (--serve-artifacts, MLflow's default); they need no S3 credentials
+    assert "--no-serve-artifacts" not in cmd and "--default-artifact-root" not in cmd
     dest = urlparse(flag(cmd, "--artifacts-destination"))
     assert dest.scheme == "s3"
     alias_url, _, bucket = _bucket_service(services)
@@ -334,6 +349,205 @@ def test_mlflow_image_bakes_its_drivers(services):
     for name, svc in services.items():  # nothing is installed when a container starts
         for part in ("command", "entrypoint"):
             assert "pip install" not in " ".join(argv(svc.get(part))), f"{name}.{part}"
+
+
+# --- the same servers as the native team setup (tests/servers.py) ----------------------------
+def native_server(function: str) -> dict:
+    """What tests/servers.py's `function` starts, read from its source: the command's words and flags, which
+    URL (a flag's value or an environment variable) gets which driver via with_driver(url, DRIVER), and the
+    environment it sets (None: removed)."""
+    tree = ast.parse(SERVERS.read_text())
+    fn = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    assert fn is not None, f"tests/servers.py has no {function}()"
+
+    def driver(node) -> str | None:
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "with_driver":
+            return node.args[1].value
+        return None
+
+    out = {"words": [], "flags": [], "values": {}, "drivers": {}, "env": {}}
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["args"]:
+            items = node.value.elts
+            for i, item in enumerate(items):
+                if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                    out["words"].append(item.value)
+                    if item.value.startswith("--"):
+                        out["flags"].append(item.value)
+                        if i + 1 < len(items):
+                            out["values"][item.value] = items[i + 1]
+                if (d := driver(item)) and i > 0:
+                    out["drivers"][items[i - 1].value] = d
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                    continue
+                if d := driver(value):
+                    out["drivers"][key.value] = d
+                elif isinstance(value, ast.Constant) and (value.value is None or isinstance(value.value, str)):
+                    out["env"][key.value] = value.value
+    return out
+
+
+def test_native_servers_are_read():
+    """The reader above finds what it needs, so that the comparisons below cannot pass on nothing."""
+    ml = native_server("mlflow_server")
+    assert {"server", "--backend-store-uri", "--artifacts-destination", "--host", "--port"} <= set(ml["words"]), ml
+    assert ml["drivers"].get("--backend-store-uri") == "psycopg2", ml["drivers"]
+    assert ml["env"].get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false", ml["env"]
+    pf = native_server("prefect_server")
+    assert {"server", "start", "--host", "--port"} <= set(pf["words"]), pf
+    assert pf["drivers"].get("PREFECT_SERVER_DATABASE_CONNECTION_URL") == "asyncpg", pf["drivers"]
+
+
+def test_mlflow_server_runs_the_native_command(services):
+    """`mlflow server` with exactly the flags tests/servers.py passes; the backend URL names the native driver;
+    few request workers."""
+    native = native_server("mlflow_server")
+    cmd = argv(services["mlflow"]["command"])
+    assert cmd[:2] == ["mlflow", "server"]
+    flags = [a.split("=", 1)[0] for a in cmd if a.startswith("--")]
+    assert sorted(flags) == sorted(native["flags"]), f"compose: {flags}; tests/servers.py: {native['flags']}"
+    assert urlparse(flag(cmd, "--backend-store-uri")).scheme == f"postgresql+{native['drivers']['--backend-store-uri']}"
+    workers = int(flag(cmd, "--workers"))
+    assert 1 <= workers <= 4, f"--workers {workers}: each is a process with its own database pool"
+
+
+def test_mlflow_server_environment_is_the_native_one(services):
+    native = native_server("mlflow_server")["env"]
+    e = env(services["mlflow"])
+    for key, value in native.items():
+        if value is None:
+            assert key not in e, f"tests/servers.py unsets {key} for the server; compose sets it"
+        else:
+            assert e.get(key) == value, f"{key}: compose {e.get(key)!r}, tests/servers.py {value!r}"
+
+
+def test_prefect_server_runs_the_native_command(services):
+    native = native_server("prefect_server")
+    cmd = argv(services["prefect-server"]["command"])
+    assert cmd[:3] == ["prefect", "server", "start"]
+    assert sorted(a for a in cmd if a.startswith("--")) == sorted(native["flags"])
+    e = env(services["prefect-server"])
+    for var, driver in native["drivers"].items():
+        assert urlparse(e[var]).scheme == f"postgresql+{driver}", (var, e.get(var))
+    for key, value in native["env"].items():
+        if value is None:  # PREFECT_API_URL, PREFECT_PROFILE: the server is not a client of another server
+            assert key not in e, key
+
+
+# --- workers: the environment `vaeflow deploy` writes, one shared workspace ------------------
+def dockerfile_env(path: Path = None) -> dict[str, str]:
+    """The ENV instructions of the vaeflow Dockerfile, as a dict."""
+    text = (path or DOCKERFILE).read_text().replace("\\\n", " ")
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            for word in shlex.split(line[4:]):
+                key, sep, value = word.partition("=")
+                assert sep, f"ENV {word}: write KEY=VALUE"
+                out[key] = value
+    return out
+
+
+def dockerfile_workdir() -> str:
+    return re.findall(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), re.M)[-1]
+
+
+def worker_environment(services, worker: str) -> dict[str, str]:
+    """What a process in the worker container sees: the image's ENV, then compose's environment."""
+    return {**dockerfile_env(), **env(services[worker])}
+
+
+def workspace_mount(services, worker: str) -> str:
+    """VAEFLOW_HOME/<tracking.workspace default>: where the pipeline's workspace is in the worker."""
+    from core.config import TrackingConfig
+
+    return posixpath.normpath(posixpath.join(env(services[worker])["VAEFLOW_HOME"],
+                                             TrackingConfig.model_fields["workspace"].default))
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_worker_environment_is_what_vaeflow_deploy_writes(services, worker):
+    """`vaeflow deploy` run in a worker container puts worker_env(--workspace, that container's environment) into the
+    deployments' job variables; each variable must equal the worker's own, so that a deployed run and a
+    `docker compose run worker vaeflow run ...` see the same settings."""
+    from pipelines.deployments import worker_env
+
+    e = worker_environment(services, worker)
+    assert e["VAEFLOW_HOME"] == dockerfile_workdir() == "/app", "the workspace root is the image's code folder"
+    ml = urlparse(e["MLFLOW_TRACKING_URI"])
+    assert ml.hostname == "mlflow" and ml.hostname in services
+    job = worker_env(Path(e["VAEFLOW_HOME"]), environ=e)
+    differ = {k: (v, e.get(k)) for k, v in job.items() if e.get(k) != v}
+    assert not differ, f"job variable vs {worker}'s environment: {differ}"
+    assert e["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_every_worker_mounts_one_workspace_volume_at_vaeflow_home(compose, services):
+    """The stage outputs, Prefect's cache records (<workspace>/prefect-results) and the stage locks live in the
+    workspace, and cache keys include its path: one named volume, at VAEFLOW_HOME/.vaeflow, in every worker."""
+    sources = set()
+    for w in WORKERS:
+        target = workspace_mount(services, w)
+        mounts = {t: s for s, t in _volume_sources(services[w])}
+        assert target in mounts, f"{w}: nothing mounted at its workspace {target}"
+        assert mounts[target] in (compose.get("volumes") or {}), f"{w}: {target} must be a named volume"
+        sources.add(mounts[target])
+    assert len(sources) == 1, f"the workers' workspaces are different volumes: {sources}"
+    assert len({workspace_mount(services, w) for w in WORKERS}) == 1, "the workspace path is in every cache key"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_keep_their_workspace_in_the_volume(services, config):
+    raw = yaml.safe_load((CONFIGS / config).read_text()) or {}
+    ws = (raw.get("tracking") or {}).get("workspace", ".vaeflow")
+    home = env(services["worker"])["VAEFLOW_HOME"]
+    target = workspace_mount(services, "worker")
+    path = posixpath.normpath(posixpath.join(home, ws))
+    assert path == target or path.startswith(target + "/"), f"{config}: workspace {path} is outside the volume"
+
+
+def test_no_results_storage_path_outside_the_workspace(services):
+    """Results are shared through the workspace volume; a PREFECT_RESULTS_LOCAL_STORAGE_PATH anywhere else would
+    suggest otherwise (and put whatever uses it into a container's private folder)."""
+    for name, svc in services.items():
+        e = {**(dockerfile_env() if "build" in svc and "mlflow" not in name else {}), **env(svc)}
+        for var in ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH"):
+            if var in e:
+                assert name in WORKERS, f"{name} sets {var}"
+                target = workspace_mount(services, name)
+                assert posixpath.normpath(e[var]).startswith(target + "/"), f"{name}: {var}={e[var]}"
+
+
+def test_worker_hostnames(services):
+    """Pipeline runs end the RUNNING MLflow runs of their own hostname whose process is gone. Replicas of a scaled
+    service share a fixed hostname and would end each other's live runs: the scalable worker has none; a fixed
+    one is unique in the stack."""
+    for w in SCALABLE:
+        assert "hostname" not in services[w], f"{w} is scaled with --scale; a fixed hostname is shared by replicas"
+    assert services["worker-gpu"].get("hostname"), "the GPU worker keeps its hostname when it is recreated"
+    names = [svc["hostname"] for svc in services.values() if "hostname" in svc]
+    assert len(names) == len(set(names)), names
+    assert not set(names) & set(services), "a hostname equal to a service name would shadow that service"
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_workers_take_one_flow_run_at_a_time(services, worker):
+    """As the workers of tests/test_deploy.py: --limit 1; parallel runs come from more workers."""
+    assert flag(argv(services[worker]["command"]), "--limit") == "1"
+
+
+def _bytes(size) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(size).strip().lower())
+    assert m, size
+    return int(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2)]
+
+
+def test_gpu_worker_has_shared_memory_for_nccl(services):
+    """train.nproc > 1 runs torchrun with NCCL, which needs more /dev/shm than Docker's 64 MB."""
+    assert _bytes(services["worker-gpu"].get("shm_size", "64m")) >= 2**30
+    assert "shm_size" not in services["worker"] or _bytes(services["worker"]["shm_size"]) >= 64 * 2**20
 
 
 # --- images, builds, volumes ----------------------------------------------------------------
@@ -455,6 +669,38 @@ def test_dockerfile_variants_pins_and_user():
     assert re.search(r"^USER\s+\S+", MLFLOW_DOCKERFILE.read_text(), re.M), "the MLflow server runs as root"
 
 
+def test_image_runs_vaeflow_from_its_workdir():
+    """`vaeflow deploy` registers the folder its code is imported from as the deployments' source: the image
+    installs vaeflow editable from WORKDIR /app, so that folder is /app in every container of the image."""
+    text = _dockerfile()
+    assert dockerfile_workdir() == "/app"
+    copy = re.search(r"^COPY \. /app\s*$", text, re.M)
+    install = re.search(r"^RUN pip install --no-deps -e \.(?:\s|$)", text, re.M)
+    assert copy and install and copy.start() < install.start(), "COPY . /app, then pip install --no-deps -e ."
+    # the source and the configs reach the image
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    from pipelines.deployments import PIPELINE_ENTRYPOINTS
+
+    needed = ["pyproject.toml", "README.md", "configs/vae-fashion-mnist.yaml"]
+    needed += [e.split(":")[0] for e in PIPELINE_ENTRYPOINTS.values()]
+    for path in needed:
+        assert (ROOT / path).is_file(), path
+        parts = Path(path).parts
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        hit = [p for p in patterns for pre in prefixes
+               if fnmatch.fnmatch(pre, p) or fnmatch.fnmatch(pre, p.removeprefix("**/"))]
+        assert not hit, f"{path} is excluded from the build context by {hit}"
+
+
+def test_image_vaeflow_variables_are_the_same_in_both_variants():
+    """`vaeflow deploy` copies the deployer's VAEFLOW_* variables into the runs' environment: a deploy from the CPU
+    worker to the GPU pool must not carry CPU-only values."""
+    for key, value in dockerfile_env().items():
+        if key.startswith("VAEFLOW_"):
+            assert "$" not in value, f"{key}={value} differs between the image variants"
+
+
 @pytest.mark.parametrize("variant, expected", [
     ("cpu", "pip install --index-url https://download.pytorch.org/whl/cpu torch=={t} torchvision=={tv}"),
     ("cuda", "pip install torch=={t} torchvision=={tv}"),
@@ -512,25 +758,67 @@ def test_entrypoint_dispatch(tmp_path, args, expected):
     assert r.stdout == expected
 
 
-# --- docs and the real Compose, where available -----------------------------------------------
+# --- docs -------------------------------------------------------------------------------------
 def test_readme_covers_the_stack(services):
     text = README.read_text()
     for needle in ("docker compose -f docker/compose.yaml", "--profile gpu", "http://127.0.0.1:4200",
-                   "http://127.0.0.1:5000", "nvidia.com/gpu", "--type kubernetes", "vae_pipeline"):
+                   "http://127.0.0.1:5000", "nvidia.com/gpu", "--type kubernetes", "vae_pipeline",
+                   "--scale worker=", "train.nproc", "vaeflow.host", "KILLED"):
         assert needle in text, needle
     for w in WORKERS:
         assert flag(argv(services[w]["command"]), "--pool") in text
 
 
-def test_docker_compose_config_when_available():
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker client")
-    try:
-        if subprocess.run([docker, "compose", "version"], capture_output=True, timeout=10).returncode != 0:
-            pytest.skip("no `docker compose` plugin")
-        r = subprocess.run([docker, "compose", "-f", str(COMPOSE_FILE), "--profile", "gpu", "config", "--quiet"],
-                           capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.skip("docker compose did not answer")
-    assert r.returncode == 0, r.stderr
+def _readme_commands(word: str) -> list[list[str]]:
+    """The `docker compose ...` commands in docker/README.md's bash blocks that contain `word`, as argv."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("docker compose") and word in line:
+                out.append(shlex.split(line))
+    return out
+
+
+def _compose_run(args: list[str]) -> tuple[str, list[str]]:
+    """(service, command) of `docker compose -f docker/compose.yaml [--profile P] run [OPTIONS] SERVICE CMD...`."""
+    assert args[:4] == ["docker", "compose", "-f", "docker/compose.yaml"], args
+    i = args.index("run")
+    assert all(a in ("--profile", "gpu") for a in args[4:i]), args
+    i += 1
+    while args[i].startswith("-"):
+        i += 2 if args[i] in ("-e", "--env", "-v", "--volume", "-u", "--user", "-w", "--workdir", "--name",
+                              "-l", "--label", "--entrypoint") else 1
+    return args[i], args[i + 1:]
+
+
+def test_readme_deploy_commands_fit_the_workers(services):
+    """Each documented `vaeflow deploy` runs in a one-off container of a worker service without a fixed hostname,
+    names a pool that a worker listens on, a config shipped in the image, and the workers' VAEFLOW_HOME as
+    --workspace; the documented `prefect deployment run`s name deployments those commands create."""
+    deploys = _readme_commands("vaeflow deploy")
+    assert deploys, "docker/README.md documents no `docker compose ... vaeflow deploy`"
+    pools = {flag(argv(services[w]["command"]), "--pool") for w in WORKERS}
+    homes = {env(services[w])["VAEFLOW_HOME"] for w in WORKERS}
+    created, used_pools = set(), set()
+    for args in deploys:
+        service, cmd = _compose_run(args)
+        assert service in WORKERS, f"{service}: deploy in a container of the workers' image"
+        assert "hostname" not in services[service], f"one-off `run {service}` containers share its fixed hostname"
+        assert cmd[:2] == ["vaeflow", "deploy"], cmd
+        config = cmd[2]
+        assert not config.startswith("/") and (ROOT / config).is_file(), f"{config}: a config of the image's /app"
+        assert flag(cmd, "--pool") in pools, f"no worker listens on pool {flag(cmd, '--pool')}"
+        used_pools.add(flag(cmd, "--pool"))
+        assert {flag(cmd, "--workspace")} == homes, f"--workspace {flag(cmd, '--workspace')}, workers: {homes}"
+        try:
+            name = flag(cmd, "--name")
+        except AssertionError:
+            name = yaml.safe_load((ROOT / config).read_text())["tracking"]["model_name"]
+        created.add(f"vae_pipeline/{name}")
+    assert used_pools == pools, f"pools without a documented deploy: {pools - used_pools}"
+    runs = [a for a in _readme_commands("prefect deployment run")]
+    assert runs
+    for args in runs:
+        target = args[args.index("run", args.index("deployment")) + 1]
+        assert target in created, f"{target} is not created by a documented deploy ({sorted(created)})"

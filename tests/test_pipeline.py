@@ -298,17 +298,17 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
     workspace and store, and a cached stage whose MLflow run is gone from the store runs again."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.flows import run_pipeline
+    from pipelines.flows import evaluate_flow
 
     sets = SETS + ["tracking.model_name=scoped"]
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setenv("VAEFLOW_HOME", str(a))
-    first = run_pipeline(str(TINY), sets, until="evaluate")
+    first = evaluate_flow(str(TINY), sets)
     assert set(first["stages"].values()) == {"ran"}
-    assert set(run_pipeline(str(TINY), sets, until="evaluate")["stages"].values()) == {"cached"}
+    assert set(evaluate_flow(str(TINY), sets)["stages"].values()) == {"cached"}
 
     monkeypatch.setenv("VAEFLOW_HOME", str(b))
-    other = run_pipeline(str(TINY), sets, until="evaluate")
+    other = evaluate_flow(str(TINY), sets)
     assert set(other["stages"].values()) == {"ran"}  # nothing from workspace a
     assert Path(other["run_dir"]).is_relative_to(b) and Path(other["eval"]).is_relative_to(b)
     store_b = MlflowClient(f"sqlite:///{b / 'mlflow.db'}")
@@ -317,7 +317,7 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
 
     monkeypatch.setenv("VAEFLOW_HOME", str(a))  # workspace a, but another tracking store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
-    elsewhere = run_pipeline(str(TINY), sets, until="evaluate")
+    elsewhere = evaluate_flow(str(TINY), sets)
     assert set(elsewhere["stages"].values()) == {"ran"}
     MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").get_run(elsewhere["mlflow_run_id"])
 
@@ -326,6 +326,44 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
     train_run = next(r for r in store_a.search_runs([store_a.get_experiment_by_name("vaeflow").experiment_id],
                                                     "tags.stage = 'train'"))
     store_a.delete_run(train_run.info.run_id)  # ... except train, whose MLflow run is gone now
-    again = run_pipeline(str(TINY), sets, until="evaluate")
+    again = evaluate_flow(str(TINY), sets)
     assert again["stages"] == {"prepare_data": "cached", "train": "ran", "train_features": "cached", "evaluate": "cached"}
     assert again["run_dir"] == first["run_dir"]  # the weights on disk were reused, under a new MLflow run
+
+
+def test_prefect_shows_the_work_logs_links_and_summary(home):
+    """The flow run in Prefect carries epoch log lines, a link artifact per stage to its MLflow run, and a summary."""
+    from prefect.client.orchestration import get_client as prefect_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from pipelines.flows import vae_pipeline
+    from test_serve import wait_for
+
+    sets = SETS + ["train.epochs=2", "tracking.model_name=shown"]
+    state = vae_pipeline(str(TINY), sets, return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    flow_run_id = state.state_details.flow_run_id
+    with prefect_client(sync_client=True) as pc:
+        artifacts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+        def logs() -> list[str]:  # log lines reach the API in batches, a moment after the run
+            found = [log.message for log in pc.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+            return found if any(m.startswith("iwae_nll_nats") for m in found) else []
+
+        logs = wait_for(logs, 60, "the flow run's log lines")
+    by_key = {a.key: a for a in artifacts}
+    c = client()
+    parent = c.get_run(out["mlflow_run_id"])
+    children = {r.data.tags["stage"]: r.info.run_id
+                for r in c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    for stage, run_id in children.items():  # each stage links to its own MLflow run
+        link = by_key[f"mlflow-{stage.replace('_', '-')}"]
+        assert link.type == "markdown" and run_id in link.data, (stage, link.data)
+    summary = by_key["vaeflow-pipeline-summary"].data
+    assert "| train | ran |" in summary and f"models:/shown/{out['model']['version']}" in summary
+    assert f"| iwae_nll_nats | {parent.data.metrics['iwae_nll_nats']:.6g} |" in summary
+    assert by_key["mlflow-model-version"].data.count("shown") >= 1
+    epoch_lines = [m for m in logs if m.startswith("epoch ")]
+    assert [m.split(":")[0] for m in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss" in m and "kl" in m and "img/s" in m and "ETA" in m for m in epoch_lines)
+    assert any(m.startswith("iwae_nll_nats") for m in logs)  # evaluate's metrics

@@ -1,4 +1,5 @@
-"""Deployments served to a real `prefect server`, and concurrent pipeline runs into one sqlite store."""
+"""Deployments served to a real `prefect server` (the YAML read at run time, the plugin-aware form), and concurrent
+pipeline runs into one sqlite store."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, VAEFLOW
@@ -46,24 +49,9 @@ def healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on a free loopback port, with its own PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_for(lambda: healthy(api) or proc.poll() is not None, 180, "prefect server")
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        yield api
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+def server(prefect_pg_server):
+    """The API URL of a real `prefect server` (on PostgreSQL, shared by the session: deployment names are unique)."""
+    return prefect_pg_server
 
 
 def store(project: Path) -> MlflowClient:
@@ -78,39 +66,46 @@ def client_env(api: str, project: Path, home: Path) -> dict:
     return env
 
 
-def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(server, tmp_path):
+def test_served_deployment_reads_its_config_at_run_time_and_keeps_its_schedule(server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from test_deploy import check_form
+
     project = tmp_path / "project"
     project.mkdir()
+    name, model = f"tiny-{uuid.uuid4().hex[:8]}", "served"
+    config = tmp_path / "tiny.yaml"  # a copy, edited after serving
+    raw = yaml.safe_load(TINY.read_text())
+    raw["tracking"]["model_name"] = "served-as-deployed"
+    config.write_text(yaml.safe_dump(raw))
+    sets = [s for s in SETS if not s.startswith("tracking.model_name=")]
     env = client_env(server, project, tmp_path / "client-home")
-    args = [VAEFLOW, "serve", str(TINY), *[a for s in SETS for a in ("--set", s)], "--interval", "3600", "--name", "tiny"]
+    args = [VAEFLOW, "serve", str(config), *[a for s in sets for a in ("--set", s)], "--interval", "3600", "--name", name]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(args, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
-            def deployment(name: str):
+            def deployment(full_name: str):
                 assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
                 try:
-                    return client.read_deployment_by_name(name)
+                    return client.read_deployment_by_name(full_name)
                 except Exception:
                     return None
 
             stages = ("prepare_data", "train", "evaluate", "render", "register")
             for stage in stages:  # serve registers them one after another
-                wait_for(lambda: deployment(f"{stage}_flow/tiny"), 120, f"the {stage}_flow deployment")
-            dep = wait_for(lambda: deployment("vae_pipeline/tiny"), 120, "the vae_pipeline deployment")
+                wait_for(lambda: deployment(f"{stage}_flow/{name}"), 120, f"the {stage}_flow deployment")
+            dep = wait_for(lambda: deployment(f"vae_pipeline/{name}"), 120, "the vae_pipeline deployment")
             # the schedule is visible through the API
             assert [s.schedule.interval.total_seconds() for s in dep.schedules] == [3600.0]
-            # the resolved config (overrides applied) is the default of the structured `config` parameter
-            assert dep.parameters["config_path"] == str(TINY) and dep.parameters["overrides"] == []
-            assert dep.parameters["config"]["train"]["epochs"] == 1
-            assert dep.parameters["config"]["tracking"]["model_name"] == "served"
-            schema = dep.parameter_openapi_schema  # what the UI renders as the form
-            assert {"config_path", "overrides", "config"} <= set(schema["properties"])
-            assert {"epochs", "lr", "batch_size"} <= set(schema["definitions"]["TrainConfig"]["properties"])
-            assert all(not deployment(f"{stage}_flow/tiny").schedules for stage in stages)  # only the pipeline is scheduled
+            # without --pin the file is read when the run starts: config is None, the overrides are the --set values
+            assert dep.parameters == {"config_path": str(config), "overrides": sets, "config": None}
+            assert "config:runtime" in dep.tags and "when each run starts" in dep.description
+            check_form(dep.parameter_openapi_schema, vq=False)  # what the UI renders as the form
+            assert all(not deployment(f"{stage}_flow/{name}").schedules for stage in stages)  # only the pipeline is scheduled
+            raw["tracking"]["model_name"] = model  # edited after serving: the run must see it
+            config.write_text(yaml.safe_dump(raw))
             # launch it the way the UI does, and wait for the served process to run it
             run = client.create_flow_run_from_deployment(dep.id)
             final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 300, "the flow run")
@@ -123,8 +118,9 @@ def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(server, tmp_
     exp = mlflow_client.get_experiment_by_name("vaeflow")
     parents = mlflow_client.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    versions = mlflow_client.search_model_versions("name='served'")
-    assert [int(v.version) for v in versions] == [1]
+    assert parents[0].data.params["tracking.model_name"] == model and parents[0].data.params["train.epochs"] == "1"
+    assert [int(v.version) for v in mlflow_client.search_model_versions(f"name='{model}'")] == [1]
+    assert not mlflow_client.search_model_versions("name='served-as-deployed'")
 
 
 def test_four_concurrent_runs_lose_nothing(server, tmp_path):
