@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -303,8 +304,8 @@ def run(
         build_model(cfg)  # shape errors exit 2 here, before any run exists
         flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
         call = lambda: flow_(str(config), list(set_))  # noqa: E731
-    again = " ".join(["vaeflow run", str(config), *(f"--set {s}" for s in set_),
-                      *([f"--until {until}"] if until != "register" else [])])
+    again = shlex.join(["vaeflow", "run", str(config), *(a for s in set_ for a in ("--set", s)),
+                        *(["--until", until] if until != "register" else [])])
     try:
         with sigterm_as_interrupt(), temporary_server():
             result = call()
