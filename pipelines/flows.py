@@ -542,9 +542,12 @@ class Pipeline:
         """A markdown artifact on the flow run: each stage (ran or cached, its MLflow run), the key metrics and the
         registered version."""
         from prefect.artifacts import create_markdown_artifact
+        from prefect.context import FlowRunContext
 
         from pipelines.tracking import run_url, tracking_uri
 
+        if FlowRunContext.get() is None:  # run_pipeline called directly, not as a flow: no flow run to attach it to
+            return
         exp = self.run["experiment_id"]
         lines = [f"MLflow store: `{tracking_uri()}`; pipeline run [{self.run['parent_id']}]"
                  f"({run_url(exp, self.run['parent_id'])})", "", "| stage | status | MLflow run |", "|---|---|---|"]

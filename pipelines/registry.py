@@ -16,6 +16,7 @@ from core import __version__
 from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE
 from core.config import Config, config_hash
 from core.errors import VaeflowError
+from core.interfaces import file_sha256
 from pipelines.processes import failpoint
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -80,11 +81,12 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
     name = cfg.tracking.model_name
     metric, lower = cfg.tracking.promote_metric, cfg.tracking.promote_lower_is_better
     _ensure_registered_model(client, name)
-    tags = {**lineage, "run_id": run_id, "config_hash": config_hash(cfg)}
+    sha = file_sha256(Path(run_dir) / WEIGHTS_FILE)  # the identity of what is registered
+    tags = {**lineage, "weights_sha256": sha, "run_id": run_id, "config_hash": config_hash(cfg)}
     if metric in metrics:
         tags[f"metric.{metric}"] = repr(float(metrics[metric]))
     with mlflow.start_run(run_id=run_id):  # fluent API, this task's own thread; ends the run after the aliases
-        version = _version_with(client, name, weights_sha256=lineage["weights_sha256"])
+        version = _version_with(client, name, weights_sha256=sha)
         reused = version is not None
         if not reused:
             with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -120,7 +122,6 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
 
 def register_features(client: MlflowClient, run_id: str, folder: Path, name: str, info: dict) -> dict:
     """Register the offline feature network once per weights file (a cached re-run reuses its version)."""
-    from core.interfaces import file_sha256
     from core.sample_quality import FEATURES_WEIGHTS
 
     sha = file_sha256(folder / FEATURES_WEIGHTS)

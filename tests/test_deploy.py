@@ -276,7 +276,7 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
         for proc in workers.values():
             stop(proc)
 
-    mlflow = MlflowClient(mlflow_server.uri)
+    mlflow = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     versions = sorted(int(v.version) for v in mlflow.search_model_versions(f"name='{model_name}'"))
     assert versions == [1, 2, 3, 4], versions  # no gaps, no duplicates
     assert not mlflow.search_model_versions(f"name='{model_name}-as-deployed'")

@@ -311,7 +311,8 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
     other = evaluate_flow(str(TINY), sets)
     assert set(other["stages"].values()) == {"ran"}  # nothing from workspace a
     assert Path(other["run_dir"]).is_relative_to(b) and Path(other["eval"]).is_relative_to(b)
-    store_b = MlflowClient(f"sqlite:///{b / 'mlflow.db'}")
+    uri_b = f"sqlite:///{b / 'mlflow.db'}"
+    store_b = MlflowClient(uri_b, registry_uri=uri_b)  # the registry too: MlflowClient's default is process-wide
     name, version = json.loads(Path(other["eval"]).read_text())["quality/feature_net"].split("/")
     assert store_b.get_model_version(name, version).tags["weights_sha256"]  # its own store's feature network
 

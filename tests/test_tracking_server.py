@@ -61,7 +61,7 @@ def vae_run(mlflow_server, project):
 
 def test_vae_pipeline_registers_on_the_server(mlflow_server, project, vae_run):
     env, first, again = vae_run
-    c = MlflowClient(mlflow_server.uri)
+    c = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     assert set(first["stages"].values()) == {"ran"}
     assert set(result_of(again)["stages"].values()) == {"cached"}
     assert f"open {mlflow_server.uri}" in again  # the closing hint names the store actually used
@@ -116,7 +116,7 @@ def test_generate_from_the_registry(mlflow_server, project, vae_run):
 def test_vq_pipeline_registers_priors_with_lineage_and_generates(mlflow_server, project):
     env = team_env(mlflow_server, project)
     result = result_of(vaeflow(env, "run", str(VQ_TINY), *sets(VQ_SETS), cwd=project))
-    c = MlflowClient(mlflow_server.uri)
+    c = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     stage1 = c.get_model_version_by_alias("team-vq", "champion")
     for level in ("top", "bottom"):
         (prior,) = c.search_model_versions(f"name='team-vq-prior-{level}'")

@@ -103,7 +103,7 @@ def test_parent_run_and_codebook_health_metrics_in_mlflow(runs):
     evaluated = by_stage["evaluate"].data.metrics
     assert 0 < evaluated["eval/top_usage"] <= 1 and "eval/prior_top_nll_bits_per_code" in evaluated
     # prior samples scored in the registered feature network's space, against real training images as the floor
-    assert evaluated["eval/quality/samples"] == 32 and evaluated["eval/quality/fid"] > 0
+    assert by_stage["evaluate"].data.params["eval/quality/samples"] == "32" and evaluated["eval/quality/fid"] > 0
     assert by_stage["evaluate"].data.tags["quality.feature_net"].startswith("features-shapes/")
     history = c.get_metric_history(by_stage["train_prior_bottom"].info.run_id, "train/prior_bottom/nll_bits_per_code")
     assert history
@@ -229,7 +229,10 @@ def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
 
     deployments = build_deployments(VQ_TINY, SETS, [], "tiny")
     assert [d.flow_name for d in deployments] == ["vqvae2_pipeline"]
-    params = deployments[0].parameters
+    params = deployments[0].parameters  # by default the YAML is read when each run starts
+    assert params == {"config_path": str(VQ_TINY), "overrides": SETS, "config": None}
+    (pinned,) = build_deployments(VQ_TINY, SETS, [], "tiny", pin=True)
+    params = pinned.parameters
     assert params["config_path"] == str(VQ_TINY) and params["overrides"] == []
     assert params["config"]["model"]["kind"] == "vqvae2" and params["config"]["train"]["epochs"] == 1
 
