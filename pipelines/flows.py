@@ -379,11 +379,9 @@ def log_registered(st: SimpleNamespace, info: dict) -> None:
     """A Prefect log line and link artifact for a registered version."""
     from prefect.artifacts import create_link_artifact
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import model_version_url
 
-    uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    url = f"{base}/#/models/{info['name']}/versions/{info['version']}"
+    url = model_version_url(info["name"], info["version"])
     how = "reused" if info.get("reused") else "registered"
     st.log.info("%s %s version %d%s", how, info["name"], info["version"], " (champion)" if info.get("champion") else "")
     create_link_artifact(link=url, link_text=f"{info['name']} v{info['version']}", key="mlflow-model-version",
@@ -544,7 +542,7 @@ class Pipeline:
         from prefect.artifacts import create_markdown_artifact
         from prefect.context import FlowRunContext
 
-        from pipelines.tracking import run_url, tracking_uri
+        from pipelines.tracking import model_version_url, run_url, tracking_uri
 
         if FlowRunContext.get() is None:  # run_pipeline called directly, not as a flow: no flow run to attach it to
             return
@@ -557,7 +555,7 @@ class Pipeline:
             lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in metrics.items()]
         if "model" in out:
             m = out["model"]
-            lines += ["", f"Registered **{m['name']}** version {m['version']}"
+            lines += ["", f"Registered [**{m['name']}** version {m['version']}]({model_version_url(m['name'], m['version'])})"
                       + (" (champion)" if m.get("champion") else "") + f": `models:/{m['name']}/{m['version']}`"]
         create_markdown_artifact("\n".join(lines), key="vaeflow-pipeline-summary",
                                  description=f"vaeflow pipeline run of {self.cfg.tracking.model_name}")

@@ -99,11 +99,20 @@ def ui_hint(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
 
 
-def run_url(exp_id: str, run_id: str, uri: str | None = None) -> str:
-    """The MLflow UI address of a run: on the tracking server, or on `mlflow ui`'s default address for a local store."""
+def ui_base(uri: str | None = None) -> str:
+    """The MLflow UI's address: the tracking server, or `mlflow ui`'s default address for a local store."""
     uri = uri or tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(exp_id: str, run_id: str, uri: str | None = None) -> str:
+    """The MLflow UI address of a run."""
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def model_version_url(name: str, version: int | str, uri: str | None = None) -> str:
+    """The MLflow UI address of a registered model version."""
+    return f"{ui_base(uri)}/#/models/{name}/versions/{version}"
 
 
 # --- crash hygiene: every run names the process that owns it ----------------------------------

@@ -362,6 +362,7 @@ def test_prefect_shows_the_work_logs_links_and_summary(home):
         assert link.type == "markdown" and run_id in link.data, (stage, link.data)
     summary = by_key["vaeflow-pipeline-summary"].data
     assert "| train | ran |" in summary and f"models:/shown/{out['model']['version']}" in summary
+    assert f"#/models/shown/versions/{out['model']['version']})" in summary  # a link to the version in the MLflow UI
     assert f"| iwae_nll_nats | {parent.data.metrics['iwae_nll_nats']:.6g} |" in summary
     assert by_key["mlflow-model-version"].data.count("shown") >= 1
     epoch_lines = [m for m in logs if m.startswith("epoch ")]
