@@ -136,14 +136,10 @@ def process_tags() -> dict[str, str]:
 
 
 def process_alive(pid: int, start: str) -> bool:
-    """Whether the process that set these tags on this host still runs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        pass
-    return not start or _process_start(pid) in ("", start)
+    """Whether the process that set these tags on this host still runs (a zombie does not: it died unreaped)."""
+    from pipelines.processes import alive
+
+    return alive(pid) and (not start or _process_start(pid) in ("", start))
 
 
 def reap_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
