@@ -193,7 +193,22 @@ def test_sigterm_ends_runs_killed_stops_the_server_and_says_how_to_rerun(project
 
 
 def test_two_identical_runs_at_once_train_once(project):
-    first, second = (start(project, "tracking.model_name=twins") for _ in range(2))
+    """The second run reaches train while the first holds the stage lock (the first is paused mid-train with
+    SIGSTOP until the second says it waits), so the outcome does not depend on which one starts faster."""
+    sets = ("tracking.model_name=twins", "data.dataset.n_train=8192")
+    first = start(project, *sets)
+    mid_train(first, project)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = start(project, *sets)
+
+        def waiting():
+            assert second.poll() is None, output(second)[-3000:]
+            return "being computed by another run" in output(second)
+
+        wait_for(waiting, 300, "the second run to wait for the first one's train stage")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     texts = [finish(first), finish(second)]
     for proc, text in zip((first, second), texts):
         assert proc.returncode == 0, text[-3000:]
