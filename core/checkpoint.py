@@ -82,7 +82,23 @@ def read_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass the --out folder of `vaeflow train`")
-    return validate(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+    return validate(_upgrade(read_yaml(run_dir / CONFIG_FILE), run_dir), source=str(run_dir / CONFIG_FILE))
+
+
+def _upgrade(raw: dict, run_dir: Path) -> dict:
+    """A run config written before model kinds were plugins (its plugins.json names no `kind`) carried every
+    model field of every kind (vq defaults on a vae, say): drop the keys its kind does not declare."""
+    from core.registry import get_registry
+
+    plugins = run_dir / PLUGINS_FILE
+    model = raw.get("model")
+    if not (plugins.is_file() and isinstance(model, dict)) or "kind" in json.loads(plugins.read_text()):
+        return raw
+    entry = get_registry().entries["model"].get(model.get("kind", "vae"))
+    if entry is not None:
+        known = {"kind", *entry.cls.Options.model_fields, *entry.cls.slots}
+        raw = {**raw, "model": {k: v for k, v in model.items() if k in known}}
+    return raw
 
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
@@ -91,19 +107,27 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
     write_text(Path(run_dir) / PLUGINS_FILE, json.dumps(plugins_used(cfg), indent=2))
 
 
-def plugins_used(cfg: Config) -> dict[str, dict[str, str]]:
-    """{config field: {family, name, source, package}} for every component the config selects."""
-    from core.config import COMPONENT_FIELDS, LIST_COMPONENTS
+def plugins_used(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[str, dict[str, str]]:
+    """{config field: {family, name, source, package, version, code_sha256}} for the model kind and every component
+    the config selects (only those of `sections`, e.g. ("model",), when given). `code_sha256` hashes the plugin's
+    module source and what it imports from its own package and from core (core.registry.code_sha256)."""
+    from core.config import LIST_COMPONENTS, component_fields
     from core.registry import get_registry
 
-    registry, out = get_registry(), {}
-    for (section, field), family in COMPONENT_FIELDS.items():
+    registry = get_registry()
+    chosen = [("model", "kind", "model", cfg.model.kind)]
+    for (section, field), family in component_fields(registry).items():
         if field in LIST_COMPONENTS:  # renderers draw a model; loading it never needs them
             continue
-        spec = getattr(getattr(cfg, section), field)
+        spec = getattr(getattr(cfg, section), field, None)
         if spec is not None:
-            entry = registry.get(family, spec.name)
-            out[field] = {"family": family, "name": entry.name, "source": entry.source, "package": entry.package}
+            chosen.append((section, field, family, spec.name))
+    out = {}
+    for section, field, family, name in chosen:
+        if sections is None or section in sections:
+            entry = registry.get(family, name)
+            out[field] = {"family": family, "name": entry.name, "source": entry.source, "package": entry.package,
+                          "version": entry.version, "code_sha256": entry.code_sha256()}
     return out
 
 

@@ -13,7 +13,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -98,66 +98,33 @@ class DataConfig(Section):
     num_workers: int = Field(2, ge=0, description="DataLoader workers for loader=stream")
 
 
-VQ_KINDS = ("vqvae", "vqvae2")
-VARIATIONAL_KINDS = ("vae", "ae", "dae")
+DEFAULT_KIND = "vae"  # model.kind when the config leaves it out (if a model of that name is registered)
 
 
-class VQConfig(Section):
-    """The discrete-latent architecture of kind vqvae (one level) or vqvae2 (two levels)."""
+class ModelSection(Section):
+    """The model: its kind (`vaeflow plugins` lists the kinds), that kind's options and the components it needs.
 
-    embedding_dim: int = Field(64, gt=0, description="D, the width of each codebook vector")
-    hidden_channels: int = Field(128, gt=0, description="width of the encoder feature maps")
-    strides: Optional[list[PositiveInt]] = Field(
-        None, min_length=1, max_length=2,
-        description="[bottom] or [bottom, top]: the bottom level's stride from the input, then the top's from the "
-                    "bottom (null: [4] for vqvae, [4, 2] for vqvae2, as in Razavi et al. 2019)",
-    )
-    usage_warning: float = Field(0.2, ge=0, le=1, description="warn when a level's usage EMA falls below this fraction")
+    After discovery, `model` is a union over the registered kinds, selected by `kind`: each member holds the
+    kind's own options and one field per slot (encoder, decoder, likelihood, ...), typed by the plugins."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = Field(DEFAULT_KIND, description="the model kind (see `vaeflow plugins`)")
 
 
-class ModelConfig(Section):
-    """The model: encoder, decoder and likelihood around a Gaussian latent, or a VQ-VAE(-2) around codebooks."""
+class ModelMethods:
+    """What every typed `model:` section answers, by asking its kind's plugin class."""
 
-    kind: Literal["vae", "ae", "dae", "vqvae", "vqvae2"] = Field(
-        "vae", description="vae, plain or denoising autoencoder, VQ-VAE (one level) or VQ-VAE-2 (two levels)"
-    )
-    latent_dim: Optional[int] = Field(None, gt=0, description="J, the number of latent dimensions (vae, ae, dae)")
-    encoder: ComponentSpec
-    decoder: ComponentSpec
-    likelihood: ComponentSpec
-    noise: Optional[ComponentSpec] = Field(None, description="input corruption; required for kind=dae")
-    quantizer: Optional[ComponentSpec] = Field(None, description="codebook quantizer, used at every level (vqvae, vqvae2)")
-    vq: VQConfig = Field(default_factory=VQConfig, description="levels and widths of a VQ model")
+    model_cls: ClassVar[Any] = None
 
-    @model_validator(mode="after")
-    def _kind_fields(self) -> "ModelConfig":
-        if self.kind in VQ_KINDS:
-            if self.quantizer is None:
-                raise ValueError(f"kind={self.kind} needs model.quantizer, e.g. {{name: vq-ema, codebook_size: 512}}")
-            levels = 1 if self.kind == "vqvae" else 2
-            for name in ("latent_dim", "noise"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"model.{name} does not apply to kind={self.kind} (its latents are code grids); "
-                                     f"remove it")
-            if self.vq.strides is not None and len(self.vq.strides) != levels:
-                raise ValueError(f"kind={self.kind} has {levels} level(s), so model.vq.strides needs {levels} "
-                                 f"entr{'y' if levels == 1 else 'ies'}, got {self.vq.strides}")
-        else:
-            if self.latent_dim is None:
-                raise ValueError(f"kind={self.kind} needs model.latent_dim, e.g. latent_dim: 16")
-            if self.quantizer is not None:
-                raise ValueError(f"model.quantizer only applies to kind vqvae or vqvae2, but kind={self.kind}")
-        return self
+    @property
+    def capabilities(self):
+        """The kind's Capabilities (continuous, discrete, sampling, log_likelihood)."""
+        return self.model_cls.capabilities
 
     @property
     def levels(self) -> tuple[str, ...]:
-        """VQ levels, top first: ("top", "bottom") for vqvae2, ("top",) for vqvae, () otherwise."""
-        return {"vqvae": ("top",), "vqvae2": ("top", "bottom")}.get(self.kind, ())
-
-    @property
-    def strides(self) -> list[int]:
-        """[bottom] or [bottom, top] strides, defaults filled in."""
-        return self.vq.strides or ([4] if self.kind == "vqvae" else [4, 2])
+        """The code levels of a discrete model, in sampling order; () for a continuous one."""
+        return self.model_cls.levels_of(self)
 
 
 class TrainConfig(Section):
@@ -244,10 +211,10 @@ class PriorSampleConfig(Section):
 
 
 class PriorConfig(Section):
-    """Autoregressive priors over the codes of a VQ model, and how they are trained and sampled."""
+    """Autoregressive priors over the codes of a VQ model, and how they are trained and sampled.
 
-    top: Optional[ComponentSpec] = Field(None, description="prior over the top codes (unconditional)")
-    bottom: Optional[ComponentSpec] = Field(None, description="prior over the bottom codes, conditioned on the top codes")
+    One field per code level that a registered model names (top, bottom, ...), added after discovery."""
+
     epochs: int = Field(10, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many steps (smoke runs)")
     batch_size: int = Field(128, gt=0)
@@ -258,6 +225,12 @@ class PriorConfig(Section):
     seed: int = 0
     log_every: int = Field(50, gt=0, description="steps between metric syncs")
     sample: PriorSampleConfig = Field(default_factory=PriorSampleConfig)
+
+
+class AnyPriorConfig(PriorConfig):
+    """The prior section before discovery (the static Config): level fields are accepted as they are."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class ScheduleConfig(Section):
@@ -278,29 +251,47 @@ class Config(Section):
     """A whole vaeflow run."""
 
     data: DataConfig
-    model: ModelConfig
+    model: ModelSection
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    prior: PriorConfig = Field(default_factory=PriorConfig, description="code priors of a VQ model")
+    prior: AnyPriorConfig = Field(default_factory=AnyPriorConfig, description="code priors of a VQ model")
     render: RenderConfig = Field(default_factory=RenderConfig, description="rendered images of the trained model")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="offline FID/KID of generated samples")
     schedules: list[ScheduleConfig] = Field(default_factory=list, description="schedules for `vaeflow serve`")
 
 
-COMPONENT_FIELDS = {  # (section, field) -> family
+STATIC_COMPONENT_FIELDS = {  # (section, field) -> family, besides the model's slots and the code levels
     ("data", "dataset"): "dataset",
-    ("model", "encoder"): "encoder",
-    ("model", "decoder"): "decoder",
-    ("model", "likelihood"): "likelihood",
-    ("model", "noise"): "noise",
-    ("model", "quantizer"): "quantizer",
-    ("prior", "top"): "prior",
-    ("prior", "bottom"): "prior",
     ("render", "renderers"): "renderer",
 }
 LIST_COMPONENTS = {"renderers"}
-OPTIONAL_COMPONENTS = {"noise", "quantizer", "top", "bottom"}
+
+
+def model_classes(registry: Registry) -> list:
+    """The registered model classes, sorted by kind."""
+    return [registry.get("model", name).cls for name in registry.names("model")]
+
+
+def code_levels(registry: Registry) -> list[str]:
+    """Every code level a registered model names, in first-seen order: the prior section's fields."""
+    levels: list[str] = []
+    for cls in model_classes(registry):
+        levels += [lv for lv in cls.level_names if lv not in levels]
+    return levels
+
+
+def component_fields(registry: Registry | None = None) -> dict[tuple[str, str], str]:
+    """(section, field) -> family of every plugin-selected field: data.dataset, each model slot, each code level's
+    prior, render.renderers."""
+    registry = registry or get_registry()
+    out = dict(STATIC_COMPONENT_FIELDS)
+    for cls in model_classes(registry):
+        for fname, slot in cls.slots.items():
+            out.setdefault(("model", fname), slot.family)
+    for level in code_levels(registry):
+        out[("prior", level)] = "prior"
+    return out
 
 
 def _component_type(registry: Registry, family: str) -> Any:
@@ -323,27 +314,84 @@ def config_model(registry: Registry | None = None) -> type[Config]:
     return _config_model(registry or get_registry())
 
 
+def _model_member(registry: Registry, cls: type) -> type:
+    """The typed `model:` section of one kind: kind tag, the kind's Options, one field per slot."""
+    fields: dict[str, Any] = {"kind": (Literal[cls.name], Field(cls.name, description=f"model kind {cls.name!r}"))}
+    for fname, slot in cls.slots.items():
+        t = _component_type(registry, slot.family)
+        if slot.required:
+            fields[fname] = (t, Field(description=slot.description or None))
+        elif slot.default is not None:
+            fields[fname] = (t, Field(default_factory=lambda d=slot.default: dict(d), validate_default=True,
+                                      description=slot.description or None))
+        else:
+            fields[fname] = (Optional[t], Field(None, description=slot.description or None))
+
+    def forms(section):
+        from core.model import form_mismatch  # core.model builds on this module
+
+        for fname in cls.slots:
+            spec = getattr(section, fname, None)
+            if spec is not None and hasattr(spec, "name"):
+                problem = form_mismatch(cls, fname, registry.get(cls.slots[fname].family, spec.name).cls, registry)
+                if problem:
+                    raise ValueError(f"model.{fname}: {problem}")
+        return section
+
+    def unset(data):
+        """`field: null` means "not set": dropped when this kind has no such field (e.g. noise: null on a vae)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in fields or k in cls.Options.model_fields}
+        return data
+
+    ident = "".join(c if c.isalnum() else "_" for c in cls.name)
+    member = create_model(f"Model_{ident}", __base__=(cls.Options, ModelMethods), __doc__=cls.__doc__,
+                          __validators__={"_forms": model_validator(mode="after")(forms),
+                                          "_unset": model_validator(mode="before")(unset)}, **fields)
+    member.model_cls = cls
+    return member
+
+
+def _model_type(registry: Registry) -> Any:
+    """A union over the registered model kinds, selected by `kind` (default DEFAULT_KIND when registered)."""
+    classes = model_classes(registry)
+    if not classes:
+        return ModelSection
+    default = DEFAULT_KIND if DEFAULT_KIND in registry.names("model") else None
+
+    def tag(value: Any) -> str | None:
+        if isinstance(value, dict):
+            return value.get("kind", default)
+        return getattr(value, "kind", None)
+
+    members = [Annotated[_model_member(registry, cls), Tag(cls.name)] for cls in classes]
+    if len(members) == 1:
+        return get_args(members[0])[0]
+    return Annotated[Union[tuple(members)], Discriminator(tag)]
+
+
 @lru_cache(maxsize=8)
 def _config_model(registry: Registry) -> type[Config]:
-    sections = {}
-    for section, base in (("data", DataConfig), ("model", ModelConfig), ("prior", PriorConfig),
-                          ("render", RenderConfig)):
-        fields = {}
-        for (sec, fname), family in COMPONENT_FIELDS.items():
-            if sec == section:
-                t = _component_type(registry, family)
-                info = base.model_fields[fname]
-                if fname in LIST_COMPONENTS:
-                    fields[fname] = (list[t], Field(default_factory=info.default_factory, validate_default=True,
-                                                    description=info.description))
-                elif fname in OPTIONAL_COMPONENTS:
-                    fields[fname] = (Optional[t], Field(None, description=info.description))
-                else:
-                    fields[fname] = (t, Field(description=info.description))
-        typed = create_model(base.__name__, __base__=base, **fields)
+    sections: dict[str, Any] = {}
+    fields_by_section: dict[str, dict] = {}
+    for (section, fname), family in component_fields(registry).items():
+        if section == "model":
+            continue
+        t = _component_type(registry, family)
+        if fname in LIST_COMPONENTS:
+            info = RenderConfig.model_fields[fname]
+            field = (list[t], Field(default_factory=info.default_factory, validate_default=True,
+                                    description=info.description))
+        elif section == "prior":
+            field = (Optional[t], Field(None, description=f"prior over the {fname} codes (null: none)"))
+        else:
+            field = (t, Field(description=DataConfig.model_fields[fname].description))
+        fields_by_section.setdefault(section, {})[fname] = field
+    for section, base in (("data", DataConfig), ("prior", PriorConfig), ("render", RenderConfig)):
+        typed = create_model(base.__name__, __base__=base, **fields_by_section.get(section, {}))
         sections[section] = (typed, Field(default_factory=typed) if section in ("prior", "render") else ...)
+    sections["model"] = (_model_type(registry), Field(description=ModelSection.model_fields["kind"].description))
     return create_model("Config", __base__=Config, **sections)
-
 
 
 # --- loading, overrides, errors -----------------------------------------------------------------
@@ -399,6 +447,9 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+TAG_KEYS = ("name", "schedule", "kind")  # the keys that select a union member
+
+
 def _walk(model: Any, data: Any, loc: tuple) -> Any:
     """The pydantic model class that validates the value at `loc`, following union tags in `data`."""
     for part in loc:
@@ -419,9 +470,10 @@ def _resolve(tp: Any, data: Any) -> Any:
         for m in members:
             m = _resolve(m, data)
             if isinstance(m, type) and issubclass(m, BaseModel) and isinstance(data, dict):
-                for key in ("name", "schedule"):
+                for key in TAG_KEYS:
                     f = m.model_fields.get(key)
-                    if f is not None and get_args(f.annotation) and data.get(key) in get_args(f.annotation):
+                    value = data.get(key, DEFAULT_KIND if key == "kind" else None)
+                    if f is not None and get_args(f.annotation) and value in get_args(f.annotation):
                         return m
         return members[0] if len(members) == 1 else None
     return tp
@@ -435,8 +487,12 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], data: 
         clean = _strip_tags(loc, data)
         path = ".".join(str(p) for p in clean) or "(top level)"
         msg, kind = err["msg"], err["type"]
-        family = next((fam for key, fam in COMPONENT_FIELDS.items() if tuple(clean[:2]) == key), None)
-        if kind == "union_tag_invalid" and family:
+        family = next((fam for key, fam in component_fields(registry).items() if tuple(clean[:2]) == key), None)
+        if kind == "union_tag_invalid" and clean == ["model"]:
+            bad = (err.get("ctx") or {}).get("tag")
+            path = "model.kind"
+            msg = f"unknown model kind {bad!r}; known kinds: {', '.join(registry.names('model')) or 'none'}"
+        elif kind == "union_tag_invalid" and family:
             bad = (err.get("ctx") or {}).get("tag")
             msg = f"unknown {family} {bad!r}; known {family}s: {', '.join(registry.names(family)) or 'none'}"
         elif kind == "union_tag_not_found" and family:
@@ -446,8 +502,17 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], data: 
         elif kind == "extra_forbidden":
             allowed = sorted(_fields_at(model, data, tuple(clean[:-1])))
             msg = f"unknown key {clean[-1]!r}; allowed keys here: {', '.join(allowed)}"
+            if len(clean) == 2 and clean[0] == "model":  # a field of another model kind
+                kinds = [c.name for c in model_classes(registry) if clean[1] in {*c.slots, *c.Options.model_fields}]
+                if kinds:
+                    msg += f" ({clean[1]!r} applies to kind {' or '.join(kinds)})"
         elif kind == "missing":
             msg = "required field is missing"
+        elif kind == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            inner, sep, rest = msg.partition(": ")
+            if sep and inner.startswith(f"{path}.") and " " not in inner:  # a validator naming the field at fault
+                path, msg = inner, rest
         problems.append((path, msg))
     return problems
 
@@ -456,7 +521,8 @@ def _strip_tags(loc: tuple, data: Any) -> list:
     """Drop the union tags pydantic puts in error paths (model.encoder.conv.x -> model.encoder.x)."""
     clean, node = [], data
     for part in loc:
-        if isinstance(node, dict) and part not in node and part in (node.get("name"), node.get("schedule")):
+        if isinstance(node, dict) and part not in node and part in (node.get("name"), node.get("schedule"),
+                                                                     node.get("kind", DEFAULT_KIND)):
             continue  # a discriminator tag, not a key the user wrote
         clean.append(part)
         if isinstance(node, dict):
@@ -512,14 +578,12 @@ def canonical_json(cfg: BaseModel | dict) -> str:
 
 
 def hashed_dump(cfg: Config) -> dict:
-    """The config as JSON data for hashing: fields that only VQ models read are left out of other kinds,
-    so adding them did not change the hashes (cache keys, resume checks) of existing VAE configs."""
+    """The config as JSON data for hashing: the code priors are left out of models without code grids, and
+    train.nproc at its default, so configs written before those fields keep their hashes."""
     data = cfg.model_dump(mode="json")
     if data["train"].get("nproc") == 1:  # the default: configs written before the field keep their hashes
         del data["train"]["nproc"]
-    if cfg.model.kind not in VQ_KINDS:
-        for name in ("quantizer", "vq"):
-            data["model"].pop(name, None)
+    if not cfg.model.capabilities.discrete:  # code priors only apply to models with code grids
         data.pop("prior", None)
     return data
 

@@ -1,4 +1,5 @@
-"""The training engine: AdamW on the negative (beta-)ELBO, exact resume, NaN guard, atomic checkpoints."""
+"""The training engine: AdamW on the model's objective (its named loss terms, one scheduled by train.beta), exact
+resume, NaN guard, atomic checkpoints. It knows nothing of KL or VQ: the model kind owns its objective."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from core.checkpoint import (
 from core.config import Config, config_hash
 from core.data import Batches
 from core.errors import CheckpointError, NonFiniteError
-from core.model import VAE, build_model
+from core.interfaces import Model
+from core.model import build_model
 
-TERMS = ("loss", "reconstruction", "kl", "grad_norm")  # recorded every step, checked at every sync
+ENGINE_TERMS = ("loss", "grad_norm")  # recorded every step with the model's terms and stats, checked at every sync
 log = logging.getLogger("vaeflow.train")
 
 
@@ -102,7 +104,7 @@ class Trainer:
         self.main = self.rank == 0  # only rank 0 writes checkpoints, weights, metrics and logs
         self.device = resolve_device(t.device)
         torch.manual_seed(t.seed)  # model init: identical on every rank
-        self.model: VAE = build_model(cfg).to(self.device)
+        self.model: Model = build_model(cfg).to(self.device)
         step_model = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -121,7 +123,8 @@ class Trainer:
         self.hash = config_hash(cfg)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.extra_terms: tuple[str, ...] = ()  # a model's further losses and stats (VQ), named at the first step
+        self.model_terms: tuple[str, ...] = ()  # the model's loss terms and stats, named at the first step
+        self.scheduled = self.model.scheduled  # the term train.beta weights (e.g. kl), or None
         self.warned: set[str] = set()
         self._no_norm = torch.zeros((), device=self.device)  # grad_norm term when clipping is off
         if resume:
@@ -170,16 +173,17 @@ class Trainer:
 
     # --- the hot path ------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch (B, C, H, W); returns TERMS + extra terms as a tensor, no host sync."""
+        """One optimizer step on a batch (B, C, H, W); returns ENGINE_TERMS then the model's terms and stats as
+        one tensor, with no host sync. The loss is the weighted sum of the model's terms, its `scheduled` term
+        passed through the beta schedule."""
         with self.autocast:
             out = self.step_model(x)
-        reconstruction = -out.log_likelihood.mean()  # nats per image
-        kl = out.kl.mean()
-        loss = out.reconstruction_weight * reconstruction + self.beta.penalty(kl)
-        for term in out.losses.values():
-            loss = loss + term
-        if not self.extra_terms:
-            self.extra_terms = tuple(out.losses) + tuple(out.stats)
+        loss = 0
+        for name, term in out.terms.items():
+            value = self.beta.penalty(term) if name == self.scheduled else term
+            loss = loss + out.weights.get(name, 1.0) * value
+        if not self.model_terms:
+            self.model_terms = tuple(out.terms) + tuple(out.stats)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip is not None:
@@ -190,12 +194,12 @@ class Trainer:
         self.scheduler.step()
         self.beta.step += 1
         self.step += 1
-        extras = [out.losses[k].detach() if k in out.losses else out.stats[k] for k in self.extra_terms]
-        return torch.stack([loss.detach(), reconstruction.detach(), kl.detach(), grad_norm, *extras])
+        values = [out.terms[k].detach() if k in out.terms else out.stats[k] for k in self.model_terms]
+        return torch.stack([loss.detach(), grad_norm, *values])
 
     def _check(self, pending: list[torch.Tensor], first_step: int) -> torch.Tensor:
         """Sync the recorded terms to the host; raise NonFiniteError naming the first bad step (1-based) and term."""
-        terms = torch.stack(pending).float()  # (S, 4 + extra terms)
+        terms = torch.stack(pending).float()  # (S, 2 + model terms)
         if self.world > 1:  # every rank sees the same terms, so all stop together
             import torch.distributed as dist
 
@@ -205,7 +209,7 @@ class Trainer:
         bad = ~torch.isfinite(terms)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
-            names = TERMS + self.extra_terms
+            names = ENGINE_TERMS + self.model_terms
             ckpt = self.run_dir / CHECKPOINT_FILE
             kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written yet"
             raise NonFiniteError(
@@ -299,7 +303,7 @@ class Trainer:
 
     def _record(self, mean_terms: torch.Tensor, img_per_s: float) -> dict:
         """Loss terms (means), beta, lr and throughput as one flat record."""
-        names = TERMS + self.extra_terms
+        names = ENGINE_TERMS + self.model_terms
         rec = {k: v for k, v in zip(names, mean_terms.tolist()) if k != "grad_norm" or self.cfg.train.grad_clip}
         rec.update({"beta": self.beta.beta(), "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": img_per_s})
         cap = self.beta.capacity()
@@ -309,7 +313,7 @@ class Trainer:
 
     def _epoch_record(self, sums: torch.Tensor | int, n_steps: int, img_per_s: float, seconds: float) -> dict:
         if not isinstance(sums, torch.Tensor):  # no step ran in this epoch
-            sums = torch.zeros(len(TERMS) + len(self.extra_terms))
+            sums = torch.zeros(len(ENGINE_TERMS) + len(self.model_terms))
         return {"epoch": self.epoch, "step": self.step, **self._record(sums / n_steps, img_per_s), "seconds": seconds}
 
 

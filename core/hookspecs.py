@@ -64,3 +64,13 @@ def register_noises(register: Register) -> None:
 @hookspec
 def register_renderers(register: Register) -> None:
     """Register renderers: render(RenderContext) -> image files (traversals, phase diagrams, ...)."""
+
+
+@hookspec
+def register_latent_priors(register: Register) -> None:
+    """Register continuous priors p(z) over latent vectors: log_prob(z), sample(n), kl(q, z)."""
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register model kinds: Options, slots (the components they need), capabilities, objective and prior."""

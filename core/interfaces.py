@@ -278,7 +278,7 @@ class Noise(Component):
 class RenderContext:
     """What a renderer gets: the trained model, held-out images, where to write, and a seed."""
 
-    model: nn.Module  # a core.model.VAE (continuous latents) or a core.vq.VQVAE (code grids), in eval mode
+    model: nn.Module  # a core.interfaces.Model (see its capabilities: latent vectors or code grids), in eval mode
     images: torch.Tensor  # held-out images (N, C, H, W) in [0, 1], on the CPU
     out_dir: Path  # the renderer writes its files under this folder (atomically)
     seed: int = 0  # seeds every random choice: which images, which samples
@@ -302,8 +302,168 @@ class Renderer(Component):
         raise NotImplementedError
 
 
+# --- continuous priors p(z) -------------------------------------------------------------------------
+class LatentPrior(Component, nn.Module):
+    """p(z) over a continuous latent vector (B, J): the prior a continuous model's KL, sampling and IWAE use.
+
+    Subclasses implement `log_prob` and `sample`. `kl` defaults to the one-sample Monte Carlo estimate
+    log q(z|x) - log p(z) at the posterior draw z; a prior with a closed form overrides it (and `kl_per_dim`).
+    """
+
+    FAMILY = "latent_prior"
+
+    def __init__(self, options: Options, latent_dim: int):
+        nn.Module.__init__(self)
+        self.options, self.latent_dim = options, latent_dim
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """log p(z) summed over the latent dimensions: (..., J) -> (...)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Draw n latents on the CPU from `generator` (then moved to the prior's device): (n, J)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def kl(self, posterior, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per example, estimated at the posterior draw z (B, J): (B,)."""
+        return posterior.log_prob(z) - self.log_prob(z)
+
+    def kl_per_dim(self, posterior) -> torch.Tensor | None:
+        """KL per latent dimension (B, J) when it has a closed form, else None."""
+        return None
+
+
+# --- models --------------------------------------------------------------------------------------
+VECTOR, FEATURE_MAP = "vector", "feature map"
+
+
+def form_of(cls: type) -> str | None:
+    """What an encoder produces or a decoder consumes: a vector (B, J) or a feature map (B, D, h, w)."""
+    if issubclass(cls, (GridEncoder, GridDecoder)):
+        return FEATURE_MAP
+    if issubclass(cls, (Encoder, Decoder)):
+        return VECTOR
+    return None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do; hashing, the CLI, deployments, renderers, pyfunc and metrics ask this, not the kind."""
+
+    continuous: bool = False  # encodes x to a latent vector z (B, J): posterior(), decode(), latent_dim
+    discrete: bool = False  # encodes x to code grids per level: encode_codes(), decode_codes(), levels, grids
+    sampling: bool = False  # draws new images: from its own prior (continuous) or from trained code priors
+    log_likelihood: str | None = None  # "bound" (ELBO, IWAE), "exact", or None (an autoencoder, a VQ model)
+
+    @property
+    def latents(self) -> str:
+        """"discrete" for code grids, else "continuous": what renderers declare they draw (Renderer.kinds)."""
+        return "discrete" if self.discrete else "continuous"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A component a model needs, as the config field that selects it (model.<field>)."""
+
+    family: str  # the component family, e.g. "encoder"
+    form: str | None = None  # VECTOR or FEATURE_MAP for encoders and decoders
+    required: bool = True
+    default: dict | None = None  # the spec used when the field is left out, e.g. {"name": "standard-normal"}
+    description: str = ""
+
+
+@dataclass
+class Objective:
+    """A model's training objective for one batch: named scalar loss terms and stats.
+
+    The engine's loss is sum_k weights[k] * term_k, with the model's `scheduled` term passed through
+    train.beta's schedule first (beta * KL, or gamma * |KL - C|). Terms are logged unweighted.
+    """
+
+    terms: dict[str, torch.Tensor]  # scalar loss terms, e.g. reconstruction (nats per image), kl
+    weights: dict[str, float] = field(default_factory=dict)  # per-term weight in the loss; 1 when left out
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars logged with the terms
+
+
+class Model(Component, nn.Module):
+    """A model kind (`model.kind` in the config): its options, the components it needs, its capabilities,
+    its objective and its prior. Built-in kinds (vae, ae, dae, vqvae, vqvae2) register like any plugin.
+
+    A subclass sets `name`, `Options` (its own fields under `model:`), `slots` (model.<field> -> Slot),
+    `capabilities`, optionally `scheduled` (the loss term train.beta weights), and implements `build`,
+    `forward` (-> Objective) and `reconstruct`, plus what its capabilities promise (metrics, renderers,
+    the pyfunc model and core.codes rely on these; core.testing.check_model checks them):
+
+    - every model: `likelihood` (a Likelihood);
+    - continuous: `latent_dim`, `posterior(x)` (with `.mode()`, `.rsample()`), `decode(z)`, `interpolate`,
+      `prior` (a LatentPrior); with sampling, `generate(n, generator, temperature)`;
+    - log_likelihood "bound": `elbo_terms(x)` and `log_joint_terms(x, k)` (the IWAE bound);
+    - discrete: `levels`, `grids`, `codebook_sizes`, `encode_codes(x)`, `decode_codes(codes)`, `codebook_hash()`,
+      with `level_names`, `levels_of` and `condition_of` on the class.
+    """
+
+    FAMILY = "model"
+    slots: ClassVar[dict[str, Slot]] = {}
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    scheduled: ClassVar[str | None] = None  # the term the beta schedule applies to, e.g. "kl"
+    level_names: ClassVar[tuple[str, ...]] = ()  # every code level this kind can have (discrete models)
+    watch_only: ClassVar[tuple[str, ...]] = ()  # option paths (e.g. "vq.usage_warning") that never change the weights
+
+    @classmethod
+    def levels_of(cls, options) -> tuple[str, ...]:
+        """The code levels a model with these options has, in sampling order (discrete models)."""
+        return ()
+
+    @classmethod
+    def condition_of(cls, level: str) -> str | None:
+        """The level whose codes condition this level's prior (None: unconditional)."""
+        return None
+
+    @classmethod
+    def build(cls, options, make, shape: Shape, config) -> "Model":  # pragma: no cover - interface
+        """Instantiate from the validated `model:` section (`options`), the data shape (C, H, W) and the
+        whole config; `make(field, *args)` builds the component of a slot with the shapes the model gives it."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live (CPU for a parameter-free model)."""
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def kind(self) -> str:
+        """The registered kind of this model (model.kind)."""
+        return self.name
+
+    def state_hash(self) -> str:
+        """sha256 over every tensor of the state dict (CPU bytes, sorted by name): this exact trained model."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.state_dict().items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(name.encode() + str(value.dtype).encode() + str(tuple(value.shape)).encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        return digest.hexdigest()
+
+    def forward(self, x: torch.Tensor) -> Objective:  # pragma: no cover - interface
+        """The training objective on a batch x (B, C, H, W)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """E[x | the latents or codes of x]: (B, C, H, W)."""
+        raise NotImplementedError
+
+    def health_warnings(self, record: dict) -> dict[str, str]:
+        """{topic: message} about the model's health from a training record (e.g. a collapsing codebook)."""
+        return {}
+
+    def check_shapes(self, shape: Shape) -> None:
+        """Raise a ConfigError naming the component at fault when a 2-image pass gives a wrong shape."""
+
+
 FAMILIES: dict[str, type[Component]] = {
-    cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise, Renderer)
+    cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise, Renderer,
+                                LatentPrior, Model)
 }
 HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "encoder": "register_encoders",
@@ -314,4 +474,6 @@ HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "dataset": "register_datasets",
     "noise": "register_noises",
     "renderer": "register_renderers",
+    "latent_prior": "register_latent_priors",
+    "model": "register_models",
 }

@@ -7,7 +7,7 @@ import math
 import torch
 
 from core.config import EvalConfig
-from core.model import VAE
+from core.interfaces import Model
 
 LN2 = math.log(2.0)
 
@@ -18,7 +18,7 @@ def bits_per_dim(nats_per_image: float, dims: int) -> float:
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+def iwae_log_likelihood(model: Model, x: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
     """Importance-weighted bound (Burda et al. 2016): log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q: (B,).
 
     k = 1 gives a single-sample ELBO estimate; the bound rises with k towards log p(x).
@@ -32,15 +32,6 @@ def iwae_log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int | None =
         parts.append(model.log_joint_terms(x, min(chunk, k - start)))  # (k_i, B)
     log_w = torch.cat(parts)  # (k, B)
     return torch.logsumexp(log_w, dim=0) - math.log(k)
-
-
-@torch.no_grad()
-def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(E_q log p(x|z) by one sample, KL closed form, KL per dim): (B,), (B,), (B, J)."""
-    q = model.posterior(x)
-    log_px = model.likelihood.log_prob(x, model.decode(q.rsample()))
-    kl_dims = q.kl_per_dim()  # (B, J)
-    return log_px, kl_dims.sum(1), kl_dims
 
 
 @torch.no_grad()
@@ -77,7 +68,7 @@ def evaluate_vq(model, images: torch.Tensor, cfg: EvalConfig) -> dict:
 
 
 @torch.no_grad()
-def disentanglement(model: VAE, images: torch.Tensor, factors: torch.Tensor, names, discrete,
+def disentanglement(model: Model, images: torch.Tensor, factors: torch.Tensor, names, discrete,
                     batch_size: int = 500) -> dict:
     """MIG, SAP and DCI of the posterior means of images (N, C, H, W) against known factors (N, K)."""
     from core.disentanglement import disentanglement_scores
@@ -92,11 +83,13 @@ def disentanglement(model: VAE, images: torch.Tensor, factors: torch.Tensor, nam
 
 
 @torch.no_grad()
-def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig, factors: torch.Tensor | None = None,
+def evaluate(model: Model, images: torch.Tensor, cfg: EvalConfig, factors: torch.Tensor | None = None,
              factor_names=(), factor_discrete=()) -> dict:
-    """Every metric over a test split (N, C, H, W) in [0, 1]; ELBO-based ones only for variational models;
-    with the split's known `factors` (N, K) and cfg.disentanglement, MIG, SAP and DCI too."""
-    if getattr(model, "levels", None):  # a VQ model: no posterior density, codebook health instead
+    """Every metric over a test split (N, C, H, W) in [0, 1] that the model's capabilities allow: codebook health
+    for code grids; reconstruction and active units for latent vectors, with the ELBO and the IWAE bound when the
+    model has a bound on log p(x); with the split's known `factors` (N, K) and cfg.disentanglement, MIG, SAP and
+    DCI of the posterior means too."""
+    if model.capabilities.discrete:  # no posterior density: codebook health instead
         return evaluate_vq(model, images, cfg)
     out = _evaluate_continuous(model, images, cfg)
     if factors is not None and cfg.disentanglement:
@@ -110,7 +103,7 @@ def evaluate(model: VAE, images: torch.Tensor, cfg: EvalConfig, factors: torch.T
 
 
 @torch.no_grad()
-def _evaluate_continuous(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> dict:
+def _evaluate_continuous(model: Model, images: torch.Tensor, cfg: EvalConfig) -> dict:
     was_training = model.training
     model.eval()
     gen_state = torch.get_rng_state()
@@ -121,19 +114,22 @@ def _evaluate_continuous(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> d
         n, dims = len(images), images[0].numel()
         sums = {"neg_elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0, "sq_err": 0.0}
         means, kl_dims = [], torch.zeros(model.latent_dim, dtype=torch.float64)
-        device = model.device
+        device, bounded = model.device, model.capabilities.log_likelihood is not None
         for batch in images.split(cfg.batch_size):
             batch = batch.to(device)  # (B, C, H, W)
             q = model.posterior(batch)
             means.append(q.mode().double().cpu())  # E_q[z]: (B, J)
             recon = model.likelihood.mean(model.decode(q.mode()))  # (B, C, H, W)
             sums["sq_err"] += (recon - batch).pow(2).sum().item()
-            if model.variational:
-                log_px, kl, kd = elbo_terms(model, batch)
+            if bounded:
+                log_px, kl, kd = model.elbo_terms(batch)  # (B,), (B,), (B, J) or None
                 sums["reconstruction"] -= log_px.sum().item()
                 sums["kl"] += kl.sum().item()
                 sums["neg_elbo"] += (kl - log_px).sum().item()
-                kl_dims += kd.double().sum(0).cpu()
+                if kd is None:
+                    kl_dims = None
+                elif kl_dims is not None:
+                    kl_dims += kd.double().sum(0).cpu()
                 sums["iwae"] -= iwae_log_likelihood(model, batch, cfg.iwae_k).sum().item()
         mse = sums["sq_err"] / (n * dims)
         mu = torch.cat(means)  # (N, J)
@@ -145,14 +141,15 @@ def _evaluate_continuous(model: VAE, images: torch.Tensor, cfg: EvalConfig) -> d
             "latent_dim": model.latent_dim, "active_threshold": cfg.active_threshold,
             "unit_variance": unit_var.tolist(),
         }
-        if model.variational:
+        if bounded:
             neg_elbo, iwae = sums["neg_elbo"] / n, sums["iwae"] / n
             out.update({
                 "neg_elbo_nats": neg_elbo, "neg_elbo_bits_per_dim": bits_per_dim(neg_elbo, dims),
                 "reconstruction_nats": sums["reconstruction"] / n, "kl_nats": sums["kl"] / n,
                 "iwae_k": cfg.iwae_k, "iwae_nll_nats": iwae, "iwae_nll_bits_per_dim": bits_per_dim(iwae, dims),
-                "kl_per_dim": (kl_dims / n).tolist(),
             })
+            if kl_dims is not None:  # the prior has a closed-form KL per dimension
+                out["kl_per_dim"] = (kl_dims / n).tolist()
         return out
     finally:
         torch.set_rng_state(gen_state)

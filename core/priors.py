@@ -49,7 +49,8 @@ def write_codes(folder: str | Path, model, splits: dict[str, torch.Tensor], stag
             small = model.codebook_sizes[level] <= torch.iinfo(torch.int16).max + 1
             tensors[f"{split}/{level}"] = codes.to(torch.int16 if small else torch.int32).contiguous()  # (N, h, w)
             counts = torch.bincount(codes.flatten(), minlength=model.codebook_sizes[level])  # (K,)
-            levels.setdefault(level, {"grid": list(model.grids[level]), "codebook_size": model.codebook_sizes[level]})
+            levels.setdefault(level, {"grid": list(model.grids[level]), "codebook_size": model.codebook_sizes[level],
+                                      "condition": model.condition_of(level)})
             levels[level][f"{split}_codes_used"] = int((counts > 0).sum())
     atomic_write(folder / CODES_FILE, lambda tmp: safetensors.torch.save_file(tensors, tmp))
     stage1 = {**stage1, "state_sha256": model.state_hash()}
@@ -76,13 +77,20 @@ def load_codes(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 # --- priors ----------------------------------------------------------------------------------
-def prior_shapes(level: str, levels: dict) -> tuple[int, tuple[int, int], tuple[int, tuple[int, int]] | None]:
-    """(K, grid, condition) of a level's prior; the bottom prior is conditioned on the top codes."""
+def condition_level(level: str, levels: dict) -> str | None:
+    """The level whose codes condition this level's prior, as the model named it in the codes manifest (manifests
+    written before it was recorded: the VQ-VAE-2 rule, bottom on top)."""
     info = levels[level]
-    condition = None
-    if level == "bottom":
-        top = levels["top"]
-        condition = (top["codebook_size"], tuple(top["grid"]))
+    if "condition" in info:
+        return info["condition"]
+    return "top" if level == "bottom" and "top" in levels else None
+
+
+def prior_shapes(level: str, levels: dict) -> tuple[int, tuple[int, int], tuple[int, tuple[int, int]] | None]:
+    """(K, grid, condition) of a level's prior; condition = (K, grid) of the conditioning level, or None."""
+    info = levels[level]
+    given = condition_level(level, levels)
+    condition = None if given is None else (levels[given]["codebook_size"], tuple(levels[given]["grid"]))
     return info["codebook_size"], tuple(info["grid"]), condition
 
 
@@ -97,8 +105,9 @@ def build_prior(spec: dict, level: str, levels: dict, registry: Registry | None 
         raise ConfigError([(f"prior.{level}", f"{spec['name']}: {exc}")]) from None
 
 
-def _condition(level: str, codes: dict[str, torch.Tensor], split: str) -> torch.Tensor | None:
-    return codes[f"{split}/top"] if level == "bottom" else None
+def _condition(level: str, levels: dict, codes: dict[str, torch.Tensor], split: str) -> torch.Tensor | None:
+    given = condition_level(level, levels)
+    return None if given is None else codes[f"{split}/{given}"]
 
 
 @torch.no_grad()
@@ -126,7 +135,7 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
     run_dir = Path(run_dir)
     torch.manual_seed(pcfg.seed)
     prior = build_prior(spec, level, manifest["levels"]).to(device)
-    train_codes, train_cond = codes[f"train/{level}"], _condition(level, codes, "train")
+    train_codes, train_cond = codes[f"train/{level}"], _condition(level, manifest["levels"], codes, "train")
     optimizer = torch.optim.AdamW(prior.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_codes) / pcfg.batch_size)
     total = pcfg.epochs * steps_per_epoch if pcfg.max_steps is None else min(pcfg.max_steps, pcfg.epochs * steps_per_epoch)
@@ -188,7 +197,7 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         save_checkpoint(ckpt, state)
     bar.close()
-    metrics = prior_metrics(prior, codes[f"test/{level}"], _condition(level, codes, "test"))
+    metrics = prior_metrics(prior, codes[f"test/{level}"], _condition(level, manifest["levels"], codes, "test"))
     tensors = {k: v.detach().contiguous().cpu() for k, v in prior.state_dict().items()}
     atomic_write(run_dir / PRIOR_WEIGHTS, lambda tmp: safetensors.torch.save_file(tensors, tmp))
     info = {"format": "vaeflow-prior-1", "level": level, "spec": spec, "levels": manifest["levels"],

@@ -10,10 +10,16 @@ the others still load.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import hashlib
 import importlib
+import importlib.util
 import importlib.metadata as md
 import os
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +46,58 @@ class Entry:
     cls: type[Component]
     source: str  # "dist-name version (module)" or "VAEFLOW_PLUGINS:module"
     package: str  # the distribution to install to get it
+    version: str | None = None  # the distribution's version (None for a VAEFLOW_PLUGINS module)
+
+    def code_sha256(self) -> str:
+        """sha256 of the source files behind this component (see code_sha256): an edit changes it."""
+        return code_sha256(self.cls.__module__)
+
+
+_AST_LOCK = threading.Lock()
+CODE_ROOTS = ("core",)  # besides the plugin's own top-level package, imports of these count as its code
+
+
+def module_files(module: str, roots: set[str]) -> list[Path]:
+    """The source files of `module` and, transitively, of every module it imports whose top-level package is in
+    `roots`, found by parsing the imports (nothing is executed)."""
+    files, seen, todo = [], set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError, AttributeError):  # an attribute, not a module (from x import Class)
+            continue
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        path = Path(spec.origin)
+        files.append(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        with _AST_LOCK:  # CPython 3.11's parser is not thread-safe (SystemError: AST constructor recursion depth
+            tree = ast.parse(path.read_bytes())  # mismatch) and stage keys are computed in parallel task threads
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] in roots]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x, from ..y import z
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}" if base else parent
+                if base.split(".")[0] in roots:
+                    todo += [base] + [f"{base}.{a.name}" for a in node.names]
+    return sorted(set(files))
+
+
+def code_sha256(module: str) -> str:
+    """sha256 over the source of a plugin module and what it imports from its own package and from core: the
+    identity stage cache keys use, so that editing a plugin (installed or editable) re-runs what it computed."""
+    digest = hashlib.sha256()
+    roots = {module.split(".")[0], *CODE_ROOTS}
+    for path in module_files(module, roots):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 @dataclass(eq=False)  # compared and hashed by identity: config models are cached per registry
@@ -62,7 +120,8 @@ class Registry:
             known = ", ".join(self.names(family)) or "none"
             raise PluginError(f"unknown {family} {name!r}; known {family}s: {known}") from None
 
-    def add(self, family: str, cls: Any, name: str | None, source: str, package: str) -> None:
+    def add(self, family: str, cls: Any, name: str | None, source: str, package: str,
+            version: str | None = None) -> None:
         """Validate and record one registration; a clash names both sources."""
         base = FAMILIES[family]
         if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -70,31 +129,52 @@ class Registry:
         name = name or getattr(cls, "name", None)
         if not name or not isinstance(name, str):
             raise PluginError(f"{source}: {family} {cls.__name__} has no string `name`")
-        if "name" in cls.Options.model_fields:
-            raise PluginError(f"{source}: {family} {name!r} has an option called `name`, which the config uses "
-                              f"to select the component; rename the option")
+        tag = "kind" if family == "model" else "name"
+        if tag in cls.Options.model_fields:
+            raise PluginError(f"{source}: {family} {name!r} has an option called `{tag}`, which the config uses "
+                              f"to select the {family}; rename the option")
+        if family == "model":
+            _check_model(cls, name, source)
         if name in self.entries[family]:
             other = self.entries[family][name]
             raise NameClash(f"{family} {name!r} is registered twice: by {other.source} and by {source}")
-        self.entries[family][name] = Entry(family, name, cls, source, package)
+        self.entries[family][name] = Entry(family, name, cls, source, package, version)
 
     def as_json(self) -> dict[str, list[dict[str, str]]]:
         """{family: [{"name", "source"}, ...]} for `vaeflow plugins --json`."""
-        return {
-            fam: [{"name": e.name, "source": e.source} for _, e in sorted(items.items())]
-            for fam, items in self.entries.items()
-        }
+        from core.interfaces import form_of
+
+        def describe(e: Entry) -> dict:
+            out = {"name": e.name, "source": e.source}
+            if form_of(e.cls):
+                out["form"] = form_of(e.cls)
+            if e.family == "model":
+                out["capabilities"] = dataclasses.asdict(e.cls.capabilities)
+                out["slots"] = {f: dataclasses.asdict(slot) for f, slot in e.cls.slots.items()}
+            return out
+
+        return {fam: [describe(e) for _, e in sorted(items.items())] for fam, items in self.entries.items()}
 
 
-def _plugin_modules() -> list[tuple[str, str, str, Any]]:
-    """(plugin name, source, package, loader) for each entry point and VAEFLOW_PLUGINS module."""
+def _check_model(cls: Any, name: str, source: str) -> None:
+    """A model's slots name known families and do not clash with its own options."""
+    for field_name, slot in cls.slots.items():
+        if slot.family not in FAMILIES or slot.family == "model":
+            raise PluginError(f"{source}: model {name!r} slot {field_name!r} names the unknown family {slot.family!r}; "
+                              f"families: {', '.join(f for f in FAMILIES if f != 'model')}")
+        if field_name in cls.Options.model_fields:
+            raise PluginError(f"{source}: model {name!r} has both an option and a slot called {field_name!r}")
+
+
+def _plugin_modules() -> list[tuple[str, str, str, str | None, Any]]:
+    """(plugin name, source, package, version, loader) for each entry point and VAEFLOW_PLUGINS module."""
     found = []
     for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.dist.name if e.dist else "", e.name)):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
         package = ep.dist.name if ep.dist else ep.value.split(":")[0]
-        found.append((ep.name, f"{dist} ({ep.value})", package, ep.load))
+        found.append((ep.name, f"{dist} ({ep.value})", package, ep.dist.version if ep.dist else None, ep.load))
     for mod in filter(None, (m.strip() for m in os.environ.get(ENV_PLUGINS, "").split(","))):
-        found.append((mod, f"{ENV_PLUGINS}:{mod}", mod, lambda m=mod: importlib.import_module(m)))
+        found.append((mod, f"{ENV_PLUGINS}:{mod}", mod, None, lambda m=mod: importlib.import_module(m)))
     return found
 
 
@@ -103,8 +183,8 @@ def discover() -> Registry:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     registry = Registry(plugin_manager=pm)
-    sources: dict[str, tuple[str, str]] = {}
-    for plugin_name, source, package, load in _plugin_modules():
+    sources: dict[str, tuple[str, str, str | None]] = {}
+    for plugin_name, source, package, version, load in _plugin_modules():
         try:
             module: ModuleType = load()
             if pm.is_registered(module):
@@ -122,13 +202,13 @@ def discover() -> Registry:
             pm.unregister(module)
             registry.failures.append((plugin_name, f"{source}: {exc}"))
             continue
-        sources[plugin_name] = (source, package)
+        sources[plugin_name] = (source, package, version)
     for family, hook_name in HOOKS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            source, package = sources[impl.plugin_name]
+            source, package, version = sources[impl.plugin_name]
 
-            def register(cls: Any, name: str | None = None, _f=family, _s=source, _p=package) -> None:
-                registry.add(_f, cls, name, _s, _p)
+            def register(cls: Any, name: str | None = None, _f=family, _s=source, _p=package, _v=version) -> None:
+                registry.add(_f, cls, name, _s, _p, _v)
 
             try:
                 impl.function(register=register)

@@ -64,12 +64,31 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="print {family:
             typer.echo("  (none)")
         for name, entry in sorted(entries.items()):
             opts = ", ".join(
-                f"{k}={f.default!r}" if not f.is_required() else f"{k} (required)"
+                f"{k}={f.get_default(call_default_factory=True)!r}" if not f.is_required() else f"{k} (required)"
                 for k, f in entry.cls.Options.model_fields.items()
             )
             typer.echo(f"  {name:<18} {entry.source}")
             if opts:
                 typer.echo(f"  {'':<18} options: {opts}")
+            for line in _shape_lines(entry):
+                typer.echo(f"  {'':<18} {line}")
+
+
+def _shape_lines(entry) -> list[str]:
+    """What an encoder produces or a decoder consumes; a model kind's capabilities and the components it needs."""
+    from core.interfaces import form_of
+
+    form = form_of(entry.cls)
+    if form is not None:
+        return [f"{'produces' if entry.family == 'encoder' else 'consumes'}: a {form}"]
+    if entry.family != "model":
+        return []
+    caps = entry.cls.capabilities
+    does = [f"{caps.latents} latents"] + (["sampling"] if caps.sampling else [])
+    does += [f"{caps.log_likelihood} on log p(x)"] if caps.log_likelihood else []
+    slots = ", ".join(f"{field} ({slot.family}{', ' + slot.form if slot.form else ''}"
+                      f"{'' if slot.required else ', optional'})" for field, slot in entry.cls.slots.items())
+    return [f"capabilities: {', '.join(does)}", f"components: {slots}"]
 
 
 @config_app.command("validate")
@@ -210,13 +229,13 @@ def generate(
     check_image_path(out)  # before any work
     model = _resolve(model)
     net, cfg = _load(model, set_)
-    if not getattr(net, "levels", ()):
+    if not net.capabilities.discrete:
         if prior or top_k is not None:
             raise VaeflowError(f"--prior and --top-k apply to VQ models; {model} is a {cfg.model.kind}")
         samples(net, n, seed, out, temperature)
         typer.echo(f"wrote {n} samples to {out}")
         return
-    from core.vq import sample_images
+    from core.codes import sample_images
     from pipelines.registry import load_generator
 
     if temperature <= 0:
@@ -238,12 +257,12 @@ def render(
 ):
     """Render latent traversals, phase diagrams, interpolations (and discrete traversals for VQ) of a trained model."""
     from core.data import load_split
-    from pipelines.render import model_kind, render_all
+    from pipelines.render import render_all
 
     model = _resolve(model)
     net, cfg = _load(model, set_)
     priors = {}
-    if model_kind(net) == "discrete" and (not kind or "discrete" in kind):
+    if net.capabilities.discrete and (not kind or "discrete" in kind):
         from pipelines.registry import load_generator
 
         net, _, priors = load_generator(model, prior or None)
@@ -280,15 +299,15 @@ def run(
     until: Annotated[str, typer.Option(help="last stage (VAE: prepare_data, train, evaluate, render, register; "
                                              "VQ: ..., extract_codes, train_prior, sample, evaluate, register)")] = "register",
 ):
-    """Run the pipeline through Prefect: vae_pipeline, or vqvae2_pipeline for kind vqvae/vqvae2."""
-    from core.config import VQ_KINDS, load_config
+    """Run the pipeline through Prefect: vae_pipeline, or vqvae2_pipeline for a model with code grids."""
+    from core.config import load_config
     from pipelines.processes import sigterm_as_interrupt, temporary_server
     from pipelines.tracking import tracking_uri, ui_hint
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
     from core.model import build_model
 
-    if cfg.model.kind in VQ_KINDS:
+    if cfg.model.capabilities.discrete:
         from pipelines.vq_flows import VQ_STAGES, check_vq_config, vqvae2_pipeline
 
         if until not in VQ_STAGES:

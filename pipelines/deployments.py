@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-from core.config import VQ_KINDS, Config, ScheduleConfig
+from core.config import Config, ScheduleConfig
 from core.errors import VaeflowError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ and core/: the deployments' source
@@ -34,13 +34,11 @@ TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PR
 
 # the form's section headings (the JSON schema titles the Prefect UI shows), by path in the config
 SECTION_TITLES = {
-    "data": "Data", "model": "Model", "model.vq": "VQ architecture", "train": "Training", "eval": "Evaluation",
+    "data": "Data", "train": "Training", "eval": "Evaluation",
     "tracking": "Tracking", "prior": "Code priors (VQ)", "prior.sample": "Prior sampling", "render": "Rendering",
     "quality": "Sample quality",
 }
-# fields that apply to one family of model kinds only: left out of the other family's form (and pinned value)
-VQ_ONLY = ("model.vq", "model.quantizer", "prior")
-VARIATIONAL_ONLY = ("model.latent_dim", "model.noise")
+CODE_GRIDS_ONLY = ("prior",)  # sections only models with code grids read: left out of the others' form and value
 NOT_IN_FORM = ("schedules",)  # deployment schedules, not run settings: a run ignores them
 PARAMETER_DESCRIPTIONS = {
     "config_path": "YAML config file, read at run time unless `config` is set (then it only names the run)",
@@ -74,8 +72,9 @@ def describe_schedule(s: ScheduleConfig) -> str:
 
 
 # --- the parameter form ----------------------------------------------------------------------
-def is_vq(cfg: Config) -> bool:
-    return cfg.model.kind in VQ_KINDS
+def has_code_grids(cfg: Config) -> bool:
+    """Whether the config's model kind has discrete code grids (and so code priors)."""
+    return cfg.model.capabilities.discrete
 
 
 def _drop(data: dict, dotted: str) -> None:
@@ -89,7 +88,7 @@ def form_value(cfg: Config) -> dict:
     """The config as the value of the `config` parameter: JSON, less the fields the form leaves out for its kind
     (they take their defaults when the run validates the config)."""
     data = cfg.model_dump(mode="json")
-    for dotted in (VARIATIONAL_ONLY if is_vq(cfg) else VQ_ONLY) + NOT_IN_FORM:
+    for dotted in (() if has_code_grids(cfg) else CODE_GRIDS_ONLY) + NOT_IN_FORM:
         _drop(data, dotted)
     return data
 
@@ -141,17 +140,18 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
     """The deployment's parameter schema (Prefect's `parameter_openapi_schema`), from the flow's signature with its
     `config` parameter typed by the discovered config model (core.config.config_model):
 
-    - every plugin section (data.dataset, model.encoder/decoder/likelihood/noise/quantizer, prior.top/bottom,
-      render.renderers) is a union selected by `name`, one branch per registered plugin, titled by the plugin's
-      name and described by its docstring, with that plugin's options as fields (descriptions and defaults);
+    - `model` is a union selected by `kind`: a tab per registered model kind with the same kind of latents as the
+      config's (continuous or code grids), each with that kind's options and slots;
+    - every plugin section (data.dataset, the model's slots, the code levels' priors, render.renderers) is a union
+      selected by `name`, one branch per registered plugin, titled by the plugin's name and described by its
+      docstring, with that plugin's options as fields (descriptions and defaults);
     - sections get human titles, and the parameters descriptions that say how the config is chosen;
-    - fields of the other model family are left out (a VAE form has no model.vq, model.quantizer or prior; a VQ
-      form has no model.latent_dim or model.noise), and so are the deployment schedules.
+    - the code priors are left out of a form for a model without code grids, and so are the deployment schedules.
 
     Prefect's server validates every flow run's parameters against it (jsonschema), so form_value(cfg) must pass."""
     from prefect.utilities.callables import generate_parameter_schema, parameter_docstrings
 
-    from core.config import COMPONENT_FIELDS, config_model
+    from core.config import config_model
     from core.registry import get_registry
 
     registry = registry or get_registry()
@@ -181,39 +181,28 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
             node_def = defs.get(_ref_name(node) or "", {})
         return node, node_def
 
-    # kind-specific fields and run-irrelevant ones leave the form
-    model_def = section("model")[1]
-    kinds = list(VQ_KINDS) if is_vq(cfg) else [k for k in model_def["properties"]["kind"]["enum"] if k not in VQ_KINDS]
-    model_def["properties"]["kind"]["enum"] = kinds
-    for dotted in (VARIATIONAL_ONLY if is_vq(cfg) else VQ_ONLY) + NOT_IN_FORM:
-        *parents, last = dotted.split(".")
-        owner = section(".".join(parents))[1] if parents else root
-        owner["properties"].pop(last, None)
-        if last in owner.get("required", []):
-            owner["required"].remove(last)
+    # sections that do not apply, and run-irrelevant ones, leave the form
+    for dotted in (() if has_code_grids(cfg) else CODE_GRIDS_ONLY) + NOT_IN_FORM:
+        root["properties"].pop(dotted, None)
+        if dotted in root.get("required", []):
+            root["required"].remove(dotted)
 
     # section titles and descriptions (the typed sections built after discovery carry no docstring)
-    static = {"": Config}
     for path, title in SECTION_TITLES.items():
         try:
             _, node_def = section(path)
         except KeyError:  # left out for this kind
             continue
         parent, _, key = path.rpartition(".")
-        field = static[parent].model_fields[key]
-        static[path] = field.annotation if isinstance(field.annotation, type) else None
+        owner = Config if not parent else Config.model_fields[parent].annotation
+        field = owner.model_fields[key]
         node_def["title"] = title
-        description = _first_paragraph(getattr(static[path], "__doc__", None)) or field.description
+        description = _first_paragraph(getattr(field.annotation, "__doc__", None)) or field.description
         if description:
             node_def["description"] = description
 
-    # plugin unions: one branch per registered plugin, titled by its name
-    values = cfg.model_dump(mode="json")
-    for (sec, fname), family in COMPONENT_FIELDS.items():
-        try:
-            node = section(sec)[1]["properties"][fname]
-        except KeyError:
-            continue
+    def title_union(node: dict, family: str, current: Any) -> None:
+        """One tab per registered plugin of the family, titled by its name, the configured one first."""
         for ref in _union_refs(node):
             branch = defs[_ref_name(ref)]
             name = branch["properties"]["name"].get("const")
@@ -226,12 +215,58 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
             branch["description"] = _first_paragraph(entry.cls.__doc__) or f"the {name} {family}"
             branch["properties"]["name"].update(title="Name", default=name, description=f"the {family} plugin, from "
                                                 f"{entry.package} (switch plugins with the tabs above)")
-        current = (values.get(sec) or {}).get(fname)
         if isinstance(current, dict):
             _order_first(node, "name", current.get("name"), defs)
-        node.setdefault("title", fname.replace("_", " ").capitalize())
         pick = f"pick the {family} plugin (a tab each), then its options"
         node["description"] = f"{node['description']}; {pick}" if node.get("description") else pick.capitalize()
+
+    values = cfg.model_dump(mode="json")
+    # the model: a tab per kind with the same kind of latents (the pipeline differs between them), this one first
+    model_node = root["properties"]["model"]
+    kinds = model_node.get("oneOf") if "oneOf" in model_node else None
+    members = kinds if kinds is not None else [model_node]
+    keep = []
+    for ref in members:
+        member = defs[_ref_name(ref)]
+        kind = member["properties"]["kind"].get("const") or member["properties"]["kind"].get("default")
+        cls = registry.get("model", kind).cls
+        if cls.capabilities.latents != cfg.model.capabilities.latents:
+            continue
+        keep.append(ref)
+        member.update(title=kind, description=_first_paragraph(cls.__doc__) or f"the {kind} model")
+        member["properties"]["kind"].update(title="Kind", default=kind, description=f"the model kind, from "
+                                            f"{registry.get('model', kind).package} (switch kinds with the tabs above)")
+        current = values["model"] if values["model"]["kind"] == kind else {}
+        for fname, slot in cls.slots.items():
+            if fname in member["properties"]:
+                node = member["properties"][fname]
+                node.setdefault("title", fname.replace("_", " ").capitalize())
+                title_union(node, slot.family, current.get(fname))
+        for fname, prop in member["properties"].items():  # nested option sections (e.g. vq): titled by field
+            nested = defs.get(_ref_name(prop) or "")
+            if nested is not None and fname not in cls.slots:
+                field = cls.Options.model_fields.get(fname)
+                nested["title"] = (field.title if field is not None and field.title else
+                                   fname.replace("_", " ").capitalize())
+                if prop.get("description"):
+                    nested["description"] = prop["description"]
+    if kinds is not None:
+        kinds[:] = keep
+        _order_first(model_node, "kind", cfg.model.kind, defs)
+    model_node.update(title="Model", description=_first_paragraph(Config.model_fields["model"].description)
+                      or "the model kind (a tab each), then its options and components")
+
+    # the other plugin unions: data.dataset, prior levels, render.renderers
+    from core.config import STATIC_COMPONENT_FIELDS, code_levels
+
+    others = {**STATIC_COMPONENT_FIELDS, **{("prior", level): "prior" for level in code_levels(registry)}}
+    for (sec, fname), family in others.items():
+        try:
+            node = section(sec)[1]["properties"][fname]
+        except KeyError:
+            continue
+        node.setdefault("title", fname.replace("_", " ").capitalize())
+        title_union(node, family, (values.get(sec) or {}).get(fname))
 
     # the beta schedule union: titled by its tag, the configured one first
     if "train" in root["properties"]:
@@ -260,7 +295,7 @@ def check_form(schema: dict, parameters: dict) -> None:
 # --- the deployments ---------------------------------------------------------------------------
 def pipeline_flows(cfg: Config) -> dict[str, tuple[str, Any]]:
     """{flow name: (entrypoint relative to PROJECT_DIR, flow)}: the pipeline first, then the VAE's stage flows."""
-    if is_vq(cfg):
+    if has_code_grids(cfg):
         from pipelines.vq_flows import vqvae2_pipeline
 
         return {"vqvae2_pipeline": (PIPELINE_ENTRYPOINTS["vqvae2_pipeline"], vqvae2_pipeline)}
@@ -287,12 +322,12 @@ def deployment_specs(config_path: Path, overrides: list[str], cfg: Config, sched
     specs = []
     for i, (flow_name, (entrypoint, flow_)) in enumerate(pipeline_flows(cfg).items()):
         stage = flow_name.removesuffix("_flow")
-        what = ("vaeflow VQ pipeline" if is_vq(cfg) else "vaeflow pipeline") if i == 0 else f"vaeflow pipeline up to {stage}"
+        what = ("vaeflow VQ pipeline" if has_code_grids(cfg) else "vaeflow pipeline") if i == 0 else f"vaeflow pipeline up to {stage}"
         schema = form_schema(flow_.fn, cfg, pin)
         check_form(schema, params)
         specs.append(dict(flow_name=flow_name, entrypoint=entrypoint, flow=flow_, parameters=params, schema=schema,
                           description=f"{what} for {config_path.name}. {how}",
-                          tags=["vaeflow", f"config:{mode}"] + (["vq"] if is_vq(cfg) else [] if i == 0 else [stage]),
+                          tags=["vaeflow", f"config:{mode}"] + (["vq"] if has_code_grids(cfg) else [] if i == 0 else [stage]),
                           schedules=to_prefect_schedules(schedules) if i == 0 else []))
     return specs
 
@@ -434,7 +469,7 @@ def check_runnable(cfg: Config, source: str) -> None:
     """Fail at deploy time, exit 2, on what every run would fail on (shapes, a VQ config without priors)."""
     from core.model import build_model
 
-    if is_vq(cfg):
+    if has_code_grids(cfg):
         from pipelines.vq_flows import check_vq_config
 
         check_vq_config(cfg, "register", source)

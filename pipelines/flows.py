@@ -39,13 +39,30 @@ def _cfg(config: str) -> Config:
     return validate(json.loads(config))
 
 
+def code_identity(cfg: Config, *sections: str, renderers: bool = False) -> list[list]:
+    """[family, name, package, version, code_sha256] of each plugin the config selects in `sections` (and of the
+    configured renderers): in a stage key, an edited plugin (installed or editable) re-runs the stage."""
+    from core.checkpoint import plugins_used
+    from core.registry import get_registry
+
+    found = [[i["family"], i["name"], i["package"], i["version"], i["code_sha256"]]
+             for i in plugins_used(cfg, sections).values()]
+    if renderers:
+        registry = get_registry()
+        for spec in cfg.render.renderers:
+            e = registry.get("renderer", spec.name)
+            found.append(["renderer", e.name, e.package, e.version, e.code_sha256()])
+    return found
+
+
 # --- stage keys: own section + parent hashes --------------------------------------------------
 def prepare_key(config: str) -> str:
     """data section + the sha256 of every source file (a changed file invalidates the cache)."""
     from core.manifest import source_files
 
     cfg = _cfg(config)
-    return "prepare_data-" + _digest(config_hash(cfg, "data"), [f["sha256"] for f in source_files(cfg)])
+    return "prepare_data-" + _digest(config_hash(cfg, "data"), [f["sha256"] for f in source_files(cfg)],
+                                     code_identity(cfg, "data"))
 
 
 # train options that change how a run is watched, never the weights it produces
@@ -53,16 +70,23 @@ NOT_IN_TRAIN_KEY = ("progress", "log_every", "checkpoint_every", "num_threads")
 
 
 def train_key(config: str, data: dict) -> str:
-    """model section (less its warning threshold) + train section (less bookkeeping options) + the data manifest
-    + the model's architecture signature (a plugin whose code changed shape never reuses old weights)."""
+    """model section (less the options its kind marks watch-only) + train section (less bookkeeping options) + the
+    data manifest + the model's architecture signature + the code of its kind and components (an edited plugin
+    never reuses weights trained with its old code)."""
     from core.checkpoint import architecture_signature
-    from core.model import build_model
+    from core.model import build_model, model_class
 
     cfg = _cfg(config)
     model_section = hashed_dump(cfg)["model"]
-    model_section.get("vq", {}).pop("usage_warning", None)  # only decides when to warn
+    for dotted in model_class(cfg).watch_only:  # e.g. a warning threshold: decides what is logged, not the weights
+        *parents, last = dotted.split(".")
+        node = model_section
+        for key in parents:
+            node = node.get(key) or {}
+        node.pop(last, None)
     train_section = {k: v for k, v in hashed_dump(cfg)["train"].items() if k not in NOT_IN_TRAIN_KEY}
-    return "train-" + _digest(model_section, train_section, data["manifest_hash"], architecture_signature(build_model(cfg)))
+    return "train-" + _digest(model_section, train_section, data["manifest_hash"], architecture_signature(build_model(cfg)),
+                              code_identity(cfg, "model"))
 
 
 QUALITY_SCORING = {"samples", "kid_subsets", "kid_subset_size"}  # quality options of evaluate only (seed: both)
@@ -75,15 +99,17 @@ def train_features_key(config: str, data: dict) -> str:
 
 
 def evaluate_key(config: str, data: dict, trained: dict, features: dict) -> str:
-    """eval and quality sections + the trained weights + the feature network + the data manifest."""
+    """eval and quality sections + the trained weights + the feature network + the data manifest + the model's code."""
     cfg = _cfg(config)
     return "evaluate-" + _digest(config_hash(cfg, "eval"), config_hash(cfg, "quality"), trained["weights_sha256"],
-                                 features.get("weights_sha256"), data["manifest_hash"])
+                                 features.get("weights_sha256"), data["manifest_hash"], code_identity(cfg, "model"))
 
 
 def render_key(config: str, data: dict, trained: dict) -> str:
-    """render section + the trained weights + the data manifest."""
-    return "render-" + _digest(config_hash(_cfg(config), "render"), trained["weights_sha256"], data["manifest_hash"])
+    """render section + the trained weights + the data manifest + the code of the model and the renderers."""
+    cfg = _cfg(config)
+    return "render-" + _digest(config_hash(cfg, "render"), trained["weights_sha256"], data["manifest_hash"],
+                               code_identity(cfg, "model", renderers=True))
 
 
 def register_key(config: str, data: dict, trained: dict, evaluated: dict) -> str:

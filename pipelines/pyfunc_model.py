@@ -37,7 +37,7 @@ class VaeflowPyfunc(mlflow.pyfunc.PythonModel):
         x = x.view(-1, *shape)  # (N, C, H, W)
         output = (params or {}).get("output", "reconstruction")
         with torch.no_grad():
-            if output == "latent" and getattr(self.model, "levels", ()):  # VQ: code indices, top level first
+            if output == "latent" and self.model.capabilities.discrete:  # code indices, levels in the model's order
                 codes = self.model.encode_codes(x)
                 return torch.cat([codes[level].flatten(1) for level in self.model.levels], 1).numpy()  # (N, sum h*w)
             if output == "latent":

@@ -44,6 +44,19 @@ def signature(cfg: Config):
     return ModelSignature(inputs=images, params=ParamSchema([ParamSpec("output", "string", "reconstruction")]))
 
 
+def requirements(cfg: Config) -> list[str]:
+    """The registered model's pip requirements: vaeflow, and each plugin distribution the model needs at its installed
+    version, so that an MLflow environment restore (or `mlflow models serve`) installs them. A VAEFLOW_PLUGINS module
+    has no distribution to pin; loading the model names it when it is missing."""
+    from core.checkpoint import plugins_used
+
+    pins = {"vaeflow": __version__}
+    for info in plugins_used(cfg).values():
+        if info.get("version") and info["package"] != "vaeflow":
+            pins[info["package"]] = info["version"]
+    return [f"{package}=={version}" for package, version in pins.items()]
+
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name, description="vaeflow model; see the version tags for lineage")
@@ -96,7 +109,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
                     signature=signature(cfg),
-                    pip_requirements=[f"vaeflow=={__version__}"],
+                    pip_requirements=requirements(cfg),
                     metadata={"vaeflow_version": __version__, "config_hash": config_hash(cfg)},
                 )
             # model_id names the logged model: an `mlflow server` refuses a models:/m-... source without it
@@ -225,9 +238,10 @@ def load_generator(source: str, priors: list[str] | None = None, device: str = "
             name, version = resolve_version(client, source)
             source = f"models:/{name}/{version}"
     model, cfg = load_model(source, device=device)
-    levels = getattr(model, "levels", ())
-    if not levels:
-        raise VaeflowError(f"{source} is a {cfg.model.kind}, not a VQ model; it samples from N(0, I) without priors")
+    if not model.capabilities.discrete:
+        raise VaeflowError(f"{source} is a {cfg.model.kind}, which has no code grids; it samples from its own prior "
+                           f"without code priors")
+    levels = model.levels
     if priors:
         if len(priors) != len(levels):
             raise VaeflowError(f"{source} has levels {', '.join(levels)}, so pass {len(levels)} --prior folder(s) "

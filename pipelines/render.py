@@ -10,7 +10,7 @@ from torchvision.utils import save_image
 
 from core.checkpoint import atomic_write
 from core.errors import VaeflowError
-from core.model import VAE
+from core.interfaces import Model
 
 
 def check_image_path(out: Path) -> Path:
@@ -34,13 +34,13 @@ def square_rows(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-def samples(model: VAE, n: int, seed: int, out: Path, temperature: float = 1.0) -> Path:
+def samples(model: Model, n: int, seed: int, out: Path, temperature: float = 1.0) -> Path:
     """n prior samples decoded to the likelihood mean, in a square-ish grid."""
     images = model.generate(n, torch.Generator().manual_seed(seed), temperature)  # (n, C, H, W)
     return save_grid(images, out, nrow=square_rows(n))
 
 
-def interpolations(model: VAE, test: torch.Tensor, pairs: int, steps: int, seed: int, out: Path) -> Path:
+def interpolations(model: Model, test: torch.Tensor, pairs: int, steps: int, seed: int, out: Path) -> Path:
     """Rows that walk from one test image's posterior mean to another's, decoded."""
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[: 2 * pairs]
     if len(idx) < 2 * pairs:
@@ -50,18 +50,13 @@ def interpolations(model: VAE, test: torch.Tensor, pairs: int, steps: int, seed:
     return save_grid(grid.flatten(0, 1), out, nrow=steps)
 
 
-def reconstructions(model: VAE, test: torch.Tensor, n: int, out: Path) -> Path:
+def reconstructions(model: Model, test: torch.Tensor, n: int, out: Path) -> Path:
     """Pairs of rows: n test images above their reconstructions."""
     x = test[:n].to(model.device)  # (n, C, H, W)
     recon = model.reconstruct(x)
     rows = square_rows(n)
     chunks = [torch.cat([a, b]) for a, b in zip(x.split(rows), recon.split(rows))]
     return save_grid(torch.cat(chunks), out, nrow=rows)
-
-
-def model_kind(model) -> str:
-    """"discrete" for a VQ model (code grids), else "continuous"."""
-    return "discrete" if getattr(model, "levels", ()) else "continuous"
 
 
 def render_all(model, cfg, images: torch.Tensor, out_dir: Path, priors: dict | None = None,
@@ -71,7 +66,7 @@ def render_all(model, cfg, images: torch.Tensor, out_dir: Path, priors: dict | N
     from core.model import component_options
     from core.registry import get_registry
 
-    registry, kind = get_registry(), model_kind(model)
+    registry, kind = get_registry(), model.capabilities.latents
     chosen = [(spec.name, component_options(registry.get("renderer", spec.name).cls, spec))
               for spec in cfg.render.renderers]
     if names:

@@ -22,18 +22,19 @@ from typing import Optional
 from core.config import Config, config_hash
 from core.interfaces import file_sha256
 from pipelines.flows import (
-    EpochLog, Pipeline, _cfg, _digest, _key_fn, _transient, log_registered, prepare_data, publish_metrics,
-    resolve_config, sample_quality, stage, train, train_features, watched,
+    EpochLog, Pipeline, _cfg, _digest, _key_fn, _transient, code_identity, log_registered, prepare_data,
+    publish_metrics, resolve_config, sample_quality, stage, train, train_features, watched,
 )
 
 VQ_STAGES = ("prepare_data", "train", "extract_codes", "train_prior", "sample", "render", "evaluate", "register")
-PRIOR_TRAIN_FIELDS_EXCLUDED = {"top", "bottom", "sample", "log_every"}  # not in a level's key
+PRIOR_TRAIN_FIELDS_EXCLUDED = {"sample", "log_every"}  # not in a level's key (nor the other levels' specs)
 
 
 # --- stage keys --------------------------------------------------------------------------------
 def extract_codes_key(config: str, data: dict, trained: dict) -> str:
-    """the stage-1 weights + the data manifest (extraction has no options of its own)."""
-    return "extract_codes-" + _digest(trained["weights_sha256"], data["manifest_hash"])
+    """the stage-1 weights + the data manifest + the model's code (extraction has no options of its own)."""
+    return "extract_codes-" + _digest(trained["weights_sha256"], data["manifest_hash"],
+                                      code_identity(_cfg(config), "model"))
 
 
 def train_prior_key(config: str, level: str, codes: dict) -> str:
@@ -41,25 +42,33 @@ def train_prior_key(config: str, level: str, codes: dict) -> str:
     from core.checkpoint import architecture_signature
     from core.priors import CODES_MANIFEST, build_prior
 
+    from core.config import code_levels
+    from core.registry import get_registry
+
     cfg = _cfg(config)
     spec = getattr(cfg.prior, level).model_dump(mode="json")
-    options = cfg.prior.model_dump(mode="json", exclude=PRIOR_TRAIN_FIELDS_EXCLUDED)
+    registry = get_registry()
+    options = cfg.prior.model_dump(mode="json", exclude=PRIOR_TRAIN_FIELDS_EXCLUDED | set(code_levels(registry)))
     levels = json.loads((Path(codes["folder"]) / CODES_MANIFEST).read_text())["levels"]
+    code = registry.get("prior", spec["name"]).code_sha256()
     return f"train_prior_{level}-" + _digest(level, spec, options, codes["codes_sha256"],
-                                             architecture_signature(build_prior(spec, level, levels)))
+                                             architecture_signature(build_prior(spec, level, levels)), code)
 
 
 def sample_key(config: str, trained: dict, priors: dict) -> str:
-    """prior.sample + the stage-1 weights + every prior's weights."""
+    """prior.sample + the stage-1 weights + every prior's weights + the code of the model and the priors."""
     cfg = _cfg(config)
     return "sample-" + _digest(cfg.prior.sample.model_dump(mode="json"), trained["weights_sha256"],
-                               sorted(p["weights_sha256"] for p in priors.values()))
+                               sorted(p["weights_sha256"] for p in priors.values()),
+                               code_identity(cfg, "model", "prior"))
 
 
 def vq_render_key(config: str, data: dict, trained: dict, priors: dict) -> str:
-    """render section + the stage-1 weights + every prior's weights + the data manifest."""
-    return "render-" + _digest(config_hash(_cfg(config), "render"), trained["weights_sha256"],
-                               sorted(p["weights_sha256"] for p in priors.values()), data["manifest_hash"])
+    """render section + the stage-1 weights + every prior's weights + the data manifest + the code it runs."""
+    cfg = _cfg(config)
+    return "render-" + _digest(config_hash(cfg, "render"), trained["weights_sha256"],
+                               sorted(p["weights_sha256"] for p in priors.values()), data["manifest_hash"],
+                               code_identity(cfg, "model", "prior", renderers=True))
 
 
 def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict, features: dict) -> str:
@@ -68,7 +77,7 @@ def vq_evaluate_key(config: str, data: dict, trained: dict, priors: dict, featur
     return "evaluate-" + _digest(config_hash(cfg, "eval"), config_hash(cfg, "quality"),
                                  cfg.prior.sample.model_dump(mode="json"), trained["weights_sha256"],
                                  data["manifest_hash"], sorted(p["weights_sha256"] for p in priors.values()),
-                                 features.get("weights_sha256"))
+                                 features.get("weights_sha256"), code_identity(cfg, "model", "prior"))
 
 
 def vq_register_key(config: str, trained: dict, codes: dict, priors: dict, evaluated: dict, data: dict) -> str:
@@ -135,7 +144,7 @@ def sample(config: str, trained: dict, priors: dict, run: dict) -> dict:
     """Ancestral samples (top prior, then bottom prior given the top codes), decoded; plus reconstructions."""
     from core.checkpoint import load_model
     from core.priors import load_prior
-    from core.vq import sample_images
+    from core.codes import sample_images
     from pipelines.render import save_grid, square_rows
     with stage(config, run, "sample", sample_key(config, trained, priors)) as st:
         s, client, run_id, folder = st.cfg.prior.sample, st.client, st.run_id, st.folder
@@ -177,7 +186,7 @@ def evaluate(config: str, data: dict, trained: dict, priors: dict, features: dic
     from core.manifest import load_prepared
     from core.metrics import evaluate as run_eval
     from core.priors import load_prior
-    from core.vq import sample_images
+    from core.codes import sample_images
     from pipelines.render import reconstructions
     with stage(config, run, "evaluate", vq_evaluate_key(config, data, trained, priors, features)) as st:
         cfg, client, run_id, folder = st.cfg, st.client, st.run_id, st.folder
@@ -223,16 +232,19 @@ def register(config: str, trained: dict, codes: dict, priors: dict, evaluated: d
 # --- the pipeline ------------------------------------------------------------------------------
 def check_vq_config(cfg, until: str = "register", source: str = "config") -> None:
     """ConfigError unless the config is a VQ model with a prior per level (when `until` trains priors)."""
+    from core.config import code_levels
     from core.errors import ConfigError
+    from core.registry import get_registry
 
-    if not cfg.model.levels:
-        raise ConfigError([("model.kind", f"the VQ pipeline needs kind vqvae or vqvae2, got {cfg.model.kind}; "
+    if not cfg.model.capabilities.discrete:
+        raise ConfigError([("model.kind", f"the VQ pipeline needs a model with code grids, got {cfg.model.kind}; "
                             "use vae_pipeline for it")], source)
     missing = [level for level in cfg.model.levels if getattr(cfg.prior, level) is None]
     if VQ_STAGES.index(until) >= VQ_STAGES.index("train_prior") and missing:
         raise ConfigError([(f"prior.{level}", "a prior is required for this level, e.g. "
                             "{name: gated-pixelcnn, channels: 64, layers: 8}") for level in missing], source)
-    extra = [level for level in ("top", "bottom") if level not in cfg.model.levels and getattr(cfg.prior, level)]
+    extra = [level for level in type(cfg.prior).model_fields if level not in cfg.model.levels
+             and level in code_levels(get_registry()) and getattr(cfg.prior, level)]
     if extra:
         raise ConfigError([(f"prior.{level}", f"kind={cfg.model.kind} has no {level} level; remove it")
                            for level in extra], source)

@@ -34,21 +34,16 @@ from core.checkpoint import atomic_write, write_text
 from core.errors import VaeflowError
 from core.hookspecs import hookimpl
 from core.interfaces import Options, RenderContext, Renderer
-from core.vq import sample_codes
+from core.codes import sample_codes
 
 PADDING = 2  # pixels between tiles of every grid
 RED = (1.0, 0.0, 0.0)  # the frame of an inactive dimension's row
 
 
 # --- shared pieces ---------------------------------------------------------------------------
-def model_kind(model: nn.Module) -> str:
-    """The model's kind: discrete for a VQ model (it decodes code grids), continuous for a VAE / AE / DAE."""
-    return "discrete" if hasattr(model, "decode_codes") and hasattr(model, "levels") else "continuous"
-
-
 def check_kind(renderer: Renderer, model: nn.Module) -> None:
     """A VaeflowError when the renderer cannot draw this kind of model."""
-    kind = model_kind(model)
+    kind = model.capabilities.latents
     if kind not in renderer.kinds:
         what = getattr(model, "kind", type(model).__name__)
         raise VaeflowError(f"renderer {renderer.name!r} draws {' / '.join(renderer.kinds)} models, but the model "
@@ -192,9 +187,9 @@ class LatentStats:
     """Posterior statistics of a continuous model over held-out images."""
 
     means: torch.Tensor  # (N, J) posterior means (modes)
-    kl_per_dim: torch.Tensor  # (J,) mean KL(q(z_j|x) || N(0, 1)) in nats; zeros for an AE / DAE
+    kl_per_dim: torch.Tensor  # (J,) mean KL(q(z_j|x) || p(z_j)) in nats; zeros for an AE / DAE
     variance: torch.Tensor  # (J,) variance of the posterior means over the images
-    variational: bool  # True for a VAE: KL scores the dimensions; else the variance does
+    variational: bool  # True when the KL per dimension is known (a VAE): KL scores the dimensions; else the variance does
 
     @property
     def score(self) -> torch.Tensor:
@@ -207,12 +202,15 @@ def latent_stats(model: nn.Module, images: torch.Tensor, batch_size: int = 256) 
     """Posterior means and per-dimension mean KL over images (N, C, H, W), one batched encoder pass."""
     device = device_of(model)
     means, kls = [], []
+    bounded = model.capabilities.log_likelihood == "bound"  # KL per dimension scores the units of a VAE
     for chunk in images.split(batch_size):
         q = model.posterior(chunk.to(device))
         means.append(q.mode().float().cpu())  # (b, J)
-        kls.append(q.kl_per_dim().float().cpu())  # (b, J)
+        kl = model.prior.kl_per_dim(q) if bounded else None  # (b, J), None without a closed form
+        kls.append(kl.float().cpu() if kl is not None else torch.zeros_like(means[-1]))
+        bounded = bounded and kl is not None
     mu, kl = torch.cat(means), torch.cat(kls)  # (N, J), (N, J)
-    return LatentStats(mu, kl.mean(0), mu.var(0, unbiased=False), bool(getattr(model, "variational", True)))
+    return LatentStats(mu, kl.mean(0), mu.var(0, unbiased=False), bounded)
 
 
 def activity_order(stats: LatentStats) -> torch.Tensor:
@@ -374,11 +372,11 @@ def swap_codes(codes: dict[str, torch.Tensor], level: str, position: tuple[int, 
     return out
 
 
-def temperature_codes(priors: dict, levels: tuple[str, ...], n: int, temperatures: list[float],
+def temperature_codes(model, priors: dict, levels: tuple[str, ...], n: int, temperatures: list[float],
                       top_k: int | None = None, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """n prior samples per temperature, each row from the same seed: [{level: (n, h, w)}] per temperature."""
     used = {level: priors[level] for level in levels}
-    return [{lv: c.cpu() for lv, c in sample_codes(used, n, t, top_k, seed).items()} for t in temperatures]
+    return [{lv: c.cpu() for lv, c in sample_codes(model, used, n, t, top_k, seed).items()} for t in temperatures]
 
 
 def require_priors(priors: dict, needed: dict[str, list[str]]) -> None:
@@ -539,7 +537,7 @@ class InterpolationRenderer(Renderer):
         x_a, x_b = ctx.images[idx[:o.pairs]], ctx.images[idx[o.pairs:]]  # (P, C, H, W) each
         labels: list[str] = []
         with eval_mode(model):
-            if model_kind(model) == "continuous":
+            if not model.capabilities.discrete:
                 rows = [interpolate_latent(model, x_a, x_b, o.steps, o.batch_size)]  # [(P, S, C, H, W)]
                 labels = ["" for _ in range(o.pairs)]
             else:
@@ -652,7 +650,7 @@ class DiscreteRenderer(Renderer):
                 paths.append(write_grid(out / "discrete_swaps.png", grid.flatten(0, 1), width, row_labels,
                                         title="recon | code at (row,col) -> frequent codes"))
             if "temperature" in o.parts:
-                sweep = temperature_codes(ctx.priors, levels, o.n_per_temperature, o.temperatures, o.top_k, ctx.seed)
+                sweep = temperature_codes(model, ctx.priors, levels, o.n_per_temperature, o.temperatures, o.top_k, ctx.seed)
                 images = torch.cat([decode_codes(model, c, o.batch_size) for c in sweep])  # (T*n, C, H, W)
                 paths.append(write_grid(out / "discrete_temperature.png", images, o.n_per_temperature,
                                         [f"T={t:g}" for t in o.temperatures]))

@@ -122,10 +122,15 @@ def test_schema_has_plugin_options_as_discriminated_union():
     assert res.exit_code == 0
     schema = json.loads(res.stdout)
     defs = schema["$defs"]
-    enc = defs["ModelConfig"]["properties"]["encoder"]
+    kinds = [m["$ref"].split("/")[-1] for m in schema["properties"]["model"]["oneOf"]]  # one per model kind
+    assert kinds == ["Model_ae", "Model_dae", "Model_vae", "Model_vqvae", "Model_vqvae2"]
+    assert [defs[k]["properties"]["kind"]["const"] for k in kinds] == ["ae", "dae", "vae", "vqvae", "vqvae2"]
+    assert "noise" in defs["Model_dae"]["required"] and "noise" not in defs["Model_vae"]["properties"]
+    assert "quantizer" not in defs["Model_vae"]["properties"] and "latent_dim" not in defs["Model_vqvae"]["properties"]
+    enc = defs["Model_vae"]["properties"]["encoder"]
     assert enc["discriminator"]["propertyName"] == "name"
     assert set(enc["discriminator"]["mapping"]) == {"conv", "mlp", "vqvae-conv"}
-    quantizer = defs["ModelConfig"]["properties"]["quantizer"]["anyOf"][0]
+    quantizer = defs["Model_vqvae2"]["properties"]["quantizer"]
     assert set(quantizer["discriminator"]["mapping"]) == {"vq", "vq-ema"}
     conv = defs[enc["discriminator"]["mapping"]["conv"].split("/")[-1]]
     assert {"channels", "hidden", "activation", "name"} <= set(conv["properties"])
@@ -160,17 +165,21 @@ def test_hash_is_canonical():
 
 def test_config_model_is_built_from_the_registry():
     model = config_model()
-    assert model.model_fields["model"].annotation.__name__ == "ModelConfig"
+    assert "model" in model.model_fields
     cfg = validate(tiny_raw())
+    assert type(cfg.model).__name__ == "Model_vae" and cfg.model.capabilities.log_likelihood == "bound"
     net = build_model(cfg)
     assert type(net.encoder).__name__ == "ConvEncoder"
 
 
-def test_vq_only_fields_do_not_change_the_hashes_of_other_kinds():
-    """Adding the VQ fields must not invalidate cache keys and checkpoints of existing VAE configs."""
+def test_code_priors_do_not_change_the_hashes_of_models_without_code_grids():
+    """The prior section only applies to models with code grids; another kind's fields are not in the model at all."""
     from core.config import config_hash, load_config
 
     base = load_config(TINY)
-    other = load_config(TINY, ["model.vq.embedding_dim=7", "prior.epochs=3"])
+    other = load_config(TINY, ["prior.epochs=3"])
     assert config_hash(base) == config_hash(other) and config_hash(base, "model") == config_hash(other, "model")
     assert config_hash(base) != config_hash(load_config(TINY, ["model.latent_dim=3"]))
+    with pytest.raises(ConfigError, match="model.vq: unknown key 'vq'; allowed keys here: decoder, encoder, kind, "
+                                          "latent_dim, likelihood, prior"):
+        load_config(TINY, ["model.vq.embedding_dim=7"])

@@ -65,7 +65,13 @@ def check_form(schema: dict, vq: bool) -> None:
     assert "read at run time unless `config` is set" in props["config_path"]["description"]
     root = resolve(schema, props["config"])
     sections = {k: resolve(schema, v) for k, v in root["properties"].items()}
-    model = sections["model"]["properties"]
+    model_node = root["properties"]["model"]  # a tab per model kind with the config's kind of latents, its own first
+    kinds = {}
+    for ref in model_node.get("oneOf", [model_node]):
+        member = resolve(schema, ref)
+        kinds[member["properties"]["kind"]["const"]] = member
+        assert member["title"] == member["properties"]["kind"]["default"] and member.get("description")
+    model = next(iter(kinds.values()))["properties"]
     registry = get_registry()
     unions = {"encoder": model["encoder"], "decoder": model["decoder"], "likelihood": model["likelihood"],
               "dataset": sections["data"]["properties"]["dataset"],
@@ -73,7 +79,7 @@ def check_form(schema: dict, vq: bool) -> None:
     if vq:
         unions.update(quantizer=model["quantizer"], prior=sections["prior"]["properties"]["top"])
     else:
-        unions["noise"] = model["noise"]
+        unions["noise"] = kinds["dae"]["properties"]["noise"]
     for family, node in unions.items():
         found = branches(schema, node)
         assert sorted(found) == registry.names(family), (family, sorted(found))
@@ -96,13 +102,14 @@ def check_form(schema: dict, vq: bool) -> None:
     assert resolve(schema, root["properties"]["train"])["title"] == "Training"
     assert "schedules" not in root["properties"]
     if vq:
+        assert list(kinds) == ["vqvae2", "vqvae"]
         assert {"quantizer", "vq"} <= set(model) and "prior" in root["properties"]
         assert not {"latent_dim", "noise"} & set(model)
-        assert model["kind"]["enum"] == ["vqvae", "vqvae2"]
+        assert resolve(schema, model["vq"])["title"] == "VQ architecture"
     else:
-        assert {"latent_dim", "noise"} <= set(model)
+        assert list(kinds) == ["vae", "ae", "dae"]
+        assert "latent_dim" in model and "noise" not in model and "noise" in kinds["dae"]["properties"]
         assert not {"quantizer", "vq"} & set(model) and "prior" not in root["properties"]
-        assert model["kind"]["enum"] == ["vae", "ae", "dae"]
 
 
 # --- without a server ------------------------------------------------------------------------

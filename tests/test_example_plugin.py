@@ -1,4 +1,5 @@
-"""The third-party plugin path end to end: pip-install examples/plugin-package, discover it, train with it.
+"""The third-party plugin path end to end: pip-install examples/plugin-package, discover it, train with its encoder,
+and run its own model kind (`rae`) through the whole pipeline.
 
 Everything runs the real `vaeflow` console script in subprocesses, because plugin
 discovery happens once per process through importlib.metadata entry points.
@@ -23,7 +24,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "examples" / "plugin-package"
 CONFIG = ROOT / "configs" / "vae-shapes-tiny.yaml"
-DIST = "vaeflow-example-encoder 0.1.0"
+DIST = "vaeflow-example 0.1.0"
 SMALL_RUN = [
     "--set", "model.encoder={name: residual-mlp, width: 64, depth: 2}",
     "--set", "train.epochs=1",
@@ -74,8 +75,8 @@ def site(tmp_path_factory) -> Path:
         capture_output=True, text=True, timeout=180, env={**os.environ, "PIP_NO_INPUT": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (target / "vaeflow_example_encoder" / "__init__.py").is_file()
-    assert list(target.glob("vaeflow_example_encoder-0.1.0.dist-info/entry_points.txt"))
+    assert (target / "vaeflow_example" / "rae.py").is_file()
+    assert list(target.glob("vaeflow_example-0.1.0.dist-info/entry_points.txt"))
     return target
 
 
@@ -84,7 +85,10 @@ def test_installed_plugin_is_listed_with_its_distribution(site, tmp_path):
     encoders = _encoders(proc)
     assert "residual-mlp" in encoders, encoders
     assert encoders["residual-mlp"].startswith(DIST), encoders["residual-mlp"]
-    assert "vaeflow_example_encoder" in encoders["residual-mlp"]
+    assert "vaeflow_example.encoder" in encoders["residual-mlp"]
+    models = {m["name"]: m for m in json.loads(proc.stdout)["model"]}
+    assert models["rae"]["source"].startswith(DIST) and {"vae", "vqvae2"} <= set(models)
+    assert models["rae"]["capabilities"]["continuous"] and models["rae"]["capabilities"]["log_likelihood"] is None
     assert {"mlp", "conv"} <= set(encoders)  # the built-ins are still there
     assert "did not load" not in proc.stderr, proc.stderr
 
@@ -167,7 +171,7 @@ def test_vaeflow_plugins_env_var_loads_a_local_module(tmp_path):
 def test_residual_mlp_encoder_in_process():
     """Shapes, identity-at-init blocks and strict options, without installing anything."""
     spec = importlib.util.spec_from_file_location(
-        "_example_encoder_under_test", PACKAGE / "vaeflow_example_encoder" / "__init__.py")
+        "_example_encoder_under_test", PACKAGE / "vaeflow_example" / "encoder.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cls = mod.ResidualMLPEncoder
@@ -184,3 +188,78 @@ def test_residual_mlp_encoder_in_process():
     seen = []
     mod.register_encoders(register=seen.append)
     assert seen == [cls]
+
+
+RAE_SETS = ["model.kind=rae", "model.latent_weight=0.5", "model.decoder_weight=0.001"]
+
+
+def test_rae_objective_is_its_three_terms_and_the_engine_sums_them_with_their_weights(local_plugins, tmp_path):
+    """The example model kind in process (loaded through VAEFLOW_PLUGINS from its source file): each term checked
+    against a hand computation, and the engine's loss is the weighted sum the model asked for."""
+    from core.config import load_config
+    from core.engine import Trainer
+    from core.model import build_model
+
+    local_plugins({"vf_example_rae": (PACKAGE / "vaeflow_example" / "rae.py").read_text()})
+    cfg = load_config(CONFIG, [*RAE_SETS, "train.progress=false", "data.dataset.n_train=64", "train.batch_size=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.kind == "rae" and model.scheduled is None and not model.capabilities.discrete
+    x = torch.rand(4, *model.encoder.in_shape)
+    out = model(x)
+    z = model.encoder(x)  # (4, J)
+    want = {"reconstruction": -model.likelihood.log_prob(x, model.decoder(z)).mean(),
+            "latent_norm": 0.5 * (z ** 2).sum(1).mean(),
+            "decoder_l2": sum((p ** 2).sum() for p in model.decoder.parameters())}
+    assert set(out.terms) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(out.terms[name], value)
+    assert out.weights == {"latent_norm": 0.5, "decoder_l2": 0.001}
+
+    trainer = Trainer(cfg, tmp_path / "run")
+    batch = next(iter(trainer.data.epoch(torch.arange(64), 0)))  # (16, C, H, W)
+    recorded = trainer.train_step(batch).tolist()  # [loss, grad_norm, *the model's terms and stats]
+    values = dict(zip(("loss", "grad_norm", *trainer.model_terms), recorded))
+    assert values["loss"] == pytest.approx(values["reconstruction"] + 0.5 * values["latent_norm"]
+                                           + 0.001 * values["decoder_l2"], rel=1e-6)
+
+
+def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path):
+    """`vaeflow run` with kind rae from the installed package: trained, evaluated, rendered and registered, with its
+    own loss terms in MLflow and the package pinned in the registered model's requirements."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    env = {**_env(tmp_path, pythonpath=site), "VAEFLOW_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    sets = [*RAE_SETS, "data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=1", "train.progress=false",
+            "quality.enabled=false", "tracking.model_name=rae-tiny"]
+    proc = subprocess.run([*_vaeflow_cmd(), "run", str(CONFIG), *[a for s in sets for a in ("--set", s)]], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name='rae-tiny'")
+    runs = client.search_runs([client.get_experiment_by_name("vaeflow").experiment_id])
+    train = next(r for r in runs if r.data.tags.get("stage") == "train")
+    assert {"epoch/reconstruction", "epoch/latent_norm", "epoch/decoder_l2"} <= set(train.data.metrics)
+    assert "epoch/kl" not in train.data.metrics and train.data.tags["plugin.kind"].startswith(f"rae ({DIST}")
+    evaluate = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+    assert "eval/mse" in evaluate.data.metrics and "eval/iwae_nll_nats" not in evaluate.data.metrics  # no bound
+    local = Path(mlflow.artifacts.download_artifacts(client.get_model_version_download_uri("rae-tiny", version.version),
+                                                     dst_path=str(tmp_path / "download"), tracking_uri=uri))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert "vaeflow-example==0.1.0" in requirements and any(r.startswith("vaeflow==") for r in requirements)
+    plugins = json.loads((local / "artifacts" / "model_dir" / "plugins.json").read_text())
+    assert plugins["kind"]["package"] == "vaeflow-example" and len(plugins["kind"]["code_sha256"]) == 64
+
+
+def test_the_package_runs_the_conformance_kit_in_its_own_pytest(site, tmp_path):
+    """examples/plugin-package/tests/ uses core.testing as a plugin author would, against the installed package."""
+    tests = tmp_path / "tests"
+    shutil.copytree(PACKAGE / "tests", tests)
+    env = _env(tmp_path, pythonpath=site)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout

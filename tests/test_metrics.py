@@ -12,8 +12,9 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from core.config import EvalConfig
 from core.interfaces import Decoder, Encoder, Options
-from core.metrics import bits_per_dim, elbo_terms, evaluate, iwae_log_likelihood
-from core.model import VAE
+from core.metrics import bits_per_dim, evaluate, iwae_log_likelihood
+from plugins.latent_priors import StandardNormal
+from plugins.models import AE, VAE
 from plugins.likelihoods import Bernoulli, Gaussian
 
 IMG = (1, 4, 4)
@@ -67,13 +68,17 @@ class AffineDecoder(Decoder):
         return (z @ self.W.T + self.b).view(-1, *self.out_shape)
 
 
+def assemble(encoder, decoder, likelihood, latent_dim: int, kind: str = "vae") -> VAE:
+    """A vae (or ae) from hand-made components, with the standard normal prior."""
+    cls = {"vae": VAE, "ae": AE}[kind]
+    return cls(encoder, decoder, likelihood, StandardNormal(StandardNormal.Options(), latent_dim), latent_dim)
+
+
 def bernoulli_vae(latent_dim: int, seed: int, kind: str = "vae") -> VAE:
     torch.manual_seed(seed)
     out = 2 * latent_dim if kind == "vae" else latent_dim
-    return VAE(
-        LinearEncoder(Options(), IMG, out), LinearDecoder(Options(), latent_dim, IMG),
-        Bernoulli(Bernoulli.Options(), IMG), latent_dim, kind,
-    )
+    return assemble(LinearEncoder(Options(), IMG, out), LinearDecoder(Options(), latent_dim, IMG),
+                    Bernoulli(Bernoulli.Options(), IMG), latent_dim, kind)
 
 
 # -------------------------------------------------------------------------- IWAE on a random Bernoulli VAE
@@ -83,7 +88,7 @@ def test_iwae_rises_with_k_and_bounds_elbo():
     n = 1000
     x = (torch.rand(n, *IMG) > 0.5).float()
     iw = {k: iwae_log_likelihood(model, x, k).double() for k in (1, 10, 100)}
-    log_px, kl, kl_dims = elbo_terms(model, x)
+    log_px, kl, kl_dims = model.elbo_terms(x)
     elbo = (log_px - kl).double()
     assert log_px.shape == kl.shape == (n,) and kl_dims.shape == (n, 4)
     torch.testing.assert_close(kl_dims.sum(1), kl)
@@ -161,7 +166,7 @@ def _ppca_model(W, b, shift_in_std=0.0, var_inflation=1.0, mean_field=False):
         (shift_in_std * var.sqrt()).float(), (var.log() + math.log(var_inflation)).float(),
     )
     dec = AffineDecoder(W.float(), b.float(), PPCA_SHAPE)
-    model = VAE(enc, dec, Gaussian(Gaussian.Options(sigma=SIGMA), PPCA_SHAPE), J_PPCA).double()
+    model = assemble(enc, dec, Gaussian(Gaussian.Options(sigma=SIGMA), PPCA_SHAPE), J_PPCA).double()
     # the exact reference uses the (float32-rounded) weights the model actually holds
     return model, model.decoder.W, model.decoder.b, model.encoder.A
 
@@ -242,7 +247,7 @@ def test_ppca_elbo_below_exact_log_likelihood():
     # the code's ELBO pieces, averaged over R single-sample draws, match the closed form within 4 SE
     R = 4000
     torch.manual_seed(6)
-    log_lik, kl, _ = elbo_terms(model, x.repeat(R, 1, 1, 1))  # one z per row
+    log_lik, kl, _ = model.elbo_terms(x.repeat(R, 1, 1, 1))  # one z per row
     torch.testing.assert_close(kl.view(R, B)[0], kl_prior, rtol=1e-12, atol=1e-12)
     est = (log_lik - kl).view(R, B)
     se = est.std(0) / math.sqrt(R)
@@ -330,7 +335,7 @@ def test_evaluate_active_units_counts_dims_whose_mean_varies():
     shift = torch.tensor([0.0, 0.7, 0.0, -1.3, 0.0])
     enc = AffineEncoder(IMG, A, torch.zeros(D), shift, torch.full((J,), -1.0))
     torch.manual_seed(14)
-    model = VAE(enc, LinearDecoder(Options(), J, IMG), Bernoulli(Bernoulli.Options(), IMG), J)
+    model = assemble(enc, LinearDecoder(Options(), J, IMG), Bernoulli(Bernoulli.Options(), IMG), J)
     means = x.flatten(1).double().numpy() @ A.double().numpy().T + shift.double().numpy()
     want_var = means.var(axis=0, ddof=1)
     assert want_var[[1, 3]].max() == 0.0 and 1e-4 < want_var[4] < 0.01 and want_var[[0, 2]].min() > 0.1
@@ -372,8 +377,8 @@ def test_evaluate_perfect_autoencoder_has_zero_mse():
         def forward(self, z):
             return z.view(-1, *self.out_shape)
 
-    model = VAE(Flatten(Options(), IMG, 16), Unflatten(Options(), 16, IMG),
-                Gaussian(Gaussian.Options(), IMG), 16, kind="ae")
+    model = assemble(Flatten(Options(), IMG, 16), Unflatten(Options(), 16, IMG),
+                     Gaussian(Gaussian.Options(), IMG), 16, kind="ae")
     x = torch.rand(10, *IMG, generator=torch.Generator().manual_seed(16))
     out = evaluate(model, x, EvalConfig())
     assert out["mse"] == 0.0 and out["psnr"] == float("inf")

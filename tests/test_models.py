@@ -89,15 +89,21 @@ def test_autoencoder_has_no_kl_and_dae_corrupts_only_in_training():
     assert ae.encoder.out_features == 4  # a code, not posterior parameters
     x = torch.rand(4, 1, 32, 32)
     out = ae(x)
-    assert torch.equal(out.kl, torch.zeros(4))
+    assert set(out.terms) == {"reconstruction"} and ae.scheduled is None  # no KL term to weight
+    assert torch.allclose(out.terms["reconstruction"], -ae.likelihood.log_prob(x, ae.decode(ae.encoder(x))).mean())
+
+    def nll(model, z):
+        return -model.likelihood.log_prob(x, model.decode(z)).mean()
+
     dae = build_model(cfg_for(32, kind="dae", likelihood={"name": "gaussian"}, noise={"name": "masking", "p": 0.5}))
     dae.train()
     torch.manual_seed(1)
     noisy = dae.posterior(dae.noise(x)).mode()
     torch.manual_seed(1)
-    assert torch.allclose(dae(x).params, dae.decode(noisy))  # encoder saw the corrupted input
+    assert torch.allclose(dae(x).terms["reconstruction"], nll(dae, noisy))  # encoder saw the corrupted input
+    assert not torch.allclose(nll(dae, noisy), nll(dae, dae.posterior(x).mode()))  # and the corruption mattered
     dae.eval()
-    assert torch.equal(dae(x).params, dae.decode(dae.posterior(x).mode()))  # no noise at eval
+    assert torch.allclose(dae(x).terms["reconstruction"], nll(dae, dae.posterior(x).mode()))  # no noise at eval
 
 
 def test_gaussian_learned_per_pixel_doubles_decoder_channels():

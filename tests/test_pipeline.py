@@ -50,7 +50,7 @@ def client():
 
 def test_stages_rerun_only_where_their_inputs_changed(runs):
     assert set(runs["first"]["stages"].values()) == {"ran"}
-    assert set(runs["again"]["stages"].values()) == {"cached"}
+    assert set(runs["again"]["stages"].values()) == {"cached"}, runs["again"]["stages"]
     assert runs["eval"]["stages"] == {"prepare_data": "cached", "train": "cached", "train_features": "cached",
                                       "evaluate": "ran", "render": "cached", "register": "ran"}
     assert runs["lr"]["stages"] == {"prepare_data": "cached", "train": "ran", "train_features": "cached",
@@ -170,9 +170,9 @@ def test_missing_plugin_names_its_package(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["first"]["run_dir"], run)
     plugins = json.loads((run / "plugins.json").read_text())
-    plugins["encoder"].update(name="residual-mlp", package="vaeflow-example-encoder")
+    plugins["encoder"].update(name="residual-mlp", package="vaeflow-example")
     (run / "plugins.json").write_text(json.dumps(plugins))
-    with pytest.raises(PluginError, match="'residual-mlp'.*'vaeflow-example-encoder'.*pip install vaeflow-example-encoder"):
+    with pytest.raises(PluginError, match="'residual-mlp'.*'vaeflow-example'.*pip install vaeflow-example"):
         load_model(run)
 
 
@@ -291,6 +291,37 @@ def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
 
     monkeypatch.setattr(ConvEncoder, "__init__", wider)
     assert train_key(config, data) != before
+
+
+EDITABLE = """
+from core.hookspecs import hookimpl
+from plugins.encoders import ConvEncoder
+
+class Scaled(ConvEncoder):
+    name = "scaled"
+    def forward(self, x):
+        return SCALE * super().forward(x)
+
+@hookimpl
+def register_encoders(register):
+    register(Scaled)
+"""
+
+
+def test_editing_a_plugins_source_reruns_train_and_what_follows(home, local_plugins, tmp_path):
+    """Same config, same parameter shapes, new code in the plugin's forward: train runs again (the key carries a
+    hash of the plugin's source), while prepare_data, which does not run it, stays cached."""
+    from pipelines.flows import run_pipeline
+
+    local_plugins({"vf_editable": EDITABLE.replace("SCALE", "1.0")})
+    sets = SETS + ["model.encoder={name: scaled, channels: [16, 32], hidden: 128}", "tracking.model_name=edited"]
+    first = run_pipeline(str(TINY), sets, until="train")
+    again = run_pipeline(str(TINY), sets, until="train")
+    (tmp_path / "vf_editable.py").write_text(EDITABLE.replace("SCALE", "0.5"))  # a user edits the plugin
+    edited = run_pipeline(str(TINY), sets, until="train")
+    assert first["stages"]["train"] == "ran"
+    assert again["stages"] == {"prepare_data": "cached", "train": "cached"}
+    assert edited["stages"] == {"prepare_data": "cached", "train": "ran"} and edited["run_dir"] != first["run_dir"]
 
 
 def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypatch):

@@ -138,8 +138,14 @@ def test_cli_plugins_json_and_text(local_plugins):
     data = json.loads(res.stdout)
     assert set(data) == set(FAMILIES)
     assert {"name": "flip", "source": "VAEFLOW_PLUGINS:vf_good"} in data["noise"]
-    assert all(set(item) == {"name", "source"} for items in data.values() for item in items)
+    extra = {"encoder": {"form"}, "decoder": {"form"}, "model": {"capabilities", "slots"}}
+    assert all(set(item) == {"name", "source", *extra.get(family, ())} for family, items in data.items() for item in items)
+    forms = {e["name"]: e["form"] for e in data["encoder"]}
+    assert forms == {"conv": "vector", "mlp": "vector", "vqvae-conv": "feature map"}
+    vqvae2 = next(m for m in data["model"] if m["name"] == "vqvae2")
+    assert vqvae2["capabilities"]["discrete"] and vqvae2["slots"]["encoder"]["form"] == "feature map"
     assert "vf_broken" in res.stderr  # reported by name, not fatal
     text = runner.invoke(app, ["plugins"])
     assert text.exit_code == 0
     assert "flip" in text.stdout and "options: channels=[32, 64]" in text.stdout
+    assert "produces: a feature map" in text.stdout and "capabilities: continuous latents, sampling, bound" in text.stdout

@@ -316,7 +316,7 @@ def test_discrete_missing_prior_names_the_level(vq, priors, images, tmp_path):
 
 
 def test_temperature_sweep_rows_differ_by_temperature_and_repeat(vq, priors, images, tmp_path):
-    rows = temperature_codes(priors, vq.levels, 3, [0.5, 2.0], seed=4)  # [{level: (3, h, w)}] per T
+    rows = temperature_codes(vq, priors, vq.levels, 3, [0.5, 2.0], seed=4)  # [{level: (3, h, w)}] per T
     assert any(not torch.equal(rows[0][lv], rows[1][lv]) for lv in vq.levels)
 
     # the renderer draws the same codes again from the same seed: each row decodes temperature_codes' draw

@@ -110,7 +110,7 @@ def test_parent_run_and_codebook_health_metrics_in_mlflow(runs):
 
 
 def test_generate_from_the_registry_finds_priors_and_is_reproducible(runs, tmp_path):
-    from core.vq import sample_images
+    from core.codes import sample_images
     from pipelines.registry import load_generator
 
     uri = f"models:/{NAME}@champion"
@@ -188,9 +188,9 @@ def _app():
     (["model.quantizer.codebook_size=0"], "model.quantizer.codebook_size", "greater than 0"),
     (["data.dataset.image_size=28"], "model.vq.strides", "data.pad_to: 32"),
     (["model.vq.strides=[4]"], "model", "2 level"),
-    (["model.encoder={name: conv}"], "model.encoder", "feature-map encoder"),
+    (["model.encoder={name: conv}"], "model.encoder", "kind=vqvae2 needs a feature-map encoder; choose one of: vqvae-conv"),
     (["model.vq.strides=[0, 2]"], "model.vq.strides.0", "greater than 0"),
-    (["model.latent_dim=16"], "model", "does not apply to kind=vqvae2"),
+    (["model.latent_dim=16"], "model.latent_dim", "'latent_dim' applies to kind ae or dae or vae"),
 ])
 def test_bad_vq_configs_exit_2_with_the_field_and_a_fix(sets, where, what):
     args = [VAEFLOW, "config", "validate", str(VQ_TINY)] + [f"--set={s}" for s in sets]

@@ -16,8 +16,6 @@ from torch import nn
 from core.hookspecs import hookimpl
 from core.interfaces import Encoder, Options, Shape
 
-__version__ = "0.1.0"
-
 
 class ResidualBlock(nn.Module):
     """h + W2 silu(W1 LayerNorm(h)): a pre-norm residual block (He et al. 2016) that starts as the identity."""
