@@ -112,6 +112,7 @@ def plugins_used(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[s
     the config selects (only those of `sections`, e.g. ("model",), when given). `code_sha256` hashes the plugin's
     module source and what it imports from its own package and from core (core.registry.code_sha256)."""
     from core.config import LIST_COMPONENTS, component_fields
+    from core.interfaces import TAGS
     from core.registry import get_registry
 
     registry = get_registry()
@@ -121,7 +122,7 @@ def plugins_used(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[s
             continue
         spec = getattr(getattr(cfg, section), field, None)
         if spec is not None:
-            chosen.append((section, field, family, spec.name))
+            chosen.append((section, field, family, getattr(spec, TAGS.get(family, "name"))))
     out = {}
     for section, field, family, name in chosen:
         if sections is None or section in sections:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
+from core.interfaces import TAGS
 from core.registry import Registry, get_registry
 
 ENV_PREFIX = "VAEFLOW_"
@@ -39,52 +40,12 @@ class ComponentSpec(Section):
     name: str = Field(description="registered component name (see `vaeflow plugins`)")
 
 
-# --- beta schedules (Higgins et al. 2017; Bowman et al. 2016; Fu et al. 2019; Burgess et al. 2018)
-class BetaConstant(Section):
-    """loss = -log p(x|z) + beta * KL, beta fixed."""
+class ScheduleSpec(Section):
+    """The weight schedule of the model's scheduled term (a VAE's KL), chosen by `schedule` (`vaeflow plugins` lists
+    them: constant, linear, cyclical, capacity), with that schedule's options."""
 
-    schedule: Literal["constant"] = "constant"
-    value: float = Field(1.0, ge=0, description="beta; 1 gives the ELBO, >1 a beta-VAE")
-
-
-class BetaLinear(Section):
-    """KL annealing: beta rises linearly from 0 to `value` over `warmup_steps` (Bowman et al. 2016)."""
-
-    schedule: Literal["linear"]
-    value: float = Field(1.0, ge=0, description="beta after warm-up")
-    warmup_steps: int = Field(gt=0, description="optimizer steps to reach `value`")
-
-
-class BetaCyclical(Section):
-    """Cyclical annealing (Fu et al. 2019): each cycle rises linearly for `ratio` of it, then holds."""
-
-    schedule: Literal["cyclical"]
-    value: float = Field(1.0, ge=0, description="beta at the top of each cycle")
-    cycle_steps: int = Field(gt=0, description="optimizer steps per cycle")
-    ratio: float = Field(0.5, gt=0, le=1, description="fraction of a cycle spent rising")
-
-
-class BetaCapacity(Section):
-    """Controlled capacity (Burgess et al. 2018): loss = -log p(x|z) + gamma * |KL - C(t)|."""
-
-    schedule: Literal["capacity"]
-    gamma: float = Field(1000.0, gt=0, description="weight of the capacity penalty")
-    max_capacity: float = Field(25.0, ge=0, description="C at the end of the ramp, nats per image")
-    capacity_steps: int = Field(gt=0, description="optimizer steps over which C rises from 0")
-
-
-def _beta_schedule(value: Any) -> str:
-    """The schedule tag of a beta section; `schedule` may be left out for the constant default."""
-    if isinstance(value, dict):
-        return value.get("schedule", "constant")
-    return getattr(value, "schedule", "constant")
-
-
-BetaConfig = Annotated[
-    Union[Annotated[BetaConstant, Tag("constant")], Annotated[BetaLinear, Tag("linear")],
-          Annotated[BetaCyclical, Tag("cyclical")], Annotated[BetaCapacity, Tag("capacity")]],
-    Discriminator(_beta_schedule),
-]
+    model_config = ConfigDict(extra="allow")
+    schedule: str = Field("constant", description="registered schedule name (see `vaeflow plugins`)")
 
 
 class DataConfig(Section):
@@ -147,7 +108,7 @@ class TrainConfig(Section):
                        "GPUs, gloo on CPU); each takes batch_size / nproc of every global batch")
     log_every: int = Field(50, gt=0, description="steps between progress/metric syncs")
     checkpoint_every: Optional[int] = Field(None, gt=0, description="steps between checkpoints; always at epoch end")
-    beta: BetaConfig = Field(default_factory=BetaConstant, description="KL weight schedule")
+    beta: ScheduleSpec = Field(default_factory=ScheduleSpec, description="KL weight schedule")
     progress: bool = Field(True, description="show a progress bar")
 
 
@@ -263,8 +224,10 @@ class Config(Section):
 
 STATIC_COMPONENT_FIELDS = {  # (section, field) -> family, besides the model's slots and the code levels
     ("data", "dataset"): "dataset",
+    ("train", "beta"): "schedule",
     ("render", "renderers"): "renderer",
 }
+DEFAULT_SCHEDULE = "constant"  # train.beta.schedule when left out
 LIST_COMPONENTS = {"renderers"}
 
 
@@ -295,17 +258,23 @@ def component_fields(registry: Registry | None = None) -> dict[tuple[str, str], 
 
 
 def _component_type(registry: Registry, family: str) -> Any:
-    """A discriminated union on `name` over the options models of one family."""
+    """A discriminated union on `name` (TAGS[family] for a schedule) over the options models of one family."""
+    key = TAGS.get(family, "name")
     members = []
     for name in registry.names(family):
         opts = registry.get(family, name).cls.Options
-        tag = (Literal[name], Field(description=f"{family} {name!r}"))
+        default = name if key == "schedule" else ...  # the schedule tag may be left out (constant): keep it in dumps
+        tag = (Literal[name], Field(default, description=f"{family} {name!r}"))
         ident = "".join(c if c.isalnum() else "_" for c in name)
-        members.append(create_model(f"{family.title()}_{ident}", __base__=opts, name=tag))
+        members.append(create_model(f"{family.title()}_{ident}", __base__=opts, **{key: tag}))
     if not members:
-        return ComponentSpec
+        return ScheduleSpec if key == "schedule" else ComponentSpec
     if len(members) == 1:
         return members[0]
+    if key == "schedule":  # `schedule` may be left out for the constant default
+        return Annotated[Union[tuple(Annotated[m, Tag(n)] for m, n in zip(members, registry.names(family)))],
+                         Discriminator(lambda v: v.get(key, DEFAULT_SCHEDULE) if isinstance(v, dict)
+                                       else getattr(v, key, None))]
     return Annotated[Union[tuple(members)], Field(discriminator="name")]
 
 
@@ -384,12 +353,16 @@ def _config_model(registry: Registry) -> type[Config]:
                                     description=info.description))
         elif section == "prior":
             field = (Optional[t], Field(None, description=f"prior over the {fname} codes (null: none)"))
+        elif family == "schedule":
+            field = (t, Field(default_factory=lambda: {"schedule": DEFAULT_SCHEDULE}, validate_default=True,
+                              description=TrainConfig.model_fields[fname].description))
         else:
             field = (t, Field(description=DataConfig.model_fields[fname].description))
         fields_by_section.setdefault(section, {})[fname] = field
-    for section, base in (("data", DataConfig), ("prior", PriorConfig), ("render", RenderConfig)):
+    for section, base in (("data", DataConfig), ("train", TrainConfig), ("prior", PriorConfig),
+                          ("render", RenderConfig)):
         typed = create_model(base.__name__, __base__=base, **fields_by_section.get(section, {}))
-        sections[section] = (typed, Field(default_factory=typed) if section in ("prior", "render") else ...)
+        sections[section] = (typed, ... if section == "data" else Field(default_factory=typed))
     sections["model"] = (_model_type(registry), Field(description=ModelSection.model_fields["kind"].description))
     return create_model("Config", __base__=Config, **sections)
 

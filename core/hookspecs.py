@@ -74,3 +74,8 @@ def register_latent_priors(register: Register) -> None:
 @hookspec
 def register_models(register: Register) -> None:
     """Register model kinds: Options, slots (the components they need), capabilities, objective and prior."""
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Register weight schedules for a model's scheduled term (train.beta.schedule): beta(step), penalty(term, step)."""

@@ -333,6 +333,31 @@ class LatentPrior(Component, nn.Module):
         return None
 
 
+# --- weight schedules ----------------------------------------------------------------------------
+class Schedule(Component):
+    """A weight schedule for the loss term a model names in `scheduled` (a VAE's KL), selected by train.beta.schedule
+    (the config key is `schedule`, not `name`). `penalty(term, step)` is what enters the loss: beta(step) * term
+    unless a schedule says otherwise (controlled capacity: gamma * |term - C(t)|)."""
+
+    FAMILY = "schedule"
+    constant: ClassVar[bool] = False  # the weight never changes: logged once as a param, not as a metric curve
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def beta(self, step: int) -> float:  # pragma: no cover - interface
+        """The weight at optimizer step `step`."""
+        raise NotImplementedError
+
+    def penalty(self, term: torch.Tensor, step: int) -> torch.Tensor:
+        """The scheduled term's contribution to the loss at `step`: beta(step) * term."""
+        return self.beta(step) * term
+
+    def logged(self, step: int) -> dict[str, float]:
+        """What the engine records at `step` ({"beta": ...} and anything else the schedule has, e.g. capacity)."""
+        return {"beta": self.beta(step)}
+
+
 # --- models --------------------------------------------------------------------------------------
 VECTOR, FEATURE_MAP = "vector", "feature map"
 
@@ -463,7 +488,7 @@ class Model(Component, nn.Module):
 
 FAMILIES: dict[str, type[Component]] = {
     cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise, Renderer,
-                                LatentPrior, Model)
+                                LatentPrior, Model, Schedule)
 }
 HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "encoder": "register_encoders",
@@ -476,4 +501,6 @@ HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "renderer": "register_renderers",
     "latent_prior": "register_latent_priors",
     "model": "register_models",
+    "schedule": "register_schedules",
 }
+TAGS: dict[str, str] = {"model": "kind", "schedule": "schedule"}  # the config key that selects a plugin, if not `name`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from core.beta import schedule_class
 from core.config import Config
 from core.errors import ConfigError
 from core.interfaces import Model, Shape, form_of
@@ -36,7 +37,7 @@ def build_model(cfg: Config, shape: Shape | None = None, registry: Registry | No
     registry = registry or get_registry()
     shape = shape or data_shape(cfg, registry)
     cls = model_class(cfg, registry)
-    if cls.scheduled is None and cfg.train.beta.schedule != "constant":
+    if cls.scheduled is None and not schedule_class(cfg.train.beta, registry).constant:
         raise ConfigError([("train.beta", f"a {cls.name} has no term a beta schedule weights (no KL), so "
                             f"train.beta.schedule={cfg.train.beta.schedule} does not apply; remove train.beta")])
 

@@ -27,7 +27,7 @@ import pluggy
 
 from core import hookspecs
 from core.errors import PluginError
-from core.interfaces import FAMILIES, HOOKS, Component
+from core.interfaces import FAMILIES, HOOKS, TAGS, Component
 
 ENTRY_POINT_GROUP = "vaeflow"
 ENV_PLUGINS = "VAEFLOW_PLUGINS"
@@ -129,7 +129,7 @@ class Registry:
         name = name or getattr(cls, "name", None)
         if not name or not isinstance(name, str):
             raise PluginError(f"{source}: {family} {cls.__name__} has no string `name`")
-        tag = "kind" if family == "model" else "name"
+        tag = TAGS.get(family, "name")
         if tag in cls.Options.model_fields:
             raise PluginError(f"{source}: {family} {name!r} has an option called `{tag}`, which the config uses "
                               f"to select the {family}; rename the option")

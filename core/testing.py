@@ -755,6 +755,35 @@ def check_latent_prior(cls: type, options: Any = None, latent_dim: int = 4, draw
     _round_trip(who, prior, make, outputs, seed)
 
 
+# --- weight schedules --------------------------------------------------------------------------
+SCHEDULE_STEPS = (0, 1, 10, 1000, 10**6)
+
+
+@_isolated
+def check_schedule(cls: type, options: Any = None) -> None:
+    """beta(step) finite and >= 0, the same at every step for a `constant` schedule; penalty(term, step) keeps the
+    term's shape, is finite and passes a gradient; logged(step)["beta"] is beta(step)."""
+    __tracebackhide__ = True
+    check_options(cls)
+    who, options = _who(cls), _options(cls, options)
+    schedule = _call(who, "construction", "cls(options)", lambda: cls(options))
+    betas = [_call(who, "beta", f"beta({t})", lambda t=t: schedule.beta(t)) for t in SCHEDULE_STEPS]
+    if not all(isinstance(b, (int, float)) and math.isfinite(b) and b >= 0 for b in betas):
+        _fail(who, "beta", f"beta(step) at steps {SCHEDULE_STEPS} gave {betas}; expected finite floats >= 0")
+    if getattr(cls, "constant", False) and len(set(betas)) != 1:
+        _fail(who, "constant", f"the class says constant = True, but beta(step) at steps {SCHEDULE_STEPS} gave {betas}")
+    for t, b in zip(SCHEDULE_STEPS, betas):
+        logged = _call(who, "logged", f"logged({t})", lambda t=t: schedule.logged(t))
+        if logged.get("beta") != b:
+            _fail(who, "logged", f"logged({t}) = {logged} does not report beta = {b}")
+        term = torch.tensor([0.0, 0.5, 3.0, 40.0], requires_grad=True)  # (4,) values of a KL term, nats
+        out = _call(who, "penalty", f"penalty(term, {t})", lambda t=t: schedule.penalty(term, t))
+        _expect_tensor(who, "penalty", f"penalty(term (4,), {t})", out, (4,), floating=True, finite=True)
+        _call(who, "penalty", "backward of penalty.sum()", lambda: out.sum().backward())
+        if term.grad is None or not torch.isfinite(term.grad).all():
+            _fail(who, "penalty", f"penalty(term, {t}) passes no finite gradient to the term: {term.grad}")
+
+
 # --- noise and datasets ------------------------------------------------------------------------
 @_isolated
 def check_noise(cls: type, options: Any = None, shape: tuple = (1, 8, 8), batch: int = 4, seed: int = SEED) -> None:
@@ -1102,6 +1131,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "noise": check_noise,
     "dataset": check_dataset,
     "renderer": check_renderer,
+    "schedule": check_schedule,
 }
 
 
@@ -1133,6 +1163,7 @@ def check_plugin(family: str, name: str, **kwargs: Any) -> None:
 
 __all__ = [
     "check_options", "check_encoder", "check_decoder", "check_likelihood", "check_quantizer", "check_code_prior",
-    "check_latent_prior", "check_noise", "check_dataset", "check_model", "check_renderer", "check_plugin",
+    "check_latent_prior", "check_schedule", "check_noise", "check_dataset", "check_model", "check_renderer",
+    "check_plugin",
     "TINY_MODELS", "CHECKS",
 ]

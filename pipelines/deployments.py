@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from core.config import Config, ScheduleConfig
+from core.interfaces import TAGS
 from core.errors import VaeflowError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ and core/: the deployments' source
@@ -203,9 +204,10 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
 
     def title_union(node: dict, family: str, current: Any) -> None:
         """One tab per registered plugin of the family, titled by its name, the configured one first."""
+        key = TAGS.get(family, "name")  # `schedule` for train.beta
         for ref in _union_refs(node):
             branch = defs[_ref_name(ref)]
-            name = branch["properties"]["name"].get("const")
+            name = branch["properties"][key].get("const")
             if name is None:  # a family with no plugin at all: a bare name box
                 branch.update(title=f"{family} (none registered)", description=f"no {family} plugin is installed; "
                                                                                "`vaeflow plugins` lists them")
@@ -213,10 +215,10 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
             entry = registry.get(family, name)
             branch["title"] = name
             branch["description"] = _first_paragraph(entry.cls.__doc__) or f"the {name} {family}"
-            branch["properties"]["name"].update(title="Name", default=name, description=f"the {family} plugin, from "
-                                                f"{entry.package} (switch plugins with the tabs above)")
+            branch["properties"][key].update(title=key.capitalize(), default=name, description=f"the {family} "
+                                             f"plugin, from {entry.package} (switch plugins with the tabs above)")
         if isinstance(current, dict):
-            _order_first(node, "name", current.get("name"), defs)
+            _order_first(node, key, current.get(key), defs)
         pick = f"pick the {family} plugin (a tab each), then its options"
         node["description"] = f"{node['description']}; {pick}" if node.get("description") else pick.capitalize()
 
@@ -268,16 +270,6 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
         node.setdefault("title", fname.replace("_", " ").capitalize())
         title_union(node, family, (values.get(sec) or {}).get(fname))
 
-    # the beta schedule union: titled by its tag, the configured one first
-    if "train" in root["properties"]:
-        beta = section("train")[1]["properties"].get("beta")
-        if beta is not None:
-            for ref in _union_refs(beta):
-                branch = defs[_ref_name(ref)]
-                tag = branch["properties"]["schedule"]
-                branch["title"] = tag.get("const", tag.get("default"))
-                tag.setdefault("default", branch["title"])
-            _order_first(beta, "schedule", values["train"]["beta"].get("schedule"), defs)
     _gc_definitions(schema)
     return schema
 

@@ -86,7 +86,7 @@ def train_key(config: str, data: dict) -> str:
         node.pop(last, None)
     train_section = {k: v for k, v in hashed_dump(cfg)["train"].items() if k not in NOT_IN_TRAIN_KEY}
     return "train-" + _digest(model_section, train_section, data["manifest_hash"], architecture_signature(build_model(cfg)),
-                              code_identity(cfg, "model"))
+                              code_identity(cfg, "model", "train"))
 
 
 QUALITY_SCORING = {"samples", "kid_subsets", "kid_subset_size"}  # quality options of evaluate only (seed: both)
@@ -267,10 +267,12 @@ def train(config: str, data: dict, run: dict) -> dict:
 
 def constant_terms(cfg: Config) -> set[str]:
     """Engine record keys that stay constant in this run (already params): lr without a schedule, a constant beta."""
+    from core.beta import schedule_class
+
     constant = set()
     if cfg.train.lr_schedule == "constant" and not cfg.train.warmup_steps:
         constant.add("lr")
-    if cfg.train.beta.schedule == "constant":
+    if schedule_class(cfg.train.beta).constant:
         constant.add("beta")
     return constant
 

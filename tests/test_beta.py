@@ -1,27 +1,39 @@
-"""core/beta.py: KL weights at hand-computed steps, capacity penalty, state round trip, config validation."""
+"""The built-in schedules (plugins/schedules.py) through core/beta.py: KL weights at hand-computed steps, capacity
+penalty, state round trip, config validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
-from core.beta import BetaSchedule
-from core.config import BetaCapacity, BetaConfig, BetaConstant, BetaCyclical, BetaLinear, TrainConfig
+from core.beta import BetaSchedule, schedule_class
+from core.config import config_model
+from core.registry import get_registry
+
+
+def train(beta: dict | None = None):
+    """The typed train section (schedules from the registry) with this beta mapping, validated as a config would be."""
+    section = config_model().model_fields["train"].annotation
+    return section.model_validate({} if beta is None else {"beta": beta})
+
+
+def schedule(**beta) -> BetaSchedule:
+    return BetaSchedule(train(beta).beta)
 
 
 def test_constant():
-    s = BetaSchedule(BetaConstant(value=4.0))
+    s = schedule(value=4.0)
     for t in (0, 1, 999, 10**7):
         assert s.beta(t) == 4.0
     assert s.capacity() is None and s.capacity(50) is None
-    assert BetaSchedule(BetaConstant()).beta(0) == 1.0  # default value 1: the plain ELBO
+    assert schedule().beta(0) == 1.0  # default value 1: the plain ELBO
     kl = torch.tensor([0.0, 2.5, 10.0])
     torch.testing.assert_close(s.penalty(kl), torch.tensor([0.0, 10.0, 40.0]))
 
 
 def test_linear_warmup():
-    s = BetaSchedule(BetaLinear(schedule="linear", value=2.0, warmup_steps=100))
+    s = schedule(schedule="linear", value=2.0, warmup_steps=100)
     hand = {0: 0.0, 1: 0.02, 25: 0.5, 50: 1.0, 99: 1.98, 100: 2.0, 101: 2.0, 5000: 2.0}
     for t, want in hand.items():
         assert s.beta(t) == pytest.approx(want, rel=1e-12, abs=0), t
@@ -37,27 +49,26 @@ def test_linear_warmup():
 
 
 def test_cyclical():
-    s = BetaSchedule(BetaCyclical(schedule="cyclical", value=1.0, cycle_steps=100, ratio=0.5))
+    s = schedule(schedule="cyclical", value=1.0, cycle_steps=100, ratio=0.5)
     # rises over the first 50 steps of each 100-step cycle, holds at 1, restarts at 0 every 100 steps
     hand = {0: 0.0, 10: 0.2, 25: 0.5, 49: 0.98, 50: 1.0, 75: 1.0, 99: 1.0,
             100: 0.0, 110: 0.2, 150: 1.0, 199: 1.0, 200: 0.0, 325: 0.5}
     for t, want in hand.items():
         assert s.beta(t) == pytest.approx(want, rel=1e-12, abs=1e-15), t
-    s3 = BetaSchedule(BetaCyclical(schedule="cyclical", value=3.0, cycle_steps=40, ratio=0.25))
+    s3 = schedule(schedule="cyclical", value=3.0, cycle_steps=40, ratio=0.25)
     hand = {0: 0.0, 5: 1.5, 10: 3.0, 39: 3.0, 40: 0.0, 45: 1.5, 50: 3.0}
     for t, want in hand.items():
         assert s3.beta(t) == pytest.approx(want, rel=1e-12, abs=1e-15), t
     # ratio 1: a sawtooth that never holds
-    s1 = BetaSchedule(BetaCyclical(schedule="cyclical", value=1.0, cycle_steps=10, ratio=1.0))
+    s1 = schedule(schedule="cyclical", value=1.0, cycle_steps=10, ratio=1.0)
     assert [s1.beta(t) for t in range(12)] == pytest.approx([0, .1, .2, .3, .4, .5, .6, .7, .8, .9, 0, .1])
     assert s.capacity(10) is None
     # the default ratio is 0.5
-    assert BetaCyclical(schedule="cyclical", cycle_steps=10).ratio == 0.5
+    assert train({"schedule": "cyclical", "cycle_steps": 10}).beta.ratio == 0.5
 
 
 def test_capacity():
-    cfg = BetaCapacity(schedule="capacity", gamma=100.0, max_capacity=20.0, capacity_steps=1000)
-    s = BetaSchedule(cfg)
+    s = schedule(schedule="capacity", gamma=100.0, max_capacity=20.0, capacity_steps=1000)
     hand = {0: 0.0, 100: 2.0, 500: 10.0, 999: 19.98, 1000: 20.0, 5000: 20.0}
     for t, want in hand.items():
         assert s.capacity(t) == pytest.approx(want, rel=1e-12, abs=0), t
@@ -77,7 +88,7 @@ def test_capacity():
 
 
 def test_state_dict_round_trip():
-    cfg = BetaLinear(schedule="linear", value=1.0, warmup_steps=200)
+    cfg = train({"schedule": "linear", "value": 1.0, "warmup_steps": 200}).beta
     s = BetaSchedule(cfg)
     assert s.step == 0 and s.state_dict() == {"step": 0}
     s.step = 137
@@ -92,49 +103,47 @@ def test_state_dict_round_trip():
     # a state that went through JSON/torch.save may hold a tensor or float: it is coerced to int
     fresh.load_state_dict({"step": torch.tensor(42)})
     assert fresh.step == 42 and isinstance(fresh.step, int)
-    cap = BetaSchedule(BetaCapacity(schedule="capacity", max_capacity=10.0, capacity_steps=100))
+    cap = schedule(schedule="capacity", max_capacity=10.0, capacity_steps=100)
     cap.load_state_dict({"step": 30})
     assert cap.capacity() == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize(
-    "cls,kwargs",
+    "beta",
     [
-        (BetaConstant, dict(value=-0.1)),
-        (BetaLinear, dict(schedule="linear", value=-1.0, warmup_steps=10)),
-        (BetaLinear, dict(schedule="linear", value=1.0, warmup_steps=0)),
-        (BetaLinear, dict(schedule="linear", value=1.0, warmup_steps=-5)),
-        (BetaLinear, dict(schedule="linear", value=1.0)),  # warmup_steps is required
-        (BetaCyclical, dict(schedule="cyclical", value=-2.0, cycle_steps=10)),
-        (BetaCyclical, dict(schedule="cyclical", cycle_steps=0)),
-        (BetaCyclical, dict(schedule="cyclical", cycle_steps=10, ratio=0.0)),
-        (BetaCyclical, dict(schedule="cyclical", cycle_steps=10, ratio=1.5)),
-        (BetaCapacity, dict(schedule="capacity", gamma=0.0, capacity_steps=10)),
-        (BetaCapacity, dict(schedule="capacity", max_capacity=-1.0, capacity_steps=10)),
-        (BetaCapacity, dict(schedule="capacity", capacity_steps=0)),
-        (BetaConstant, dict(value=1.0, warmup_steps=10)),  # unknown keys are errors
+        dict(value=-0.1),
+        dict(schedule="linear", value=-1.0, warmup_steps=10),
+        dict(schedule="linear", value=1.0, warmup_steps=0),
+        dict(schedule="linear", value=1.0, warmup_steps=-5),
+        dict(schedule="linear", value=1.0),  # warmup_steps is required
+        dict(schedule="cyclical", value=-2.0, cycle_steps=10),
+        dict(schedule="cyclical", cycle_steps=0),
+        dict(schedule="cyclical", cycle_steps=10, ratio=0.0),
+        dict(schedule="cyclical", cycle_steps=10, ratio=1.5),
+        dict(schedule="capacity", gamma=0.0, capacity_steps=10),
+        dict(schedule="capacity", max_capacity=-1.0, capacity_steps=10),
+        dict(schedule="capacity", capacity_steps=0),
+        dict(value=1.0, warmup_steps=10),  # unknown keys are errors (constant has no warmup_steps)
+        dict(schedule="exponential"),  # not a registered schedule
     ],
 )
-def test_invalid_configs_rejected(cls, kwargs):
+def test_invalid_configs_rejected(beta):
     with pytest.raises(ValidationError):
-        cls(**kwargs)
+        train(beta)
 
 
-def test_discriminated_union_from_mapping():
-    adapter = TypeAdapter(BetaConfig)
-    assert isinstance(adapter.validate_python({"schedule": "linear", "warmup_steps": 5}), BetaLinear)
-    assert isinstance(adapter.validate_python({"schedule": "cyclical", "cycle_steps": 5}), BetaCyclical)
-    assert isinstance(adapter.validate_python({"schedule": "capacity", "capacity_steps": 5}), BetaCapacity)
-    assert isinstance(adapter.validate_python({"schedule": "constant", "value": 2}), BetaConstant)
-    with pytest.raises(ValidationError):
-        adapter.validate_python({"schedule": "linear", "value": -1, "warmup_steps": 5})
-    with pytest.raises(ValidationError):
-        adapter.validate_python({"schedule": "linear", "warmup_steps": 0})
-    with pytest.raises(ValidationError):
-        adapter.validate_python({"schedule": "exponential"})
+def test_schedules_are_plugins_selected_by_their_tag():
+    names = {"constant": "Constant", "linear": "Linear", "cyclical": "Cyclical", "capacity": "Capacity"}
+    assert set(names) <= set(get_registry().names("schedule"))
+    for tag, cls_name in names.items():
+        spec = train({"schedule": tag, "warmup_steps": 5} if tag == "linear" else {"schedule": tag, "cycle_steps": 5}
+                     if tag == "cyclical" else {"schedule": tag, "capacity_steps": 5} if tag == "capacity"
+                     else {"schedule": tag, "value": 2})
+        assert spec.beta.schedule == tag and schedule_class(spec.beta).__name__ == cls_name
+    assert [schedule_class(train({"schedule": t, **o}).beta).constant for t, o in
+            (("constant", {}), ("linear", {"warmup_steps": 5}))] == [True, False]
     # through the train section, as a config file would give it
-    train = TrainConfig.model_validate({"beta": {"schedule": "linear", "value": 0.5, "warmup_steps": 4}})
-    assert BetaSchedule(train.beta).beta(2) == pytest.approx(0.25)
-    assert isinstance(TrainConfig().beta, BetaConstant) and TrainConfig().beta.value == 1.0
-    with pytest.raises(ValidationError):
-        TrainConfig.model_validate({"beta": {"schedule": "linear", "warmup_steps": 0}})
+    assert BetaSchedule(train({"schedule": "linear", "value": 0.5, "warmup_steps": 4}).beta).beta(2) == pytest.approx(0.25)
+    default = train().beta  # left out: constant, value 1 (the plain ELBO)
+    assert default.schedule == "constant" and default.value == 1.0
+    assert train({"value": 3}).beta.schedule == "constant"  # `schedule` may be left out for the constant default

@@ -135,10 +135,11 @@ def test_schema_has_plugin_options_as_discriminated_union():
     conv = defs[enc["discriminator"]["mapping"]["conv"].split("/")[-1]]
     assert {"channels", "hidden", "activation", "name"} <= set(conv["properties"])
     assert conv["additionalProperties"] is False
-    beta = defs["TrainConfig"]["properties"]["beta"]  # tagged by `schedule`, which may be left out (constant)
+    beta = defs["TrainConfig"]["properties"]["beta"]  # schedule plugins, tagged by `schedule` (may be left out)
     refs = [m["$ref"].split("/")[-1] for m in beta["oneOf"]]
-    assert refs == ["BetaConstant", "BetaLinear", "BetaCyclical", "BetaCapacity"]
-    assert [defs[r]["properties"]["schedule"]["const"] for r in refs] == ["constant", "linear", "cyclical", "capacity"]
+    assert refs == ["Schedule_capacity", "Schedule_constant", "Schedule_cyclical", "Schedule_linear"]
+    assert [defs[r]["properties"]["schedule"]["const"] for r in refs] == ["capacity", "constant", "cyclical", "linear"]
+    assert set(defs["Schedule_linear"]["properties"]) == {"schedule", "value", "warmup_steps"}
 
 
 def test_beta_value_alone_overrides_the_constant_default():

@@ -116,6 +116,31 @@ def test_latent_prior_conforms(name):
     testing.check_plugin("latent_prior", name)
 
 
+SCHEDULE_OPTIONS = {"linear": {"warmup_steps": 100}, "cyclical": {"cycle_steps": 100}, "capacity": {"capacity_steps": 100}}
+
+
+@pytest.mark.parametrize("name", names("schedule"))
+def test_schedule_conforms(name):
+    testing.check_plugin("schedule", name, options=SCHEDULE_OPTIONS.get(name))
+
+
+def test_the_schedule_check_catches_a_constant_schedule_that_is_not():
+    from core.interfaces import Options as BaseOptions, Schedule
+
+    class Drifting(Schedule):
+        name = "drifting"
+        constant = True
+
+        class Options(BaseOptions):
+            pass
+
+        def beta(self, step):
+            return 1.0 + step
+
+    with pytest.raises(AssertionError, match=r"constant check: the class says constant = True"):
+        testing.check_schedule(Drifting)
+
+
 @pytest.mark.parametrize("name", names("noise"))
 def test_noise_conforms(name):
     testing.check_plugin("noise", name)
