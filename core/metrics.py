@@ -36,7 +36,8 @@ def iwae_log_likelihood(model: Model, x: torch.Tensor, k: int, chunk: int | None
 
 @torch.no_grad()
 def evaluate_vq(model, images: torch.Tensor, cfg: EvalConfig) -> dict:
-    """Reconstruction error and per-level codebook health of a VQ model over a test split (N, C, H, W)."""
+    """Reconstruction error and per-level codebook health of a model with code grids over a test split (N, C, H, W),
+    through the discrete contract only: encode_codes, decode_codes, codebook_sizes."""
     was_training = model.training
     model.eval()
     try:
@@ -47,12 +48,12 @@ def evaluate_vq(model, images: torch.Tensor, cfg: EvalConfig) -> dict:
         counts = {level: torch.zeros(k, dtype=torch.long) for level, k in model.codebook_sizes.items()}
         for batch in images.split(cfg.batch_size):
             batch = batch.to(model.device)  # (B, C, H, W)
-            outs = model.quantize(batch)
-            params = model.decode_quantized({level: o.quantized for level, o in outs.items()})  # (B, P, H, W)
+            codes = model.encode_codes(batch)  # {level: (B, h, w)}
+            params = model.decode_codes(codes)  # (B, P, H, W)
             sq_err += (model.likelihood.mean(params) - batch).pow(2).sum().item()
             nll -= model.likelihood.log_prob(batch, params).sum().item()
-            for level, out in outs.items():
-                counts[level] += torch.bincount(out.indices.flatten().cpu(), minlength=len(counts[level]))
+            for level, indices in codes.items():
+                counts[level] += torch.bincount(indices.flatten().cpu(), minlength=len(counts[level]))
         mse = sq_err / (n * dims)
         out = {"examples": n, "dims": dims, "mse": mse, "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
                "reconstruction_nats": nll / n, "reconstruction_bits_per_dim": bits_per_dim(nll / n, dims)}
