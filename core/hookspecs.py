@@ -79,3 +79,13 @@ def register_models(register: Register) -> None:
 @hookspec
 def register_schedules(register: Register) -> None:
     """Register weight schedules for a model's scheduled term (train.beta.schedule): beta(step), penalty(term, step)."""
+
+
+@hookspec
+def register_stages(register: Register) -> None:
+    """Register pipeline stages (core.interfaces.Stage) that model kinds add by name in Model.stages."""
+
+
+@hookspec
+def register_metrics(register: Register) -> None:
+    """Register evaluation metrics (core.interfaces.Metric): the capabilities they need and their headline keys."""

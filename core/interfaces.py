@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -433,6 +433,7 @@ class Model(Component, nn.Module):
     scheduled: ClassVar[str | None] = None  # the term the beta schedule applies to, e.g. "kl"
     level_names: ClassVar[tuple[str, ...]] = ()  # every code level this kind can have (discrete models)
     watch_only: ClassVar[tuple[str, ...]] = ()  # option paths (e.g. "vq.usage_warning") that never change the weights
+    stages: ClassVar[tuple[str, ...]] = ()  # stage plugins (family "stage") this kind adds to the pipeline, after train
 
     @classmethod
     def levels_of(cls, options) -> tuple[str, ...]:
@@ -486,9 +487,130 @@ class Model(Component, nn.Module):
         """Raise a ConfigError naming the component at fault when a 2-image pass gives a wrong shape."""
 
 
+@dataclass
+class StageContext:
+    """What a stage's `run` gets from the pipeline: the config, its output folder, its MLflow run and loggers.
+
+    The pipeline (pipelines.pipeline) fills the callables in; a stage never imports MLflow or Prefect itself."""
+
+    cfg: Any  # the run's core.config.Config, as the stage runs it (no progress bar on a worker)
+    folder: Path  # workspace/<stage folder>/<key digest>: the stage writes its outputs here, atomically
+    log: Any  # a logging.Logger whose lines show in the Prefect UI
+    run_id: str  # the stage's MLflow run
+    client: Any  # the MlflowClient of this store (for what the callables below do not cover)
+    log_metrics: Callable[..., None]  # ({name: number}, step=0) onto the stage's MLflow run
+    log_params: Callable[[dict], None]  # {name: value} onto the stage's MLflow run
+    log_artifact: Callable[..., None]  # (path, artifact_path=None): a file or a folder onto the stage's MLflow run
+    callbacks: Callable[[int], list]  # engine callbacks for a training loop of N epochs: MLflow metrics, Prefect log
+    fresh: bool = False  # `--force`: the folder was emptied; compute everything again
+
+
+class Stage(Component):
+    """A pipeline stage (family "stage"): what it reads, what its cache key covers, and how it runs.
+
+    The pipeline is a graph of stages: the common ones (prepare_data, train, train_features, evaluate, render,
+    register) and those a model kind names in `Model.stages`, inserted after train. A stage runs as one Prefect
+    task and one MLflow run, under a lock on its key. Its key covers its id, the config `sections` it reads,
+    `key_parts`, the identity (`Stage.identity`) of each input's result, and the code of the plugins of the `code`
+    sections and of the stage itself; an unchanged key is a cache hit. A stage may be expanded into one instance
+    per `param` (e.g. train_prior per code level), named `<name>_<param>`; an input naming the stage then gets
+    {param: result}.
+
+    `run` returns a JSON-able dict: `sha256` (the identity of what it produced, which dependants' keys use),
+    `files` (paths that must still exist for a cache hit to stand) and anything its dependants read."""
+
+    FAMILY = "stage"
+    inputs: ClassVar[tuple[str, ...]] = ()  # stages whose results run() gets, by name
+    optional: ClassVar[tuple[str, ...]] = ()  # inputs taken only when the graph has them (another kind's stages)
+    sections: ClassVar[tuple[str, ...]] = ()  # config sections whose values are in the key
+    reads: ClassVar[tuple[str, ...]] = ()  # config sections (or dotted sub-sections) key_parts reads, in part
+    code: ClassVar[tuple[str, ...]] = ()  # config sections whose plugins' code and versions are in the key
+    folder: ClassVar[str | None] = None  # the workspace sub-folder of its outputs (default: the name)
+    heavy: ClassVar[bool] = True  # trains or scans the data: runs in the foreground; False: beside the next stages
+    retries: ClassVar[int] = 0  # retries after a failure that is not a user error
+
+    def __init__(self, param: str | None = None):
+        self.param = param
+
+    @property
+    def id(self) -> str:
+        """The instance's name in the graph: `name`, or `name_param` for an expanded stage."""
+        return f"{self.name}_{self.param}" if self.param else self.name
+
+    @classmethod
+    def expand(cls, cfg) -> list["Stage"]:
+        """The instances of this stage for a config: one by default, or one per level, per fold, ..."""
+        return [cls()]
+
+    @classmethod
+    def check(cls, cfg, source: str) -> None:
+        """Raise core.errors.ConfigError when the config cannot run this stage (before any run starts)."""
+
+    @classmethod
+    def skipped(cls, cfg) -> str | None:
+        """Why this stage does nothing for this config (e.g. a dataset without labels), or None: it runs. A skipped
+        stage's dependants get {"enabled": False, "reason": ...} as its result."""
+        return None
+
+    def key_parts(self, cfg, inputs: dict) -> list:
+        """What else the cache key covers besides the sections, the inputs' identities and the code."""
+        return []
+
+    @staticmethod
+    def identity(result: dict):
+        """What a dependant's key records of this stage's result."""
+        return result.get("sha256")
+
+    def run(self, ctx: StageContext, inputs: dict) -> dict:  # pragma: no cover - interface
+        """Compute the stage's outputs into ctx.folder and return its result (see the class docstring)."""
+        raise NotImplementedError
+
+    def summary(self, result: dict) -> dict:
+        """What the pipeline's result shows of this stage, e.g. {"run_dir": ...}; expanded instances' dicts merge."""
+        return {}
+
+
+@dataclass
+class MetricContext:
+    """What a metric gets: the model in eval mode, the test split, the eval section and the known factors."""
+
+    model: nn.Module  # a core.interfaces.Model
+    images: torch.Tensor  # test images (N, C, H, W) in [0, 1] (cut to eval.max_examples), on the CPU
+    config: Any  # core.config.EvalConfig
+    factors: torch.Tensor | None = None  # known generative factors (N, K) of the images, if the dataset has them
+    factor_names: tuple = ()
+    factor_discrete: tuple = ()
+
+
+class Metric(Component):
+    """An evaluation metric (family "metric"): what it needs of a model, and which of its keys are headlines.
+
+    `needs` names Capabilities fields that must be truthy (e.g. ("continuous",), ("log_likelihood",)); evaluate
+    runs every registered metric whose needs the model meets and merges the dicts their `compute` returns.
+    `headline` keys are printed by evaluate and the CLI; `params` keys are counts or settings, logged as MLflow
+    params rather than metrics."""
+
+    FAMILY = "metric"
+    needs: ClassVar[tuple[str, ...]] = ()
+    headline: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def applies(cls, capabilities: Capabilities) -> bool:
+        """Whether a model with these capabilities has what this metric needs."""
+        return all(getattr(capabilities, need) for need in cls.needs)
+
+    def compute(self, ctx: MetricContext) -> dict:  # pragma: no cover - interface
+        """{key: number or list} over ctx.images."""
+        raise NotImplementedError
+
+
 FAMILIES: dict[str, type[Component]] = {
     cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise, Renderer,
-                                LatentPrior, Model, Schedule)
+                                LatentPrior, Model, Schedule, Stage, Metric)
 }
 HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "encoder": "register_encoders",
@@ -502,5 +624,7 @@ HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
     "latent_prior": "register_latent_priors",
     "model": "register_models",
     "schedule": "register_schedules",
+    "stage": "register_stages",
+    "metric": "register_metrics",
 }
 TAGS: dict[str, str] = {"model": "kind", "schedule": "schedule"}  # the config key that selects a plugin, if not `name`

@@ -151,6 +151,11 @@ class Registry:
             if e.family == "model":
                 out["capabilities"] = dataclasses.asdict(e.cls.capabilities)
                 out["slots"] = {f: dataclasses.asdict(slot) for f, slot in e.cls.slots.items()}
+                out["stages"] = list(e.cls.stages)
+            if e.family == "stage":
+                out.update(inputs=list(e.cls.inputs), optional=list(e.cls.optional))
+            if e.family == "metric":
+                out.update(needs=list(e.cls.needs), headline=list(e.cls.headline))
             return out
 
         return {fam: [describe(e) for _, e in sorted(items.items())] for fam, items in self.entries.items()}

@@ -19,14 +19,20 @@ pixels, a code prior is causal and normalised, a latent prior's KL matches its M
 Options default to `cls.Options()`; pass `options=` (an Options instance or a dict) when a field is required.
 A model kind needs a config (`check_model(config)`, or `check_plugin("model", kind, config=...)`): a validated
 Config, a YAML path or a raw dict, whose dataset the kit shrinks when it is `shapes` (else pass a small one).
+A renderer or a metric runs on the kit's tiny built-in models (TINY_MODELS) that it applies to, unless given
+`model=` and `images=`. A pipeline stage is checked against a config (`check_stage(cls, config=...)`): its
+declarations, expansion and cache key; given `inputs=` (the results of the stages it needs) it also runs, in a
+StageContext the kit builds (`stage_context`, which a plugin's own tests can use too).
 The checks run on the CPU, on one thread, and leave the caller's global torch RNG state and thread count as they
 found them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -39,14 +45,16 @@ from torch import nn
 
 from core.checkpoint import WEIGHTS_FILE
 from core.codes import sample_images
-from core.config import Config, apply_sets, load_config, validate
-from core.data import load_split
+from core.config import Config, EvalConfig, apply_sets, canonical_json, load_config, validate
+from core.data import known_factors, load_split
 from core.distributions import DiagonalGaussian
 from core.engine import Trainer
-from core.errors import PluginError
+from core.errors import ConfigError, PluginError
 from core.interfaces import (
-    FEATURE_MAP, Capabilities, Component, Dataset, Objective, QuantizerOutput, RenderContext, form_of,
+    FEATURE_MAP, Capabilities, Component, Dataset, MetricContext, Objective, QuantizerOutput, RenderContext,
+    StageContext, form_of,
 )
+from core.metrics import COMMON_KEYS
 from core.model import build_model, data_shape
 from core.priors import build_prior
 from core.registry import get_registry
@@ -1120,6 +1128,325 @@ def check_renderer(cls: type, options: Any = None, model=None, images: torch.Ten
             _fail(who, check, "rendering changed the model's state dict; a renderer must only read the model")
 
 
+# --- metrics -----------------------------------------------------------------------------------
+METRIC_EVAL = {"iwae_k": 8, "batch_size": 16}  # the eval section of the metric check: small, two batches of 32
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why `value` cannot go into eval.json (json.dumps), or None."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (a tensor or numpy scalar is not a number here: eval.json cannot hold it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_metric_output(who: str, check: str, cls: type, out: Any) -> None:
+    """A dict with str keys, none of evaluate's own, JSON-able values, finite numbers under headline keys, numbers
+    or strings under params keys."""
+    __tracebackhide__ = True
+    if not isinstance(out, dict):
+        _fail(who, check, f"compute(ctx) returned {type(out).__name__}, expected a dict {{key: number or list}}")
+    bad = [k for k in out if not isinstance(k, str)]
+    if bad:
+        _fail(who, check, f"compute(ctx) returned non-string keys {bad!r}; eval.json and MLflow need str keys")
+    taken = sorted(set(out) & set(COMMON_KEYS))
+    if taken:
+        _fail(who, check, f"compute(ctx) returned {taken}, which evaluate itself adds; leave them out")
+    for key, value in out.items():
+        problem = _json_problem(value)
+        if problem:
+            _fail(who, check, f"out[{key!r}] = {value!r} cannot be written to eval.json ({problem}); return Python "
+                              f"numbers, strings or lists of them (tensor.item(), tensor.tolist())")
+    for key in cls.headline:
+        if key in out and not (_is_number(out[key]) and math.isfinite(out[key])):
+            _fail(who, check, f"headline key {key!r} is {out[key]!r}, expected a finite int or float")
+    for key in cls.params:
+        if key in out and not (_is_number(out[key]) or isinstance(out[key], str)):
+            _fail(who, check, f"params key {key!r} is {out[key]!r}, expected a number or a string (an MLflow param)")
+
+
+@_isolated
+def check_metric(cls: type, options: Any = None, model=None, images: torch.Tensor | None = None,
+                 factors: torch.Tensor | None = None, factor_names: tuple = (), factor_discrete: tuple = (),
+                 config: Any = None, seed: int = SEED) -> None:
+    """`needs` names Capabilities fields; `headline` and `params` are tuples of str; compute(ctx) on each tiny
+    built-in model whose capabilities meet the needs (with the shapes split's known factors), or on a given model
+    and images, returns a JSON-able dict with finite numbers under the headline keys it returns, the same dict
+    twice after one torch.manual_seed, and leaves the model's state alone.
+
+    `config` is the eval section (an EvalConfig or a dict; default: METRIC_EVAL)."""
+    __tracebackhide__ = True
+    check_options(cls)
+    who, options = _who(cls), _options(cls, options)
+    fields = [f.name for f in dataclasses.fields(Capabilities)]
+    needs = getattr(cls, "needs", None)
+    if not (isinstance(needs, tuple) and all(isinstance(n, str) for n in needs)):
+        _fail(who, "needs", f"needs is {needs!r}, expected a tuple of Capabilities field names, e.g. ('continuous',)")
+    unknown = [n for n in needs if n not in fields]
+    if unknown:
+        _fail(who, "needs", f"needs names {unknown}, which are not Capabilities fields; known fields: {fields}")
+    for attr in ("headline", "params"):
+        keys = getattr(cls, attr, None)
+        if not (isinstance(keys, tuple) and all(isinstance(k, str) for k in keys)):
+            _fail(who, attr, f"{attr} is {keys!r}, expected a tuple of str (output keys)")
+    cfg = config if isinstance(config, EvalConfig) else EvalConfig.model_validate(config or METRIC_EVAL)
+    metric = _call(who, "construction", "cls(options)", lambda: cls(options))
+    if model is not None:
+        if not cls.applies(model.capabilities):
+            raise ValueError(f"check_metric: the model's capabilities {model.capabilities} do not meet {who}'s "
+                             f"needs {needs}")
+        if images is None:
+            raise ValueError("check_metric: pass images=(N, C, H, W) held-out images with model=")
+        cases = [("the given model", model.eval(), images, factors, tuple(factor_names), tuple(factor_discrete))]
+    else:
+        cases = []
+        for kind in TINY_MODELS:
+            caps = get_registry().get("model", TINY_MODELS[kind]["model"]["kind"]).cls.capabilities
+            if cls.applies(caps):
+                m, imgs, _ = _tiny_model(kind)
+                known = known_factors(validate(TINY_MODELS[kind]))
+                cases.append((f"tiny {kind} model", m, imgs, known["factors"], tuple(known["factor_names"]),
+                              tuple(known["factor_discrete"])))
+        if not cases:
+            _fail(who, "needs", f"needs {needs} are met by none of the kit's tiny models ({', '.join(TINY_MODELS)}); "
+                                f"pass model= and images= to check it on a model that has them")
+    for label, m, imgs, fac, names, discrete in cases:
+        check = f"compute ({label})"
+        ctx = MetricContext(m, imgs, cfg, fac, names, discrete)
+        before = m.state_hash()
+
+        def run():
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                return metric.compute(ctx)
+
+        first = _call(who, check, "compute(ctx)", run)
+        _check_metric_output(who, check, cls, first)
+        if m.state_hash() != before:
+            _fail(who, check, "compute(ctx) changed the model's state dict; a metric must only read the model")
+        again = _call(who, "determinism", "compute(ctx) a second time", run)
+        if json.dumps(again, sort_keys=True) != json.dumps(first, sort_keys=True):
+            differ = sorted(k for k in set(first) | set(again) if first.get(k) != again.get(k))
+            _fail(who, "determinism", f"two calls of compute(ctx) after torch.manual_seed({seed}) differ under keys "
+                                      f"{differ} ({label}); draw randomness from torch's global RNG, which evaluate "
+                                      f"seeds with eval.seed, not numpy, `random` or the OS")
+
+
+# --- pipeline stages ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class RecordingStageContext(StageContext):
+    """The kit's StageContext: what a stage logs is recorded in these lists instead of going to MLflow."""
+
+    metrics: list = dataclasses.field(default_factory=list)  # the dict of each log_metrics call
+    params: list = dataclasses.field(default_factory=list)  # the dict of each log_params call
+    artifacts: list = dataclasses.field(default_factory=list)  # (path, artifact_path) of each log_artifact call
+
+
+def stage_context(cfg: Any, folder: str | Path) -> RecordingStageContext:
+    """A StageContext to run a stage outside the pipeline, e.g. in a plugin's own test: `folder` is not created
+    (the pipeline does not create it either: a stage makes what it writes), `log` is a logging.Logger,
+    log_metrics / log_params / log_artifact record into the context's lists (log_artifact refuses a path that does
+    not exist, as MLflow does), `callbacks(epochs)` is [], there is no MLflow client, and the run id is "kit"."""
+    metrics: list = []
+    params: list = []
+    artifacts: list = []
+
+    def log_artifact(path, artifact_path=None) -> None:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"log_artifact({str(path)!r}): no such file or folder")
+        artifacts.append((Path(path), artifact_path))
+
+    return RecordingStageContext(
+        cfg=cfg, folder=Path(folder), log=logging.getLogger("vaeflow.testing.stage"), run_id="kit", client=None,
+        log_metrics=lambda m, step=0: metrics.append(dict(m)), log_params=lambda p: params.append(dict(p)),
+        log_artifact=log_artifact, callbacks=lambda epochs, constant=frozenset(): [], metrics=metrics,
+        params=params, artifacts=artifacts)
+
+
+STAGE_NAMES = {  # class attribute -> what its entries are, with an example, for the messages
+    "inputs": "stage names, e.g. ('prepare_data', 'train')",
+    "optional": "stage names, e.g. ('train_prior',)",
+    "sections": "whole config sections, e.g. ('eval',)",
+    "reads": "config sections or dotted sub-sections, e.g. ('prior.sample',)",
+    "code": "whole config sections, e.g. ('model',)",
+}
+
+
+def _stage_config(cls: type, config: Any):
+    """The config a stage is checked with: `config`, else the kit's tiny config of a model kind that adds the
+    stage (TINY_MODELS), else the tiny continuous one."""
+    if config is not None:
+        return _as_config(config)
+    registry = get_registry()
+    for raw in TINY_MODELS.values():
+        if cls.name in registry.get("model", raw["model"]["kind"]).cls.stages:
+            return validate(raw)
+    return validate(TINY_MODELS["continuous"])
+
+
+def _check_stage_declarations(who: str, cls: type) -> None:
+    """inputs, optional, sections, reads and code are tuples of str naming real config sections where they
+    should; folder, heavy and retries have the types the pipeline uses."""
+    __tracebackhide__ = True
+    for attr, what in STAGE_NAMES.items():
+        value = getattr(cls, attr, None)
+        if not (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)):
+            _fail(who, attr, f"{attr} is {value!r}, expected a tuple of non-empty str: {what} (a one-element tuple "
+                             f"needs its comma: ('x',))")
+    known = list(Config.model_fields)
+    for attr in ("sections", "code"):  # hashed whole: config_hash(cfg, section), plugins_used(cfg, sections)
+        bad = [s for s in getattr(cls, attr) if s not in known]
+        if bad:
+            _fail(who, "config sections", f"{attr} names {bad}, which are not config sections (a name that is not "
+                                          f"one would silently add nothing to the key); sections: {known}")
+    bad = [r for r in cls.reads if r.split(".")[0] not in known]
+    if bad:
+        _fail(who, "config sections", f"reads names {bad}, whose first part is not a config section; sections: "
+                                      f"{known}")
+    own = [n for n in (*cls.inputs, *cls.optional) if n == cls.name]
+    if own:
+        _fail(who, "inputs", f"the stage names itself ({cls.name!r}) among its inputs; a stage needs stages before it")
+    if not (cls.folder is None or isinstance(cls.folder, str) and cls.folder):
+        _fail(who, "folder", f"folder is {cls.folder!r}, expected None (the stage's name) or a folder name")
+    if not isinstance(cls.heavy, bool):
+        _fail(who, "heavy", f"heavy is {cls.heavy!r}, expected True or False")
+    if not (isinstance(cls.retries, int) and not isinstance(cls.retries, bool) and cls.retries >= 0):
+        _fail(who, "retries", f"retries is {cls.retries!r}, expected an int >= 0")
+
+
+def _check_key_parts(who: str, cls: type, stages: list, cfg, inputs: dict) -> None:
+    """key_parts(cfg, inputs) of every instance is a list that core.config.canonical_json hashes, the same on a
+    second call and on a second expansion."""
+    __tracebackhide__ = True
+    check = "key_parts"
+    twins = _call(who, check, "a second expand(cfg)", lambda: cls.expand(cfg))
+    for stage, twin in zip(stages, twins):
+        what = f"key_parts(cfg, inputs) of {stage.id}"
+        parts = _call(who, check, what, lambda: stage.key_parts(cfg, inputs))
+        if not isinstance(parts, (list, tuple)):
+            _fail(who, check, f"{what} returned {type(parts).__name__}, expected a list (what the key covers besides "
+                              f"the sections, the inputs' identities and the code)")
+        try:
+            text = canonical_json(list(parts))
+        except (TypeError, ValueError) as exc:
+            _fail(who, check, f"{what} returned {parts!r}, which core.config.canonical_json cannot hash "
+                              f"({type(exc).__name__}: {exc}); return JSON data: str, numbers, bools, None, lists "
+                              f"and dicts with str keys (str(path), tensor.tolist(), model_dump(mode='json'))")
+        again = [canonical_json(list(_call(who, check, f"{what}, called again", lambda s=s: s.key_parts(cfg, inputs))))
+                 for s in (stage, twin)]
+        if any(t != text for t in again):
+            other = next(t for t in again if t != text)
+            _fail(who, check, f"{what} is not deterministic: {text} once, {other} on another call; the key must be a "
+                              f"function of the config and the inputs (no clock, random draws or temporary paths), "
+                              f"or an unchanged run never hits the cache")
+
+
+def _check_stage_result(who: str, check: str, stage, result: Any, folder: Path) -> None:
+    """A JSON-able dict whose `files` exist under the stage's folder, whose `sha256` is a str or None, and whose
+    identity and summary are JSON-able."""
+    __tracebackhide__ = True
+    if not isinstance(result, dict):
+        _fail(who, check, f"run(ctx, inputs) returned {type(result).__name__}, expected a dict (its result)")
+    problem = _json_problem(result) or ("non-str keys" if any(not isinstance(k, str) for k in result) else None)
+    if problem:
+        _fail(who, check, f"run(ctx, inputs) returned {result!r}, which is not a JSON object ({problem}); the "
+                          f"pipeline stores results as JSON: return str(path), not a Path, and Python numbers")
+    files = result.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        _fail(who, check, f"result['files'] is {files!r}, expected a list of str paths (the files that must still "
+                          f"exist for a cache hit to stand)")
+    for f in files:
+        path = Path(f)
+        if not path.exists():
+            _fail(who, check, f"result['files'] lists {f}, which does not exist")
+        if not path.resolve().is_relative_to(folder.resolve()):
+            _fail(who, check, f"result['files'] lists {f}, outside ctx.folder ({folder}); a stage writes its "
+                              f"outputs under its own folder")
+    sha = result.get("sha256")
+    if not (sha is None or isinstance(sha, str)):
+        _fail(who, check, f"result['sha256'] is {sha!r}, expected a str (the identity of what the stage produced, "
+                          f"e.g. core.interfaces.file_sha256 of its main output) or None")
+    identity = _call(who, check, "identity(result)", lambda: stage.identity(result))
+    problem = _json_problem(identity)
+    if problem:
+        _fail(who, check, f"identity(result) is {identity!r}, which dependants' keys cannot hash ({problem})")
+    summary = _call(who, check, "summary(result)", lambda: stage.summary(result))
+    if not isinstance(summary, dict) or _json_problem(summary):
+        _fail(who, check, f"summary(result) is {summary!r}, expected a JSON-able dict (the pipeline's result)")
+
+
+@_isolated
+def check_stage(cls: type, config: Any = None, inputs: dict | None = None) -> None:
+    """A pipeline stage's declarations, expansion and cache key for a config and, given `inputs`, a run.
+
+    Statically: the options; `inputs`, `optional`, `sections`, `reads` and `code` are tuples of str, `sections` and
+    `code` name config sections (core.config.Config.model_fields) and so does the first part of each `reads` entry;
+    check(cfg) and skipped(cfg) run; expand(cfg) returns instances of cls with unique ids; key_parts(cfg, inputs) is
+    JSON data that core.config.canonical_json hashes, the same on every call. key_parts runs with `inputs`, or with
+    {} for a stage that needs no inputs (a stage's key may read its inputs' results).
+
+    `inputs` ({stage name: result}, the results of the stages it needs, e.g. from a real prepare_data and train;
+    {param: result} for an expanded one) also runs every instance with a kit StageContext (`stage_context`: its
+    folder under a temporary directory): the result is a JSON-able dict whose `files` exist under ctx.folder, with
+    a `sha256` that is a str or None (left out: None).
+
+    `config` is a Config, a YAML path or a raw dict; default: the kit's tiny config of a model kind that adds the
+    stage (TINY_MODELS), else the tiny continuous one."""
+    __tracebackhide__ = True
+    check_options(cls)
+    who = _who(cls)
+    _check_stage_declarations(who, cls)
+    cfg = _stage_config(cls, config)
+    try:
+        cls.check(cfg, "check_stage")
+    except ConfigError as exc:
+        raise ValueError(f"check_stage: {who} refuses the config it was given ({exc}); pass config= one it runs "
+                         f"on") from exc
+    except Exception as exc:
+        raise AssertionError(f"{who} failed the check(cfg) check: check(cfg, source) raised {type(exc).__name__}: "
+                             f"{exc}; a config the stage cannot run is a core.errors.ConfigError") from exc
+    reason = _call(who, "skipped", "skipped(cfg)", lambda: cls.skipped(cfg))
+    if not (reason is None or isinstance(reason, str)):
+        _fail(who, "skipped", f"skipped(cfg) returned {reason!r}, expected None (it runs) or a str saying why not")
+
+    check = "expand"
+    stages = _call(who, check, "expand(cfg)", lambda: cls.expand(cfg))
+    if not isinstance(stages, (list, tuple)) or not stages:
+        _fail(who, check, f"expand(cfg) returned {stages!r}, expected a non-empty list of {cls.__name__} instances")
+    wrong = [type(s).__name__ for s in stages if not isinstance(s, cls)]
+    if wrong:
+        _fail(who, check, f"expand(cfg) returned instances of {wrong}, expected instances of {cls.__name__}")
+    ids = [_call(who, check, "the id of an expanded instance", lambda s=s: s.id) for s in stages]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        _fail(who, check, f"expand(cfg) gave the ids {ids}, which repeat {repeated}; give each instance its own "
+                          f"param (its id is name_param)")
+
+    if inputs is not None or not cls.inputs:
+        _check_key_parts(who, cls, list(stages), cfg, inputs if inputs is not None else {})
+    if inputs is None:
+        return
+    missing = [name for name in cls.inputs if name not in inputs]
+    if missing:
+        raise ValueError(f"check_stage: inputs lacks {missing}; {who} needs the results of {list(cls.inputs)}")
+    if reason is not None:
+        raise ValueError(f"check_stage: {who} skips this config ({reason}); pass config= one it runs on")
+    run_cfg = apply_sets(cfg, ["train.progress=false"])  # as on a worker: Prefect log lines, no progress bar
+    with tempfile.TemporaryDirectory(prefix="vaeflow-conformance-") as tmp:
+        for stage in stages:
+            check = f"run ({stage.id})"
+            folder = Path(tmp) / (cls.folder or cls.name) / stage.id
+            ctx = stage_context(run_cfg, folder)
+            result = _call(who, check, "run(ctx, inputs)", lambda: stage.run(ctx, inputs))
+            _check_stage_result(who, check, stage, result, folder)
+
+
 # --- by registry name --------------------------------------------------------------------------
 CHECKS: dict[str, Callable[..., None]] = {
     "encoder": check_encoder,
@@ -1132,6 +1459,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     "dataset": check_dataset,
     "renderer": check_renderer,
     "schedule": check_schedule,
+    "metric": check_metric,
+    "stage": check_stage,
 }
 
 
@@ -1164,6 +1493,6 @@ def check_plugin(family: str, name: str, **kwargs: Any) -> None:
 __all__ = [
     "check_options", "check_encoder", "check_decoder", "check_likelihood", "check_quantizer", "check_code_prior",
     "check_latent_prior", "check_schedule", "check_noise", "check_dataset", "check_model", "check_renderer",
-    "check_plugin",
+    "check_metric", "check_stage", "check_plugin", "stage_context", "RecordingStageContext",
     "TINY_MODELS", "CHECKS",
 ]

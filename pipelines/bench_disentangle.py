@@ -19,14 +19,14 @@ BUDGET = ["data.dataset.n_train=10000", "data.dataset.n_test=2000", "train.epoch
 
 def bench_disentanglement(out: str | Path, config: str | Path, betas: list[float]) -> dict:
     """Run the pipeline once per β with the same budget; collect the disentanglement scores and traversals."""
-    from pipelines.flows import render_flow
+    from pipelines.pipeline import pipeline
 
     out = Path(out)
     rows = []
     for beta in betas:
         tag = f"{beta:g}".replace(".", "p")
         sets = BUDGET + [f"train.beta.value={beta}", f"tracking.model_name=beta-vae-shapes-b{tag}"]
-        result = render_flow(str(config), sets)
+        result = pipeline(str(config), sets)  # evaluate and render (and register) each beta
         metrics = json.loads(Path(result["eval"]).read_text())
         traversal = next(p for p in result["images"] if p.endswith("traversal/traversal.png"))
         dest = out.with_name(f"{out.stem}-traversal-beta{tag}.png")

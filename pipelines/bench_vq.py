@@ -27,17 +27,16 @@ USAGE_BAR, PRIOR_BAR = 0.8, 0.6
 
 def bench_vq_quality(out: str | Path, config: str | Path, baseline: str | Path) -> dict:
     """Run both pipelines, compare, write the JSON report and the sample grid next to it."""
-    from pipelines.flows import evaluate_flow
-    from pipelines.vq_flows import vqvae2_pipeline
+    from pipelines.pipeline import pipeline
 
     out = Path(out)
     cfg = load_config(config)
     t0 = time.perf_counter()
-    vq = vqvae2_pipeline(str(config))
+    vq = pipeline(str(config))
     vq_seconds = time.perf_counter() - t0
     epochs = cfg.train.epochs
     t0 = time.perf_counter()
-    vae = evaluate_flow(str(baseline), [f"train.epochs={epochs}", "eval.iwae_k=1", "eval.max_examples=null"])
+    vae = pipeline(str(baseline), [f"train.epochs={epochs}", "eval.iwae_k=1", "eval.max_examples=null"], "evaluate")
     vae_seconds = time.perf_counter() - t0
     m_vq = json.loads(Path(vq["eval"]).read_text())
     m_vae = json.loads(Path(vae["eval"]).read_text())
@@ -68,7 +67,7 @@ def bench_vq_quality(out: str | Path, config: str | Path, baseline: str | Path) 
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     images = {}
-    for name, source in (("samples", vq["images"][0]), ("reconstructions", Path(vq["eval"]).with_name("reconstructions.png"))):
+    for name, source in (("samples", vq["samples"][0]), ("reconstructions", Path(vq["eval"]).with_name("reconstructions.png"))):
         dest = out.with_name(f"{out.stem}-{name}.png")
         shutil.copyfile(source, dest)
         images[name] = str(dest)

@@ -81,6 +81,13 @@ def _shape_lines(entry) -> list[str]:
     form = form_of(entry.cls)
     if form is not None:
         return [f"{'produces' if entry.family == 'encoder' else 'consumes'}: a {form}"]
+    if entry.family == "stage":
+        cls = entry.cls
+        return [f"inputs: {', '.join(cls.inputs) or '-'}" + (f" (optional: {', '.join(cls.optional)})" if cls.optional else ""),
+                f"key: config {', '.join(cls.sections + cls.reads) or '-'}; plugin code of {', '.join(cls.code) or '-'}"]
+    if entry.family == "metric":
+        cls = entry.cls
+        return [f"needs: {', '.join(cls.needs) or 'any model'}; headline: {', '.join(cls.headline) or '-'}"]
     if entry.family != "model":
         return []
     caps = entry.cls.capabilities
@@ -88,7 +95,8 @@ def _shape_lines(entry) -> list[str]:
     does += [f"{caps.log_likelihood} on log p(x)"] if caps.log_likelihood else []
     slots = ", ".join(f"{field} ({slot.family}{', ' + slot.form if slot.form else ''}"
                       f"{'' if slot.required else ', optional'})" for field, slot in entry.cls.slots.items())
-    return [f"capabilities: {', '.join(does)}", f"components: {slots}"]
+    return [f"capabilities: {', '.join(does)}", f"components: {slots}"] + (
+        [f"stages: {', '.join(entry.cls.stages)} (after train)"] if entry.cls.stages else [])
 
 
 @config_app.command("validate")
@@ -194,18 +202,18 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default RUN_DIR/eval.json)")] = None,
     set_: SetOption = [],
 ):
-    """Compute test-split metrics (negative ELBO, bits/dim, IWAE NLL, MSE/PSNR, active units, KL per dim)."""
+    """Compute the test-split metrics that apply to the model (metric plugins: ELBO and IWAE bounds, MSE/PSNR,
+    active units, codebook health, disentanglement) and print their headlines."""
     from core.checkpoint import write_text
     from core.data import known_factors, load_split
     from core.metrics import evaluate as run_eval
+    from core.metrics import headline_keys
 
     net, cfg = _load(str(run_dir), set_)
     metrics = run_eval(net, load_split(cfg, "test"), cfg.eval, **known_factors(cfg))
     path = out or Path(run_dir) / "eval.json"
     write_text(path, json.dumps(metrics, indent=2))
-    for key in ("neg_elbo_nats", "neg_elbo_bits_per_dim", "iwae_nll_nats", "iwae_nll_bits_per_dim", "mse", "psnr",
-                "active_units", "top_usage", "top_perplexity", "bottom_usage", "bottom_perplexity",
-                "disentanglement/mig", "disentanglement/sap", "disentanglement/dci_disentanglement"):
+    for key in headline_keys(net.capabilities):  # what the metrics that apply to this model declare
         if key in metrics:
             typer.echo(f"{key:<24} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"{key:<24} {metrics[key]}")
     typer.echo(f"wrote {path}")
@@ -296,35 +304,25 @@ def interpolate(
 def run(
     config: Path,
     set_: SetOption = [],
-    until: Annotated[str, typer.Option(help="last stage (VAE: prepare_data, train, evaluate, render, register; "
-                                             "VQ: ..., extract_codes, train_prior, sample, evaluate, register)")] = "register",
+    until: Annotated[Optional[str], typer.Option(
+        help="run only this stage and the stages it needs (see `vaeflow stages CONFIG`); default: every stage")] = None,
+    force: Annotated[list[str], typer.Option(
+        "--force", help="re-run this stage (repeatable) and every stage that depends on it, whatever the cache "
+                        "holds; a bare --force re-runs every stage")] = [],
 ):
-    """Run the pipeline through Prefect: vae_pipeline, or vqvae2_pipeline for a model with code grids."""
+    """Run the pipeline through Prefect: the stage graph of the config's model kind, tracked in MLflow."""
     from core.config import load_config
+    from core.model import build_model
+    from pipelines.pipeline import pipeline, plan
     from pipelines.processes import sigterm_as_interrupt, temporary_server
     from pipelines.tracking import tracking_uri, ui_hint
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
-    from core.model import build_model
-
-    if cfg.model.capabilities.discrete:
-        from pipelines.vq_flows import VQ_STAGES, check_vq_config, vqvae2_pipeline
-
-        if until not in VQ_STAGES:
-            raise VaeflowError(f"--until {until!r}: choose one of {', '.join(VQ_STAGES)}")
-        check_vq_config(cfg, until, str(config))
-        build_model(cfg)  # shape and stride errors exit 2 here, before any run exists
-        call = lambda: vqvae2_pipeline(str(config), list(set_), until)  # noqa: E731
-    else:
-        from pipelines.flows import STAGE_FLOWS, STAGES, vae_pipeline
-
-        if until not in STAGES:
-            raise VaeflowError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
-        build_model(cfg)  # shape errors exit 2 here, before any run exists
-        flow_ = vae_pipeline if until == "register" else STAGE_FLOWS[until]
-        call = lambda: flow_(str(config), list(set_))  # noqa: E731
+    plan(cfg, until, force, str(config))  # unknown stages, missing priors: exit 2 here
+    build_model(cfg)  # shape and stride errors exit 2 here, before any run exists
+    call = lambda: pipeline(str(config), list(set_), until, force=list(force) or None)  # noqa: E731
     again = shlex.join(["vaeflow", "run", str(config), *(a for s in set_ for a in ("--set", s)),
-                        *(["--until", until] if until != "register" else [])])
+                        *(["--until", until] if until else [])])
     try:
         with sigterm_as_interrupt(), temporary_server():
             result = call()
@@ -345,6 +343,28 @@ def run(
 
 @app.command()
 @user_errors
+def stages(
+    config: Path,
+    set_: SetOption = [],
+    markdown: Annotated[bool, typer.Option("--markdown", help="a mermaid diagram and the what-runs-again table")] = False,
+):
+    """Show the config's stage graph: each stage, what it needs, and what its cache key covers."""
+    from core.config import load_config
+    from pipelines.pipeline import describe, stage_graph
+
+    cfg = load_config(config, set_)
+    if markdown:
+        typer.echo(describe(cfg), nl=False)
+        return
+    graph = stage_graph(cfg)
+    for s in graph.stages:
+        key = ", ".join(s.sections + s.reads) or "-"
+        typer.echo(f"{s.id:<20} needs {', '.join(graph.needs[s.id]) or '-'}; key: config {key}"
+                   + (f", plugin code of {', '.join(s.code)}" if s.code else ""))
+
+
+@app.command()
+@user_errors
 def serve(
     config: Path,
     set_: SetOption = [],
@@ -354,8 +374,9 @@ def serve(
     pin: Annotated[bool, typer.Option("--pin", help="pin the resolved config as the runs' `config` default (a "
                                       "snapshot the UI form shows); default: each run reads CONFIG when it starts")] = False,
 ):
-    """Register the pipeline's deployments (vae_pipeline and each stage flow, or vqvae2_pipeline) and run their flow
-    runs in this process until Ctrl-C (needs PREFECT_API_URL). For several worker processes, use `vaeflow deploy`."""
+    """Register the pipeline's deployments (vaeflow_pipeline/NAME, and NAME-STAGE for each stage of the config's
+    graph) and run their flow runs in this process until Ctrl-C (needs PREFECT_API_URL). For several worker
+    processes, use `vaeflow deploy`."""
     from core.config import load_config
     from pipelines.deployments import require_api, schedules_from, serve_deployments
 
@@ -381,8 +402,8 @@ def deploy(
                             "MLFLOW_TRACKING_URI is set): a path every worker sees; default VAEFLOW_HOME, else here")] = None,
     env: Annotated[list[str], typer.Option("--env", help="extra KEY=VALUE for the flow runs' environment (repeatable)")] = [],
 ):
-    """Deploy the pipeline (and for a VAE its stage flows) to a process work pool, for any number of
-    `prefect worker start --pool POOL` processes to run (needs PREFECT_API_URL)."""
+    """Deploy the pipeline (vaeflow_pipeline/NAME, and NAME-STAGE for each stage of the config's graph) to a process
+    work pool, for any number of `prefect worker start --pool POOL` processes to run (needs PREFECT_API_URL)."""
     import os
 
     from core.config import load_config
@@ -505,6 +526,22 @@ def bench_disentanglement(
     print_summary(run(out=out, config=config, betas=beta))
 
 
+BARE_FORCE = "all"  # what a bare `--force` means: every stage
+
+
+def bare_force(argv: list[str]) -> list[str]:
+    """argv with a bare `--force` (followed by nothing, another option, or the config file) as `--force all`: typer
+    options always take a value, and `vaeflow run CONFIG --force` should re-run everything."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--force" and (nxt is None or nxt.startswith("-") or nxt.endswith((".yaml", ".yml", ".json"))
+                                 or Path(nxt).is_file()):
+            out.append(BARE_FORCE)
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(args=bare_force(sys.argv[1:]))

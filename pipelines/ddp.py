@@ -65,7 +65,7 @@ def main(job_file: str) -> None:
     from core.config import validate
     from core.engine import Trainer
     from core.manifest import load_prepared
-    from pipelines.flows import EpochLog, constant_terms
+    from pipelines.pipeline import EpochLog, constant_terms
     from pipelines.tracking import MetricsLogger
 
     die_with_parent()

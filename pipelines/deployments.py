@@ -1,8 +1,9 @@
 """Prefect deployments of the pipeline: served by one process (`vaeflow serve`) or deployed to a work pool
 (`vaeflow deploy`) whose runs any number of `prefect worker start --pool NAME` processes execute.
 
-Both register the same deployments, vae_pipeline and each stage flow (or vqvae2_pipeline for a VQ config), and
-give them parameters that mean what they say:
+Both register the same deployments of the one pipeline flow (pipelines/pipeline.py), named from its stage graph:
+NAME runs every stage, NAME-STAGE runs a stage and what it needs (`until`); and give them parameters that mean
+what they say:
 - by default `config` is None, so each run reads the YAML at `config_path` when it starts (a scheduled run picks up
   edits to the file), with the `--set` overrides as the `overrides` default;
 - with `pin`, the resolved config (overrides applied) is pinned as the default of `config`: a snapshot, and the
@@ -28,9 +29,7 @@ from core.interfaces import TAGS
 from core.errors import VaeflowError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ and core/: the deployments' source
-PIPELINE_ENTRYPOINTS = {"vae_pipeline": "pipelines/flows.py:vae_pipeline",
-                        "vqvae2_pipeline": "pipelines/vq_flows.py:vqvae2_pipeline"}
-STAGE_ENTRYPOINT = "pipelines/flows.py:{stage}_flow"
+PIPELINE_ENTRYPOINT = "pipelines/pipeline.py:pipeline"
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 # the form's section headings (the JSON schema titles the Prefect UI shows), by path in the config
@@ -44,7 +43,8 @@ NOT_IN_FORM = ("schedules",)  # deployment schedules, not run settings: a run ig
 PARAMETER_DESCRIPTIONS = {
     "config_path": "YAML config file, read at run time unless `config` is set (then it only names the run)",
     "overrides": "overrides applied on top of the config, as with `vaeflow run --set`, e.g. train.epochs=3",
-    "until": "last stage to run",
+    "until": "run only this stage and the stages it needs (empty: every stage)",
+    "force": "stages to run again whatever the cache holds, with every stage that depends on them (all: every stage)",
 }
 CONFIG_DESCRIPTION = {
     False: "The whole run config. Left empty (None), the run reads `config_path` when it starts; set it to run "
@@ -165,10 +165,13 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
     for name, text in PARAMETER_DESCRIPTIONS.items():
         if name in props:
             props[name]["description"] = text
-    if "until" in props:
-        from pipelines.vq_flows import VQ_STAGES
-
-        props["until"]["enum"] = list(VQ_STAGES)
+    names = deployable_stages(cfg)
+    for param, choices in (("until", names), ("force", [*names, "all"])):
+        for branch in props.get(param, {}).get("anyOf", []):  # Optional[str] / Optional[list[str]]
+            if branch.get("type") == "string":
+                branch["enum"] = choices
+            elif branch.get("type") == "array":
+                branch["items"] = {"type": "string", "enum": choices}
     props["config"]["description"] = CONFIG_DESCRIPTION[pinned]
     root_name = _ref_name(next(m for m in props["config"]["anyOf"] if "$ref" in m))
     root = defs[root_name]
@@ -285,23 +288,21 @@ def check_form(schema: dict, parameters: dict) -> None:
 
 
 # --- the deployments ---------------------------------------------------------------------------
-def pipeline_flows(cfg: Config) -> dict[str, tuple[str, Any]]:
-    """{flow name: (entrypoint relative to PROJECT_DIR, flow)}: the pipeline first, then the VAE's stage flows."""
-    if has_code_grids(cfg):
-        from pipelines.vq_flows import vqvae2_pipeline
+def deployable_stages(cfg: Config) -> list[str]:
+    """The stages a deployment can stop at, from the config's stage graph: every stage, an expanded one (e.g.
+    train_prior, one per code level) by its name."""
+    from pipelines.pipeline import stage_graph
 
-        return {"vqvae2_pipeline": (PIPELINE_ENTRYPOINTS["vqvae2_pipeline"], vqvae2_pipeline)}
-    from pipelines.flows import STAGE_FLOWS, vae_pipeline
-
-    flows = {"vae_pipeline": (PIPELINE_ENTRYPOINTS["vae_pipeline"], vae_pipeline)}
-    for stage, flow_ in STAGE_FLOWS.items():
-        flows[flow_.name] = (STAGE_ENTRYPOINT.format(stage=stage), flow_)
-    return flows
+    graph = stage_graph(cfg)
+    return list(dict.fromkeys(s.name for s in graph.stages))
 
 
 def deployment_specs(config_path: Path, overrides: list[str], cfg: Config, schedules: list[ScheduleConfig],
-                     pin: bool = False) -> list[dict]:
-    """What each deployment registers: flow, entrypoint, parameters, schema, description, tags, schedules."""
+                     pin: bool = False, name: str = "vaeflow") -> list[dict]:
+    """What each deployment registers: the pipeline flow, its entrypoint, the deployment name (NAME for the whole
+    pipeline, NAME-STAGE for a stage and what it needs), parameters, schema, description, tags, schedules."""
+    from pipelines.pipeline import FLOW_NAME, pipeline
+
     config_path = Path(config_path).resolve()
     mode = "pinned" if pin else "runtime"
     how = (f"Config pinned at deploy time: a snapshot of {config_path} with overrides {overrides or '(none)'}; "
@@ -311,16 +312,18 @@ def deployment_specs(config_path: Path, overrides: list[str], cfg: Config, sched
            + (f", with overrides {overrides}" if overrides else "") + "; set `config` in a custom run to override it.")
     params = ({"config_path": str(config_path), "overrides": [], "config": form_value(cfg)} if pin else
               {"config_path": str(config_path), "overrides": list(overrides), "config": None})
+    schema = form_schema(pipeline.fn, cfg, pin)
+    check_form(schema, params)
+    stages = deployable_stages(cfg)
     specs = []
-    for i, (flow_name, (entrypoint, flow_)) in enumerate(pipeline_flows(cfg).items()):
-        stage = flow_name.removesuffix("_flow")
-        what = ("vaeflow VQ pipeline" if has_code_grids(cfg) else "vaeflow pipeline") if i == 0 else f"vaeflow pipeline up to {stage}"
-        schema = form_schema(flow_.fn, cfg, pin)
-        check_form(schema, params)
-        specs.append(dict(flow_name=flow_name, entrypoint=entrypoint, flow=flow_, parameters=params, schema=schema,
-                          description=f"{what} for {config_path.name}. {how}",
-                          tags=["vaeflow", f"config:{mode}"] + (["vq"] if has_code_grids(cfg) else [] if i == 0 else [stage]),
-                          schedules=to_prefect_schedules(schedules) if i == 0 else []))
+    for until in (None, *stages[:-1]):  # the last stage's deployment is the whole pipeline
+        what = "vaeflow pipeline" if until is None else f"vaeflow pipeline up to {until} (and the stages it needs)"
+        specs.append(dict(flow_name=FLOW_NAME, name=name if until is None else f"{name}-{until}",
+                          entrypoint=PIPELINE_ENTRYPOINT, flow=pipeline,
+                          parameters=params if until is None else {**params, "until": until}, schema=schema,
+                          description=f"{what} for {config_path.name} (kind {cfg.model.kind}). {how}",
+                          tags=["vaeflow", f"config:{mode}", f"kind:{cfg.model.kind}"] + ([f"stage:{until}"] if until else []),
+                          schedules=to_prefect_schedules(schedules) if until is None else []))
     return specs
 
 
@@ -341,9 +344,10 @@ def build_deployments(config_path: Path, overrides: list[str], schedules: list[S
     from core.config import load_config
 
     cfg = cfg or load_config(config_path, overrides)
-    return [_with_form(spec["flow"].to_deployment(name=name, parameters=spec["parameters"], schedules=spec["schedules"],
-                                                  description=spec["description"], tags=spec["tags"]), spec)
-            for spec in deployment_specs(config_path, overrides, cfg, schedules, pin)]
+    return [_with_form(spec["flow"].to_deployment(name=spec["name"], parameters=spec["parameters"],
+                                                  schedules=spec["schedules"], description=spec["description"],
+                                                  tags=spec["tags"]), spec)
+            for spec in deployment_specs(config_path, overrides, cfg, schedules, pin, name)]
 
 
 def serve_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str,
@@ -408,10 +412,10 @@ def deploy_to_pool(config_path: Path, overrides: list[str], cfg: Config, schedul
     from prefect.deployments.runner import DeploymentApplyError
 
     deployments = []
-    for spec in deployment_specs(config_path, overrides, cfg, schedules, pin):
-        remote = flow.from_source(source=str(PROJECT_DIR), entrypoint=spec["entrypoint"])
+    remote = flow.from_source(source=str(PROJECT_DIR), entrypoint=PIPELINE_ENTRYPOINT)
+    for spec in deployment_specs(config_path, overrides, cfg, schedules, pin, name):
         deployments.append((spec, _with_form(remote.to_deployment(
-            name=name, parameters=spec["parameters"], schedules=spec["schedules"], description=spec["description"],
+            name=spec["name"], parameters=spec["parameters"], schedules=spec["schedules"], description=spec["description"],
             tags=spec["tags"], work_pool_name=pool, job_variables={"env": env}), spec)))
     # Flow.deploy(...) is to_deployment(...) then prefect.deploy(...), which applies each deployment to the pool
     # (no image to build or push for a process pool). The form schema must go in between, so apply them here; unlike
@@ -421,8 +425,8 @@ def deploy_to_pool(config_path: Path, overrides: list[str], cfg: Config, schedul
         try:
             deployment_id = deployment.apply(work_pool_name=pool)
         except DeploymentApplyError as exc:
-            raise VaeflowError(f"the Prefect server refused deployment {spec['flow_name']}/{name}: {exc}") from None
-        done.append({"name": f"{spec['flow_name']}/{name}", "id": str(deployment_id), "entrypoint": spec["entrypoint"],
+            raise VaeflowError(f"the Prefect server refused deployment {spec['flow_name']}/{spec['name']}: {exc}") from None
+        done.append({"name": f"{spec['flow_name']}/{spec['name']}", "id": str(deployment_id), "entrypoint": spec["entrypoint"],
                      "tags": spec["tags"], "schedules": len(spec["schedules"])})
     return done
 
@@ -460,11 +464,9 @@ def parse_env(items: list[str]) -> dict[str, str]:
 def check_runnable(cfg: Config, source: str) -> None:
     """Fail at deploy time, exit 2, on what every run would fail on (shapes, a VQ config without priors)."""
     from core.model import build_model
+    from pipelines.pipeline import plan
 
-    if has_code_grids(cfg):
-        from pipelines.vq_flows import check_vq_config
-
-        check_vq_config(cfg, "register", source)
+    plan(cfg, source=source)
     build_model(cfg)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -81,6 +82,29 @@ def _await_ready(client: MlflowClient, version) -> None:
                            f"(status {version.status}: {version.status_message or 'no message'})")
 
 
+ALIAS_ATTEMPTS = 3
+
+
+def _alias_race(exc: Exception) -> bool:
+    """Whether an alias write lost a race: two runs created the same new alias at once, and the tracking server's
+    database refused the second insert (PostgreSQL: a unique violation; sqlite: a UNIQUE constraint)."""
+    text = str(exc)
+    return any(s in text for s in ("UniqueViolation", "UNIQUE constraint", "duplicate key", "already exists"))
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version) -> None:
+    """Point an alias at a version; when another run created the alias at the same moment, set it again (now an
+    update, which the server serialises)."""
+    for attempt in range(ALIAS_ATTEMPTS):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as exc:
+            if not _alias_race(exc) or attempt == ALIAS_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metrics: dict,
              lineage: dict[str, str], companions=None) -> dict:
     """Log the model (python_function flavor) in run_id, register a version, alias it candidate,
@@ -118,17 +142,23 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
             _await_ready(client, version)
         failpoint("register.after_version")
         extra = {} if companions is None else {"priors": companions(int(version.version))}
-        client.set_registered_model_alias(name, CANDIDATE, version.version)
+        set_alias(client, name, CANDIDATE, version.version)
         promoted = False
-        if metric in metrics:
+        for attempt in range(ALIAS_ATTEMPTS if metric in metrics else 0):  # compare, then set; again on a race
             champion = _alias_version(client, name, CHAMPION)
             best = None if champion is None else champion.tags.get(f"metric.{metric}")
             new = float(metrics[metric])
             if champion is not None and str(champion.version) == str(version.version):
                 promoted = True
             elif best is None or (new < float(best) if lower else new > float(best)):
-                client.set_registered_model_alias(name, CHAMPION, version.version)
+                try:
+                    client.set_registered_model_alias(name, CHAMPION, version.version)
+                except MlflowException as exc:
+                    if not _alias_race(exc) or attempt == ALIAS_ATTEMPTS - 1:
+                        raise
+                    continue  # another run set the first champion meanwhile: compare with it
                 promoted = True
+            break
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
             "champion": promoted, "metric": metric, "value": metrics.get(metric), "reused": reused, **extra}
 
@@ -165,7 +195,7 @@ def register_prior(client: MlflowClient, run_id: str, prior_dir: Path, stage1_na
     _ensure_registered_model(client, name)
     existing = _version_with(client, name, weights_sha256=info["weights_sha256"], stage1_version=str(stage1_version))
     if existing is not None:  # a re-run after a crash: this prior is registered for this stage-1 version already
-        client.set_registered_model_alias(name, CANDIDATE, existing.version)
+        set_alias(client, name, CANDIDATE, existing.version)
         return {"name": name, "version": int(existing.version), "model_uri": f"models:/{name}/{existing.version}"}
     artifact = f"prior-{level}"
     if not client.list_artifacts(run_id, artifact):
@@ -175,7 +205,7 @@ def register_prior(client: MlflowClient, run_id: str, prior_dir: Path, stage1_na
             "metric.nll_bits_per_code": repr(float(info["test"]["nll_bits_per_code"]))}
     version = client.create_model_version(name, source=f"runs:/{run_id}/{artifact}", run_id=run_id, tags=tags)
     _await_ready(client, version)
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    set_alias(client, name, CANDIDATE, version.version)
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}"}
 
 

@@ -247,6 +247,7 @@ class VQVAE(Model):
     capabilities = Capabilities(discrete=True, sampling=True, log_likelihood=None)
     level_names = ("top", "bottom")
     watch_only = ("vq.usage_warning",)  # only decides when to warn
+    stages = ("extract_codes", "train_prior", "sample")  # plugins/stages.py: codes, a prior per level, samples
 
     def __init__(self, encoders: dict, decoder, quantizers: dict, likelihood, embedding_dim: int,
                  grids: dict[str, tuple[int, int]], top_decoder=None, usage_warning: float = 0.0):

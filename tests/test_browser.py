@@ -1,8 +1,9 @@
 """The Prefect UI as a user sees it: headless Chromium against a real `prefect server` and `vaeflow serve --pin`.
 
-The deployment page of vae_pipeline shows the structured `config` parameter as a form (the Training section's epochs,
-lr, batch_size ... with the pinned config as defaults, and each plugin section as tabs, one per registered plugin,
-with that plugin's options); a custom run submitted from that form, with a tracking field and a plugin option of the
+The deployment page of the pipeline (`vaeflow_pipeline/ui`, the whole pipeline: one of the deployments of the single
+pipeline flow) shows the structured `config` parameter as a form (the Training section's epochs, lr, batch_size ...
+with the pinned config as defaults, and each plugin section as tabs, one per registered plugin, with that plugin's
+options; `until` and `force` beside it); a custom run submitted from that form, with a tracking field and a plugin option of the
 encoder edited, runs in the served process to Completed, both edits reach MLflow, and the flow run page lists the
 MLflow link artifacts. Screenshots go to artifacts/browser/; with
 VAEFLOW_UPDATE_DOCS=1 the parameter form is also copied to docs/prefect-ui.png and the completed
@@ -41,6 +42,7 @@ SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=1", 
 FORM_MODEL_NAME = "browser-ui"  # typed into the form's tracking.model_name field; the registered model proves it
 FORM_ENCODER_HIDDEN = 96  # typed into model.encoder's `hidden` option (the conv encoder's; 128 in the tiny config)
 TIMEOUT_MS = 60_000
+FLOW = "vaeflow_pipeline"  # the one pipeline flow; `vaeflow serve --name ui` registers FLOW/ui and FLOW/ui-STAGE
 
 
 def chromium_path() -> str | None:
@@ -134,12 +136,12 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
             def deployment():
                 assert proc.poll() is None, tail()
                 try:
-                    return client.read_deployment_by_name("vae_pipeline/ui")
+                    return client.read_deployment_by_name(f"{FLOW}/ui")
                 except Exception:
                     return None
 
-            dep = wait_for(deployment, 180, "the vae_pipeline deployment")
-            assert "config:pinned" in dep.tags
+            dep = wait_for(deployment, 180, f"the {FLOW}/ui deployment")
+            assert "config:pinned" in dep.tags and "until" not in dep.parameters  # the whole pipeline
             train_defaults = dep.parameters["config"]["train"]
             encoder = dep.parameters["config"]["model"]["encoder"]
             assert encoder["name"] == "conv" and encoder["hidden"] != FORM_ENCODER_HIDDEN
@@ -155,7 +157,7 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                 try:
                     # 1. the deployment page, as a user opens it
                     page.goto(f"{base}deployments/deployment/{dep.id}", wait_until="networkidle")
-                    expect(page.get_by_text("vae_pipeline").first).to_be_visible()
+                    expect(page.get_by_text(FLOW).first).to_be_visible()  # the flow's name
                     expect(page.get_by_text(re.compile(r"^\s*ui\s*$")).first).to_be_visible()  # deployment name
                     page.screenshot(path=ARTIFACTS / "01-deployment.png", full_page=True)
 
@@ -163,7 +165,8 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                     page.get_by_role("button", name="Run", exact=True).click()
                     page.get_by_role("menuitem", name="Custom run").or_(
                         page.get_by_text("Custom run", exact=True)).first.click()
-                    for field in ("config_path", "config", "epochs", "lr", "batch_size", "channels", "hidden"):
+                    for field in ("config_path", "until", "force", "config", "epochs", "lr", "batch_size", "channels",
+                                  "hidden"):
                         expect(page.get_by_text(label(field)).first, f"form field {field}").to_be_visible()
                     for heading in ("Training", "Model", "Data"):  # section titles, not class names
                         expect(page.get_by_text(label(heading)).first, f"section {heading}").to_be_visible()
@@ -218,6 +221,7 @@ def test_prefect_ui_shows_the_config_form_and_runs_the_pipeline(ui_server, tmp_p
                     run = runs[0]
                     assert run.parameters["config"]["train"]["epochs"] == train_defaults["epochs"]
                     assert run.parameters["config"]["model"]["encoder"] == {**encoder, "hidden": FORM_ENCODER_HIDDEN}
+                    assert not run.parameters.get("until") and not run.parameters.get("force")  # every stage, cached or not
 
                     # 4. it runs to Completed
                     try:

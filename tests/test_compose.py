@@ -680,10 +680,10 @@ def test_image_runs_vaeflow_from_its_workdir():
     # the source and the configs reach the image
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    from pipelines.deployments import PIPELINE_ENTRYPOINTS
+    from pipelines.deployments import PIPELINE_ENTRYPOINT
 
-    needed = ["pyproject.toml", "README.md", "configs/vae-fashion-mnist.yaml"]
-    needed += [e.split(":")[0] for e in PIPELINE_ENTRYPOINTS.values()]
+    # the one pipeline flow's file, the entrypoint every deployment names
+    needed = ["pyproject.toml", "README.md", "configs/vae-fashion-mnist.yaml", PIPELINE_ENTRYPOINT.split(":")[0]]
     for path in needed:
         assert (ROOT / path).is_file(), path
         parts = Path(path).parts
@@ -762,7 +762,7 @@ def test_entrypoint_dispatch(tmp_path, args, expected):
 def test_readme_covers_the_stack(services):
     text = README.read_text()
     for needle in ("docker compose -f docker/compose.yaml", "--profile gpu", "http://127.0.0.1:4200",
-                   "http://127.0.0.1:5000", "nvidia.com/gpu", "--type kubernetes", "vae_pipeline",
+                   "http://127.0.0.1:5000", "nvidia.com/gpu", "--type kubernetes", "vaeflow_pipeline",
                    "--scale worker=", "train.nproc", "vaeflow.host", "KILLED"):
         assert needle in text, needle
     for w in WORKERS:
@@ -796,6 +796,10 @@ def test_readme_deploy_commands_fit_the_workers(services):
     """Each documented `vaeflow deploy` runs in a one-off container of a worker service without a fixed hostname,
     names a pool that a worker listens on, a config shipped in the image, and the workers' VAEFLOW_HOME as
     --workspace; the documented `prefect deployment run`s name deployments those commands create."""
+    from core.config import load_config
+    from pipelines.deployments import deployable_stages, deployment_specs
+    from pipelines.pipeline import FLOW_NAME
+
     deploys = _readme_commands("vaeflow deploy")
     assert deploys, "docker/README.md documents no `docker compose ... vaeflow deploy`"
     pools = {flag(argv(services[w]["command"]), "--pool") for w in WORKERS}
@@ -815,10 +819,17 @@ def test_readme_deploy_commands_fit_the_workers(services):
             name = flag(cmd, "--name")
         except AssertionError:
             name = yaml.safe_load((ROOT / config).read_text())["tracking"]["model_name"]
-        created.add(f"vae_pipeline/{name}")
+        overrides = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        cfg = load_config(ROOT / config, overrides)
+        # what `vaeflow deploy` registers: FLOW/NAME (the whole pipeline) and FLOW/NAME-STAGE for the stages but the last
+        specs = deployment_specs(ROOT / config, overrides, cfg, [], "--pin" in cmd, name)
+        assert [s["name"] for s in specs] == [name] + [f"{name}-{stage}" for stage in deployable_stages(cfg)[:-1]]
+        created |= {f"{s['flow_name']}/{s['name']}" for s in specs}
+        assert f"{FLOW_NAME}/{name}" in created
     assert used_pools == pools, f"pools without a documented deploy: {pools - used_pools}"
     runs = [a for a in _readme_commands("prefect deployment run")]
     assert runs
     for args in runs:
         target = args[args.index("run", args.index("deployment")) + 1]
         assert target in created, f"{target} is not created by a documented deploy ({sorted(created)})"
+        assert target.startswith(f"{FLOW_NAME}/")  # every deployment is one of the one pipeline flow

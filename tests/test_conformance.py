@@ -4,6 +4,7 @@ a message that names the plugin and the check."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from torch import nn
 from core import testing
 from core.config import apply_sets, load_config
 from core.interfaces import (
-    FEATURE_MAP, Dataset, Encoder, GridDecoder, Likelihood, Noise, Options, Prior, QuantizerOutput, Renderer, form_of,
+    FEATURE_MAP, Dataset, Encoder, GridDecoder, Likelihood, Metric, Noise, Options, Prior, QuantizerOutput, Renderer,
+    Stage, form_of,
 )
 from core.registry import discover, get_registry
 from plugins.datasets import IDX_FILES
@@ -180,7 +182,7 @@ def model_config(kind: str):
     if kind == "vqvae2":
         return load_config(VQ_TINY)
     if kind == "vqvae":
-        return apply_sets(load_config(VQ_TINY), ["model.kind=vqvae", "model.vq.strides=[4]"])
+        return apply_sets(load_config(VQ_TINY), ["model.kind=vqvae", "model.vq.strides=[4]", "prior.bottom=null"])
     return None
 
 
@@ -212,6 +214,68 @@ def test_renderer_check_takes_a_given_model():
     cfg = load_config(TINY)
     model = build_model(cfg)
     testing.check_renderer(plugin_class("renderer", "interpolation"), model=model, images=load_split(cfg, "test")[:16])
+
+
+@pytest.mark.parametrize("name", names("metric"))
+def test_metric_conforms(name):
+    testing.check_plugin("metric", name)
+
+
+def test_metric_check_takes_a_given_model():
+    from core.data import load_split
+    from core.model import build_model
+
+    cfg = apply_sets(load_config(TINY), ["model.kind=ae"])
+    model = build_model(cfg)
+    testing.check_metric(plugin_class("metric", "latent"), model=model, images=load_split(cfg, "test")[:8],
+                         config={"batch_size": 3})
+    with pytest.raises(ValueError, match="do not meet"):
+        testing.check_metric(plugin_class("metric", "codebook"), model=model, images=load_split(cfg, "test")[:8])
+
+
+def stage_configs(name: str) -> list:
+    """The tiny configs of the built-in model kinds that add the stage."""
+    kinds = [kind for kind in names("model") if name in plugin_class("model", kind).stages]
+    return [c for c in map(model_config, kinds) if c is not None]
+
+
+@pytest.mark.parametrize("name", names("stage"))
+def test_stage_conforms(name):
+    configs = stage_configs(name)
+    if not configs:
+        pytest.skip(f"no tiny config of a model kind that adds the third-party stage {name!r}")
+    for config in configs:  # static: declarations, expansion, key
+        testing.check_plugin("stage", name, config=config)
+
+
+def test_the_vq_stages_run_through_the_stage_check(tmp_path):
+    """extract_codes, then train_prior (one per level) on its result, then sample: each checked with the real
+    results of the stages before it (a tiny VQ-VAE-2, 2 training steps)."""
+    from core.checkpoint import WEIGHTS_FILE
+    from core.engine import Trainer
+    from core.interfaces import file_sha256
+    from core.manifest import MANIFEST_FILE, load_prepared, prepare
+
+    cfg = apply_sets(load_config(VQ_TINY), ["train.max_steps=2", "train.progress=false", "data.dataset.n_train=128",
+                                            "data.dataset.n_test=16", "prior.batch_size=32", "prior.sample.n=2"])
+    manifest, data_dir = prepare(cfg, tmp_path / "data")
+    Trainer(cfg, tmp_path / "train", train_images=load_prepared(data_dir)["train"]).fit()
+    weights = file_sha256(tmp_path / "train" / WEIGHTS_FILE)
+    inputs = {"prepare_data": {"folder": str(data_dir), "manifest_hash": manifest["manifest_hash"],
+                               "sha256": manifest["manifest_hash"], "files": [str(data_dir / MANIFEST_FILE)]},
+              "train": {"run_dir": str(tmp_path / "train"), "weights_sha256": weights, "sha256": weights,
+                        "files": [str(tmp_path / "train" / WEIGHTS_FILE)], "run_id": "kit"}}
+    testing.check_plugin("stage", "extract_codes", config=cfg, inputs=inputs)
+    codes = plugin_class("stage", "extract_codes")().run(testing.stage_context(cfg, tmp_path / "codes"), inputs)
+    testing.check_plugin("stage", "train_prior", config=cfg, inputs={"extract_codes": codes})
+    priors = {s.param: s.run(testing.stage_context(cfg, tmp_path / s.id), {"extract_codes": codes})
+              for s in plugin_class("stage", "train_prior").expand(cfg)}
+    testing.check_plugin("stage", "sample", config=cfg, inputs={"train": inputs["train"], "train_prior": priors})
+
+
+def test_check_stage_needs_the_inputs_the_stage_reads():
+    with pytest.raises(ValueError, match=r"inputs lacks \['train'\]"):
+        testing.check_plugin("stage", "sample", config=VQ_TINY, inputs={"train_prior": {}})
 
 
 def test_the_kit_leaves_the_global_rng_and_threads_alone():
@@ -434,6 +498,109 @@ class GhostRenderer(Renderer):
         return [Path(ctx.out_dir) / "never-written.png"]
 
 
+class UnseededMetric(Metric):
+    """A headline number drawn from numpy's global RNG, which evaluate's torch.manual_seed(eval.seed) does not seed."""
+
+    name = "unseeded"
+    needs = ("continuous",)
+    headline = ("noise_level",)
+
+    class Options(Options):
+        pass
+
+    def compute(self, ctx):
+        return {"noise_level": float(np.random.rand())}
+
+
+class MisspelledNeedsMetric(UnseededMetric):
+    """Needs a capability that does not exist: it would silently never run."""
+
+    name = "misspelled-needs"
+    needs = ("continous",)
+
+
+class TensorMetric(UnseededMetric):
+    """Returns a tensor, which eval.json cannot hold."""
+
+    name = "tensor-valued"
+
+    def compute(self, ctx):
+        return {"noise_level": ctx.images.mean()}
+
+
+class MisnamedSectionStage(Stage):
+    """Declares a config section that does not exist: its key would silently cover nothing."""
+
+    name = "misnamed-section"
+    sections = ("evaluation",)
+
+    def run(self, ctx, inputs):
+        return {"files": []}
+
+
+class BareStringInputsStage(MisnamedSectionStage):
+    """inputs = ("train") is the string "train", not a tuple."""
+
+    name = "bare-string-inputs"
+    sections = ()
+    inputs = ("train")
+
+
+class PathKeyStage(MisnamedSectionStage):
+    """Puts a Path into its key, which canonical_json cannot hash."""
+
+    name = "path-key"
+    sections = ("eval",)
+
+    def key_parts(self, cfg, inputs):
+        return [Path("weights.safetensors")]
+
+
+class ClockKeyStage(PathKeyStage):
+    """Puts the time into its key: a new key on every run, so it never hits the cache."""
+
+    name = "clock-key"
+
+    def key_parts(self, cfg, inputs):
+        return [time.perf_counter_ns()]
+
+
+class TwinStage(PathKeyStage):
+    """Expands into two instances with one id."""
+
+    name = "twin"
+
+    @classmethod
+    def expand(cls, cfg):
+        return [cls("a"), cls("a")]
+
+    def key_parts(self, cfg, inputs):
+        return []
+
+
+class GhostFileStage(TwinStage):
+    """Lists a file it never wrote."""
+
+    name = "ghost-file"
+
+    @classmethod
+    def expand(cls, cfg):
+        return [cls()]
+
+    def run(self, ctx, inputs):
+        return {"sha256": None, "files": [str(ctx.folder / "never-written.json")]}
+
+
+class PathResultStage(GhostFileStage):
+    """Returns a Path in its result, which the pipeline cannot store as JSON."""
+
+    name = "path-result"
+
+    def run(self, ctx, inputs):
+        ctx.folder.mkdir(parents=True)
+        return {"folder": ctx.folder, "files": []}
+
+
 BROKEN = [  # (check, toy, kwargs, what the message must say besides the plugin's name)
     (testing.check_options, LaxOptionsEncoder, {}, r"options check: the unknown key 'conformance_unknown_key' was "
                                                    r"accepted.*extra='forbid'"),
@@ -460,6 +627,27 @@ BROKEN = [  # (check, toy, kwargs, what the message must say besides the plugin'
                                                     r"\(4, 1, 8, 9\), expected \(N, \*shape\)"),
     (testing.check_renderer, GhostRenderer, {}, r"render \(continuous model\) check: render returned .*"
                                                 r"never-written.png, which does not exist"),
+    (testing.check_metric, UnseededMetric, {}, r"determinism check: two calls of compute\(ctx\) after "
+                                               r"torch.manual_seed\(0\) differ under keys \['noise_level'\].*not numpy"),
+    (testing.check_metric, MisspelledNeedsMetric, {}, r"needs check: needs names \['continous'\], which are not "
+                                                      r"Capabilities fields"),
+    (testing.check_metric, TensorMetric, {}, r"compute \(tiny continuous model\) check: out\['noise_level'\] = "
+                                             r"tensor\(.*cannot be written to eval.json"),
+    (testing.check_stage, MisnamedSectionStage, {}, r"config sections check: sections names \['evaluation'\], which "
+                                                    r"are not config sections"),
+    (testing.check_stage, BareStringInputsStage, {}, r"inputs check: inputs is 'train', expected a tuple of non-empty "
+                                                     r"str.*\('x',\)"),
+    (testing.check_stage, PathKeyStage, {}, r"key_parts check: key_parts\(cfg, inputs\) of path-key returned "
+                                            r"\[PosixPath\('weights.safetensors'\)\], which core.config.canonical_json "
+                                            r"cannot hash"),
+    (testing.check_stage, ClockKeyStage, {}, r"key_parts check: key_parts\(cfg, inputs\) of clock-key is not "
+                                             r"deterministic"),
+    (testing.check_stage, TwinStage, {}, r"expand check: expand\(cfg\) gave the ids \['twin_a', 'twin_a'\], which "
+                                         r"repeat"),
+    (testing.check_stage, GhostFileStage, {"inputs": {}}, r"run \(ghost-file\) check: result\['files'\] lists "
+                                                          r".*never-written.json, which does not exist"),
+    (testing.check_stage, PathResultStage, {"inputs": {}}, r"run \(path-result\) check: run\(ctx, inputs\) returned "
+                                                           r".*which is not a JSON object"),
 ]
 
 

@@ -22,8 +22,13 @@ SETS = ["data.dataset.n_train=2048", "data.dataset.n_test=64", "train.epochs=2",
         "train.progress=false", "train.checkpoint_every=2", "train.log_every=2", "quality.enabled=false"]
 
 
-def args(*sets: str, until: str = "register") -> list[str]:
-    return [VAEFLOW, "run", str(TINY), *[a for s in (*SETS, *sets) for a in ("--set", s)], "--until", until]
+FLOW = "vaeflow_pipeline"  # the pipeline flow; with --until STAGE its MLflow parent run is `vaeflow_pipeline[STAGE] ...`
+
+
+def args(*sets: str, until: str | None = None) -> list[str]:
+    """`vaeflow run` of the tiny config: the whole pipeline, or with `until` that stage and what it needs."""
+    return [VAEFLOW, "run", str(TINY), *[a for s in (*SETS, *sets) for a in ("--set", s)],
+            *(["--until", until] if until else [])]
 
 
 def env_for(project: Path, **extra: str) -> dict:
@@ -34,7 +39,7 @@ def env_for(project: Path, **extra: str) -> dict:
     return env
 
 
-def start(project: Path, *sets: str, until: str = "register", **extra: str) -> subprocess.Popen:
+def start(project: Path, *sets: str, until: str | None = None, **extra: str) -> subprocess.Popen:
     log = project / f"run-{time.monotonic_ns()}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(args(*sets, until=until), cwd=project, env=env_for(project, **extra), stdout=fh,
@@ -133,7 +138,10 @@ def test_kill_9_mid_train_leaves_nothing_running_and_the_rerun_resumes(project):
     proc.wait()
     wait_for(lambda: all(gone(p) for p in servers), 30, "the watchdog to stop the orphaned temporary server")
     running = runs_by_status(project).get("RUNNING", [])
-    assert {r.data.tags["mlflow.runName"].split()[0] for r in running} == {"train_flow", "train"}
+    # the parent run (until train) and its train stage; prepare_data had finished
+    assert {r.data.tags["mlflow.runName"].split()[0] for r in running} == {f"{FLOW}[train]", "train"}
+    parent = next(r for r in running if r.data.tags["mlflow.runName"].startswith(FLOW))
+    assert parent.data.tags["mlflow.runName"] == f"{FLOW}[train] {TINY.stem}" and parent.data.tags["vaeflow.until"] == "train"
 
     again = start(project, "tracking.model_name=killed-in-train", until="train")
     text = finish(again)
@@ -189,7 +197,7 @@ def test_sigterm_ends_runs_killed_stops_the_server_and_says_how_to_rerun(project
     assert all(gone(p) for p in servers)  # stopped on the way out, not left to the watchdog
     status = runs_by_status(project)
     assert "RUNNING" not in status
-    assert {r.data.tags["mlflow.runName"].split()[0] for r in status["KILLED"]} == {"train_flow", "train"}
+    assert {r.data.tags["mlflow.runName"].split()[0] for r in status["KILLED"]} == {f"{FLOW}[train]", "train"}
 
 
 def test_two_identical_runs_at_once_train_once(project):
@@ -225,7 +233,7 @@ def test_two_identical_runs_at_once_train_once(project):
 
 def test_the_start_up_timeout_is_in_force_before_prefect_reads_it():
     """Prefect reads its settings at import; vaeflow's default must already be set by then."""
-    code = ("import pipelines.flows; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
+    code = ("import pipelines.pipeline; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
             "print(s.value())")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -1,10 +1,12 @@
 """`vaeflow deploy` to a Prefect process work pool, run by real `prefect worker start` processes.
 
-A real `prefect server` on PostgreSQL and a real `mlflow server` (tests/servers.py, via conftest fixtures); two
-workers in their own process groups; four runs submitted through the API with different overrides (and one with an
-edited plugin option in the structured `config`) reach Completed, spread over both workers, and register versions
-1..4 of one model. The deployment reads its YAML at run time (an edit after deploying shows in the registered model
-name), and its parameter form is built from the discovered plugins (checked on the schema the API returns).
+Every deployment is one of the single pipeline flow (`vaeflow_pipeline`, pipelines/pipeline.py:pipeline): NAME runs
+the whole stage graph, NAME-STAGE a stage and what it needs (`until`). A real `prefect server` on PostgreSQL and a
+real `mlflow server` (tests/servers.py, via conftest fixtures); two workers in their own process groups; four runs
+submitted through the API with different overrides (and one with an edited plugin option in the structured `config`)
+reach Completed, spread over both workers, and register versions 1..4 of one model. The deployment reads its YAML at
+run time (an edit after deploying shows in the registered model name), and its parameter form is built from the
+discovered plugins and the config's stage graph (checked on the schema the API returns).
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ TINY_VQ = ROOT / "configs" / "vqvae2-shapes-tiny.yaml"
 SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=1", "eval.iwae_k=4",
         "train.progress=false", "train.num_threads=1", "quality.samples=64", "quality.feature_epochs=1"]
 FORBIDDEN = ("ComponentSpec", "after discovery", "replaced by a union", "union of plugin option models")
+FLOW = "vaeflow_pipeline"  # the one pipeline flow every deployment runs
+ENTRYPOINT = "pipelines/pipeline.py:pipeline"
+# the stage names of each graph, in run order (train_prior: the expanded stage, one run per code level)
+STAGES = {False: ["prepare_data", "train", "train_features", "evaluate", "render", "register"],
+          True: ["prepare_data", "train", "extract_codes", "train_prior", "sample", "train_features", "evaluate",
+                 "render", "register"]}
+
+
+def deployment_names(name: str, vq: bool) -> list[str]:
+    """The deployments `vaeflow deploy/serve --name NAME` registers: NAME (the whole pipeline), then NAME-STAGE for
+    every stage but the last (the whole pipeline ends there)."""
+    return [name] + [f"{name}-{stage}" for stage in STAGES[vq][:-1]]
 
 
 # --- what a form must look like (also used by test_serve) -------------------------------------
@@ -63,6 +77,13 @@ def check_form(schema: dict, vq: bool) -> None:
         assert words not in text, f"the form shows internal wording {words!r}"
     props = schema["properties"]
     assert "read at run time unless `config` is set" in props["config_path"]["description"]
+    # until and force are optional, their choices the stage names of the config's graph (force: also "all")
+    assert set(props) == {"config_path", "overrides", "until", "config", "force"}, sorted(props)
+    for param, choices in (("until", STAGES[vq]), ("force", [*STAGES[vq], "all"])):
+        assert props[param].get("default") is None and {"type": "null"} in props[param]["anyOf"], props[param]
+        (branch,) = [m for m in props[param]["anyOf"] if m.get("type") != "null"]
+        assert (branch if param == "until" else branch["items"]) == {"type": "string", "enum": choices}, branch
+        assert props[param].get("description"), param
     root = resolve(schema, props["config"])
     sections = {k: resolve(schema, v) for k, v in root["properties"].items()}
     model_node = root["properties"]["model"]  # a tab per model kind with the config's kind of latents, its own first
@@ -117,21 +138,30 @@ def check_form(schema: dict, vq: bool) -> None:
 def test_form_accepts_the_resolved_config_and_edits_and_rejects_typos(config):
     from prefect.utilities.schema_tools.validation import ValidationError, validate
 
-    from core.config import load_config
+    from core.config import ScheduleConfig, load_config
     from pipelines.deployments import deployment_specs, form_value
+    from pipelines.pipeline import pipeline
 
     cfg = load_config(config)
     vq = cfg.model.kind.startswith("vq")
+    every_hour = [ScheduleConfig(interval_seconds=3600)]
     for pin in (False, True):
-        specs = deployment_specs(config, ["train.epochs=1"], cfg, [], pin)
-        assert [s["flow_name"] for s in specs][:1] == ["vqvae2_pipeline" if vq else "vae_pipeline"]
-        assert len(specs) == (1 if vq else 6)  # the VAE's stage flows too
-        for spec in specs:
-            check_form(spec["schema"], vq)
-            assert f"config:{'pinned' if pin else 'runtime'}" in spec["tags"]
-            assert ("pinned" if pin else "read from") in spec["description"]
+        specs = deployment_specs(config, ["train.epochs=1"], cfg, every_hour, pin, "tiny")
+        # one flow; the whole pipeline first, then a deployment per stage but the last (VAE 6, VQ 9)
+        assert len(specs) == (9 if vq else 6)
+        assert [s["name"] for s in specs] == deployment_names("tiny", vq)
+        assert all(s["flow_name"] == FLOW and s["entrypoint"] == ENTRYPOINT and s["flow"] is pipeline for s in specs)
         params = specs[0]["parameters"]
         assert (params["config"] is not None) == pin and params["overrides"] == ([] if pin else ["train.epochs=1"])
+        assert "until" not in params and "force" not in params  # the whole pipeline, nothing forced
+        for spec, until in zip(specs, [None, *STAGES[vq][:-1]]):
+            check_form(spec["schema"], vq)
+            mode = f"config:{'pinned' if pin else 'runtime'}"
+            assert spec["tags"] == ["vaeflow", mode, f"kind:{cfg.model.kind}"] + ([f"stage:{until}"] if until else [])
+            assert ("pinned" if pin else "read from") in spec["description"]
+            assert spec["parameters"] == (params if until is None else {**params, "until": until})
+            assert len(spec["schedules"]) == (1 if until is None else 0)  # only the whole pipeline is scheduled
+            validate(spec["parameters"], spec["schema"], raise_on_error=True)  # each default passes its own form
     schema = specs[0]["schema"]
     value = form_value(cfg)
     value["model"]["encoder"]["activation"] = "silu"  # an edited plugin option passes, as the server checks it
@@ -139,6 +169,13 @@ def test_form_accepts_the_resolved_config_and_edits_and_rejects_typos(config):
     value["model"]["encoder"]["no_such_option"] = 1
     with pytest.raises(ValidationError):
         validate({"config_path": str(config), "config": value}, schema, raise_on_error=True)
+    # until and force take the graph's stage names (force also "all"), nothing else
+    stage = "train_prior" if vq else "render"
+    validate({"config_path": str(config), "until": stage, "force": ["train", "all"]}, schema, raise_on_error=True)
+    for bad in ({"until": "no_such_stage"}, {"until": "extract_codes" if not vq else "train_flow"},
+                {"force": ["no_such_stage"]}, {"until": "all"}):
+        with pytest.raises(ValidationError):
+            validate({"config_path": str(config), **bad}, schema, raise_on_error=True)
 
 
 def test_worker_env_carries_the_workspace_store_and_settings(tmp_path):
@@ -191,6 +228,7 @@ def stop(proc: subprocess.Popen) -> None:
 def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_server, mlflow_server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from core.config import load_config
@@ -218,7 +256,9 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
     logs["deploy"].write_text(r.stdout + r.stderr)
     assert r.returncode == 0, tail()
     assert f"created work pool {pool!r} (type process)" in r.stdout
-    assert f"  prefect worker start --pool {pool}\n" in r.stdout and f"  prefect deployment run vae_pipeline/{name}" in r.stdout
+    assert f"  prefect worker start --pool {pool}\n" in r.stdout and f"  prefect deployment run {FLOW}/{name}\n" in r.stdout
+    listed = [line.split()[0] for line in r.stdout.splitlines() if line.startswith(f"  {FLOW}/")]
+    assert listed == [f"{FLOW}/{n}" for n in deployment_names(name, vq=False)], r.stdout  # every deployment it made
     deploy_seconds = time.time() - started
 
     workers_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}
@@ -226,23 +266,30 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
     workers = {}
     try:
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name(f"vae_pipeline/{name}")
+            dep = client.read_deployment_by_name(f"{FLOW}/{name}")
             assert dep.work_pool_name == pool and client.read_work_pool(pool).type == "process"
-            assert {"vaeflow", "config:runtime"} <= set(dep.tags) and "read from" in dep.description
+            assert dep.entrypoint == ENTRYPOINT
+            assert {"vaeflow", "config:runtime", "kind:vae"} <= set(dep.tags) and "read from" in dep.description
+            assert not any(t.startswith("stage:") for t in dep.tags)
             assert dep.parameters == {"config_path": str(config), "overrides": SETS, "config": None}
             job_env = dep.job_variables["env"]
             assert job_env["VAEFLOW_HOME"] == str(workspace) and job_env["MLFLOW_TRACKING_URI"] == mlflow_server.uri
             assert job_env["DO_NOT_TRACK"] == "true" and job_env["VAEFLOW_DATA_DIR"] == os.environ["VAEFLOW_DATA_DIR"]
             check_form(dep.parameter_openapi_schema, vq=False)
-            for stage in ("prepare_data", "train", "evaluate", "render", "register"):
-                assert client.read_deployment_by_name(f"{stage}_flow/{name}").work_pool_name == pool
+            for stage in STAGES[False][:-1]:  # a deployment per stage, of the same flow, stopping there
+                staged = client.read_deployment_by_name(f"{FLOW}/{name}-{stage}")
+                assert staged.work_pool_name == pool and staged.flow_id == dep.flow_id
+                assert staged.entrypoint == ENTRYPOINT and f"stage:{stage}" in staged.tags
+                assert staged.parameters == {**dep.parameters, "until": stage}
+            with pytest.raises(ObjectNotFound):  # the last stage's deployment is the whole pipeline
+                client.read_deployment_by_name(f"{FLOW}/{name}-register")
 
             # the file is read when a run starts: this edit, made after deploying, names the registered model
             raw["tracking"]["model_name"] = model_name
             config.write_text(yaml.safe_dump(raw))
 
-            for name in ("w1", "w2"):
-                workers[name] = start_worker(pool, name, workers_env, logs[name])
+            for worker in ("w1", "w2"):
+                workers[worker] = start_worker(pool, worker, workers_env, logs[worker])
 
             def online() -> bool:
                 assert all(p.poll() is None for p in workers.values()), tail()
@@ -276,9 +323,13 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
                                 "--workspace", str(workspace)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                timeout=600)
             assert r.returncode == 0, r.stdout + r.stderr
-            vq = client.read_deployment_by_name(f"vqvae2_pipeline/{name}-vq")
-            assert "config:pinned" in vq.tags and vq.parameters["config"]["model"]["kind"] == "vqvae2"
+            vq = client.read_deployment_by_name(f"{FLOW}/{name}-vq")
+            assert vq.flow_id == dep.flow_id and vq.entrypoint == ENTRYPOINT
+            assert {"config:pinned", "kind:vqvae2"} <= set(vq.tags) and vq.parameters["config"]["model"]["kind"] == "vqvae2"
             check_form(vq.parameter_openapi_schema, vq=True)
+            for stage in STAGES[True][:-1]:  # the VQ graph's stages, train_prior by its name
+                staged = client.read_deployment_by_name(f"{FLOW}/{name}-vq-{stage}")
+                assert staged.parameters == {**vq.parameters, "until": stage} and f"stage:{stage}" in staged.tags
     finally:
         for proc in workers.values():
             stop(proc)
@@ -289,8 +340,11 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
     assert not mlflow.search_model_versions(f"name='{model_name}-as-deployed'")
     exp = mlflow.get_experiment_by_name("vaeflow")
     parents = mlflow.search_runs([exp.experiment_id], f"params.`tracking.model_name` = '{model_name}' and "
-                                                     "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
+                                                     f"tags.`mlflow.runName` LIKE '{FLOW}%'")
     assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
+    # whole-pipeline runs: named `vaeflow_pipeline <config stem>`, no `until`, nothing forced
+    assert {p.data.tags["mlflow.runName"] for p in parents} == {f"{FLOW} {config.stem}"}
+    assert all(p.data.tags["vaeflow.until"] == "" and p.data.tags["vaeflow.force"] == "" for p in parents)
     by_seed = {p.data.params["train.seed"]: p.data.params for p in parents}
     assert sorted(by_seed) == ["0", "1", "2", "3"]
     assert by_seed["3"]["model.encoder.channels"] == "[8, 16]" and by_seed["0"]["model.encoder.channels"] == "[16, 32]"
@@ -301,9 +355,9 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_worker_killed_mid_training_crashes_its_run_and_a_resubmission_resumes(prefect_pg_server, tmp_path):
-    """kill -9 of a worker: its flow run ends Crashed (the run process notices its parent died), the run's MLflow runs
-    end KILLED, and the same run submitted again on another worker resumes from the checkpoint in the shared
-    workspace, with the weights of an uninterrupted run."""
+    """kill -9 of a worker running the NAME-train deployment (until train): its flow run ends Crashed (the run process
+    notices its parent died), the run's MLflow runs end KILLED, and the same run submitted again on another worker
+    resumes from the checkpoint in the shared workspace, with the weights of an uninterrupted run."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -337,7 +391,8 @@ def test_worker_killed_mid_training_crashes_its_run_and_a_resubmission_resumes(p
     workers = {"w1": start_worker(pool, "w1", workers_env, logs["w1"])}
     try:
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name(f"train_flow/{name}")
+            dep = client.read_deployment_by_name(f"{FLOW}/{name}-train")
+            assert dep.parameters["until"] == "train"
             first = client.create_flow_run_from_deployment(dep.id)
             ckpt = wait_for(lambda: checkpoint() or (client.read_flow_run(first.id).state.is_final() and
                                                      pytest.fail(f"finished before the kill{tail()}")), 600,
@@ -363,7 +418,8 @@ def test_worker_killed_mid_training_crashes_its_run_and_a_resubmission_resumes(p
     runs = store.search_runs([exp.experiment_id], "")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     killed = {r.data.tags["mlflow.runName"].split()[0] for r in runs if r.info.status == "KILLED"}
-    assert killed == {"train_flow", "train"}
+    assert killed == {f"{FLOW}[train]", "train"}  # the parent run (until train) and its train stage
+    assert {r.data.tags["mlflow.runName"].split()[0] for r in runs} == {f"{FLOW}[train]", "prepare_data", "train"}
     run_dir = ckpt.parents[len(Path(CHECKPOINT_FILE).parts) - 1]
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
     cfg = load_config(TINY, sets)

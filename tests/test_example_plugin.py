@@ -1,5 +1,5 @@
 """The third-party plugin path end to end: pip-install examples/plugin-package, discover it, train with its encoder,
-and run its own model kind (`rae`) through the whole pipeline.
+and run its own model kind (`rae`) through the whole pipeline, with the stage that kind adds (`fit_gmm`).
 
 Everything runs the real `vaeflow` console script in subprocesses, because plugin
 discovery happens once per process through importlib.metadata entry points.
@@ -89,6 +89,8 @@ def test_installed_plugin_is_listed_with_its_distribution(site, tmp_path):
     models = {m["name"]: m for m in json.loads(proc.stdout)["model"]}
     assert models["rae"]["source"].startswith(DIST) and {"vae", "vqvae2"} <= set(models)
     assert models["rae"]["capabilities"]["continuous"] and models["rae"]["capabilities"]["log_likelihood"] is None
+    stages = {s["name"]: s["source"] for s in json.loads(proc.stdout)["stage"]}
+    assert stages["fit_gmm"].startswith(DIST) and "vaeflow_example.gmm" in stages["fit_gmm"], stages
     assert {"mlp", "conv"} <= set(encoders)  # the built-ins are still there
     assert "did not load" not in proc.stderr, proc.stderr
 
@@ -224,19 +226,83 @@ def test_rae_objective_is_its_three_terms_and_the_engine_sums_them_with_their_we
                                            + 0.001 * values["decoder_l2"], rel=1e-6)
 
 
+def test_the_rae_adds_fit_gmm_after_train_and_its_options_key_only_that_stage(local_plugins):
+    """In process, without running anything: the kind's stage sits after train, model.ex_post is in fit_gmm's key and
+    not in train's, --force fit_gmm touches nothing else, and a kind without ex-post options cannot run the stage."""
+    from core.config import apply_sets, load_config
+    from core.errors import ConfigError
+    from pipelines.pipeline import plan, stage_graph, what_runs_again
+
+    local_plugins({"vf_example_rae": (PACKAGE / "vaeflow_example" / "rae.py").read_text(),
+                   "vf_example_gmm": (PACKAGE / "vaeflow_example" / "gmm.py").read_text()})
+    cfg = load_config(CONFIG, [*RAE_SETS, "model.ex_post.components=4"])
+    graph = stage_graph(cfg)
+    ids = [s.id for s in graph.stages]
+    assert ids.index("train") < ids.index("fit_gmm") < ids.index("evaluate"), ids
+    assert graph.needs["fit_gmm"] == ["prepare_data", "train"]
+
+    data, trained = {"sha256": "d" * 64}, {"sha256": "w" * 64}
+
+    def keys(c):
+        g = stage_graph(c)
+        return (g.key(g.by_id["train"], c, {"prepare_data": data}),
+                g.key(g.by_id["fit_gmm"], c, {"prepare_data": data, "train": trained}))
+
+    train_key, gmm_key = keys(cfg)
+    for change in ("model.ex_post.components=3", "model.ex_post.covariance=diag", "model.ex_post.seed=1",
+                   "model.ex_post.samples=16"):
+        other_train, other_gmm = keys(apply_sets(cfg, [change]))
+        assert other_train == train_key and other_gmm != gmm_key, change
+    assert keys(apply_sets(cfg, ["model.latent_weight=0.25"]))[0] != train_key  # a weight-changing option still counts
+    assert graph.key(graph.by_id["fit_gmm"], cfg, {"prepare_data": data, "train": {"sha256": "v" * 64}}) != gmm_key
+
+    assert ("`model.ex_post`", ["fit_gmm"]) in what_runs_again(graph, cfg)  # what `vaeflow stages --markdown` shows
+
+    ids, forced = plan(cfg, force=["fit_gmm"])
+    assert forced == {"fit_gmm"} and "register" in ids
+    assert plan(cfg, until="fit_gmm")[0] == ["prepare_data", "train", "fit_gmm"]
+    fit_gmm = graph.by_id["fit_gmm"]
+    with pytest.raises(ConfigError, match="model.ex_post"):
+        type(fit_gmm).check(load_config(CONFIG, []), "config")  # kind=vae has no model.ex_post
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> dict:
+    """`vaeflow run CONFIG ARGS...`: the pipeline's result (stage statuses, folders), or a failed assertion."""
+    proc = subprocess.run([*_vaeflow_cmd(), "run", str(CONFIG), *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"): proc.stdout.index("\nstages:")])
+
+
+def _gmm(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "gmm.safetensors"))
+
+
 def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path):
-    """`vaeflow run` with kind rae from the installed package: trained, evaluated, rendered and registered, with its
-    own loss terms in MLflow and the package pinned in the registered model's requirements."""
+    """`vaeflow run` with kind rae from the installed package: trained, its ex-post GMM fitted (the package's own
+    stage), evaluated, rendered and registered, with its own loss terms in MLflow and the package pinned in the
+    registered model's requirements. Then the stage's caching: an identical run is all cached, a model.ex_post change
+    re-runs fit_gmm only, and --force fit_gmm re-runs it alone."""
     import mlflow
     from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+    from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
     env = {**_env(tmp_path, pythonpath=site), "VAEFLOW_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     sets = [*RAE_SETS, "data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=1", "train.progress=false",
-            "quality.enabled=false", "tracking.model_name=rae-tiny"]
-    proc = subprocess.run([*_vaeflow_cmd(), "run", str(CONFIG), *[a for s in sets for a in ("--set", s)]], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+            "quality.enabled=false", "tracking.model_name=rae-tiny", "model.ex_post.components=4",
+            "model.ex_post.samples=16"]
+    args = [a for s in sets for a in ("--set", s)]
+    first = _run(args, env, tmp_path)
+    assert first["stages"]["fit_gmm"] == "ran" and first["stages"]["train"] == "ran", first["stages"]
+    assert list(first["stages"]).index("fit_gmm") == list(first["stages"]).index("train") + 1
+    folder = Path(first["gmm"])
+    for name in ("gmm.safetensors", "ex_post.json", "latents.safetensors", "samples.png"):
+        assert (folder / name).is_file(), name
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     (version,) = client.search_model_versions("name='rae-tiny'")
@@ -253,6 +319,47 @@ def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path)
     plugins = json.loads((local / "artifacts" / "model_dir" / "plugins.json").read_text())
     assert plugins["kind"]["package"] == "vaeflow-example" and len(plugins["kind"]["code_sha256"]) == 64
 
+    # the GMM against an independent computation on the latents the stage fitted it to
+    fit = next(r for r in runs if r.data.tags.get("stage") == "fit_gmm")
+    metrics = fit.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(fit.info.run_id, "ex_post")}
+    assert {"ex_post/gmm.safetensors", "ex_post/ex_post.json"} <= artifacts, artifacts
+    assert [a.path for a in client.list_artifacts(fit.info.run_id, "images")] == ["images/samples.png"]
+    latents = load_file(str(folder / "latents.safetensors"))
+    z = latents["train"].double()  # (512, 8)
+    assert z.shape == (512, 8) and latents["test"].shape == (64, 8)
+    g = _gmm(first["gmm"])
+    assert g["weights"].shape == (4,) and g["covariances"].shape == (4, 8, 8)
+    mixture = MixtureSameFamily(Categorical(probs=g["weights"]), MultivariateNormal(g["means"], g["covariances"]))
+    gmm_ll = mixture.log_prob(z).mean().item()
+    gaussian = MultivariateNormal(z.mean(0), torch.cov(z.T, correction=0) + 1e-6 * torch.eye(8, dtype=z.dtype))
+    gaussian_ll = gaussian.log_prob(z).mean().item()  # the k = 1 maximum-likelihood fit, in closed form
+    assert metrics["ex_post/train_log_likelihood_gmm"] == pytest.approx(gmm_ll, rel=1e-6)
+    assert metrics["ex_post/train_log_likelihood_gaussian"] == pytest.approx(gaussian_ll, rel=1e-6)
+    assert {f"ex_post/{s}_log_likelihood_{d}" for s in ("train", "test") for d in ("gmm", "gaussian", "standard_normal")
+            } <= set(metrics)
+    # 4 components fitted by EM from k-means++ beat the single Gaussian on the latents they were fitted to
+    assert gmm_ll >= gaussian_ll, (gmm_ll, gaussian_ll)
+    record = json.loads((folder / "ex_post.json").read_text())
+    assert record["log_likelihood"][-1] == pytest.approx(gmm_ll, rel=1e-9)
+    assert record["log_likelihood"][-1] >= record["log_likelihood"][0]
+
+    again = _run(args, env, tmp_path)
+    assert set(again["stages"].values()) <= {"cached", "skipped"}, again["stages"]
+    assert again["gmm"] == first["gmm"]
+
+    three = _run([*args, "--set", "model.ex_post.components=3"], env, tmp_path)
+    assert three["stages"]["fit_gmm"] == "ran", three["stages"]
+    assert {k for k, v in three["stages"].items() if v == "ran"} == {"fit_gmm"}, three["stages"]  # train stays cached
+    assert three["gmm"] != first["gmm"] and _gmm(three["gmm"])["weights"].shape == (3,)
+
+    before = (folder / "gmm.safetensors").stat().st_mtime_ns
+    forced = _run([*args, "--force", "fit_gmm"], env, tmp_path)
+    assert {k for k, v in forced["stages"].items() if v == "ran"} == {"fit_gmm"}, forced["stages"]
+    assert forced["gmm"] == first["gmm"] and (folder / "gmm.safetensors").stat().st_mtime_ns != before
+    for name, value in _gmm(forced["gmm"]).items():  # seeded: the same fit again
+        torch.testing.assert_close(value, g[name], rtol=1e-6, atol=1e-9)
+
 
 def test_the_package_runs_the_conformance_kit_in_its_own_pytest(site, tmp_path):
     """examples/plugin-package/tests/ uses core.testing as a plugin author would, against the installed package."""
@@ -262,4 +369,4 @@ def test_the_package_runs_the_conformance_kit_in_its_own_pytest(site, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "2 passed" in proc.stdout
+    assert "14 passed" in proc.stdout

@@ -384,3 +384,166 @@ def test_evaluate_perfect_autoencoder_has_zero_mse():
     assert out["mse"] == 0.0 and out["psnr"] == float("inf")
     # every pixel varies across the 10 images: Var ~ 1/12 > 0.01 for (almost surely) all 16 units
     assert out["active_units"] == int((x.flatten(1).var(0) > 0.01).sum()) >= 12
+
+
+# ------------------------------------------------------------------------ metrics as plugins (family "metric")
+def test_evaluate_scores_disentanglement_of_the_posterior_means_only_with_factors(images):
+    from core.disentanglement import disentanglement_scores
+
+    model = bernoulli_vae(3, seed=17)
+    g = torch.Generator().manual_seed(18)
+    factors = torch.stack([torch.randint(0, 3, (200,), generator=g).double(), torch.rand(200, generator=g).double()], 1)
+    names, discrete = ("colour", "size"), (True, False)
+    cfg = EvalConfig(iwae_k=5, batch_size=64, max_examples=150)
+    out = evaluate(model, images, cfg, factors, names, discrete)
+    with torch.no_grad():
+        means = model.posterior(images[:150]).mode()  # (150, J): the cut applies to the factors too
+    want = disentanglement_scores(means, factors[:150], list(names), list(discrete))
+    got = {k.removeprefix("disentanglement/"): v for k, v in out.items() if k.startswith("disentanglement/")}
+    assert got.keys() == want.keys() and "mig/colour" in got
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # without factors, or switched off: no disentanglement keys, and the other numbers are the same
+    plain = evaluate(model, images, cfg)
+    off = evaluate(model, images, cfg.model_copy(update={"disentanglement": False}), factors, names, discrete)
+    assert plain == off == {k: v for k, v in out.items() if not k.startswith("disentanglement/")}
+    # too few examples: the reason, and every other metric still there
+    one = evaluate(model, images, cfg.model_copy(update={"max_examples": 1}), factors, names, discrete)
+    assert "need at least 2 examples" in one["disentanglement_error"]
+    assert one["examples"] == 1 and "neg_elbo_nats" in one and not any(k.startswith("disentanglement/") for k in one)
+
+
+def tiny_vqvae2():
+    """An untrained vqvae2 from the conformance kit's tiny config (levels top and bottom, 16 codes each)."""
+    from core.config import validate
+    from core.model import build_model
+    from core.testing import TINY_MODELS
+
+    torch.manual_seed(19)
+    return build_model(validate(TINY_MODELS["discrete"]))
+
+
+def test_headline_and_param_keys_follow_capabilities():
+    from core.metrics import headline_keys, param_keys
+    from plugins.models import VQVAE
+
+    vae, vq = headline_keys(VAE.capabilities), headline_keys(VQVAE.capabilities)
+    assert "neg_elbo_nats" in vae and "iwae_nll_bits_per_dim" in vae and "disentanglement/mig" in vae
+    assert "top_usage" not in vae and "bottom_perplexity" not in vae
+    assert "top_usage" in vq and "bottom_perplexity" in vq and "mse" in vq
+    assert "neg_elbo_nats" not in vq and "disentanglement/mig" not in vq
+    assert len(vae) == len(set(vae))  # mse is a headline of two metrics, listed once
+    # counts and settings (MLflow params), whatever the kind
+    assert {"examples", "dims", "latent_dim", "active_threshold", "iwae_k", "top_codebook_size"} <= param_keys()
+    assert not {"mse", "neg_elbo_nats", "top_usage", "active_units"} & param_keys()
+
+
+def test_evaluate_of_a_code_grid_model_is_the_codebook_metric():
+    model = tiny_vqvae2().eval()
+    x = torch.rand(20, 1, 32, 32, generator=torch.Generator().manual_seed(20))
+    out = evaluate(model, x, EvalConfig(batch_size=8))
+    assert {"top_usage", "bottom_dead_codes", "reconstruction_bits_per_dim"} <= set(out)
+    assert not {"active_units", "latent_dim", "neg_elbo_nats"} & set(out)
+    with torch.no_grad():
+        params = model.decode_codes(model.encode_codes(x))  # (20, P, 32, 32)
+        nll = -model.likelihood.log_prob(x, params).double().mean().item()
+    assert out["reconstruction_nats"] == pytest.approx(nll, rel=1e-5)
+    assert out["reconstruction_bits_per_dim"] == pytest.approx(nll / (1024 * math.log(2)), rel=1e-5)
+    assert out["top_codebook_size"] == out["bottom_codebook_size"] == 16
+
+
+THIRD_PARTY_METRICS = """
+import torch
+from core.hookspecs import hookimpl
+from core.interfaces import Metric, Options
+
+
+class Draw(Metric):
+    '''Needs a bound on log p(x); reports what evaluate gave it. Named to run before the built-in `latent`.'''
+
+    name = "draw"
+    needs = ("continuous", "log_likelihood")
+    headline = ("toy/draw",)
+    params = ("toy/examples",)
+
+    class Options(Options):
+        pass
+
+    def compute(self, ctx):
+        return {"toy/draw": torch.rand(()).item(), "toy/examples": len(ctx.images),
+                "toy/training": ctx.model.training, "toy/iwae_k": ctx.config.iwae_k}
+
+
+class Levels(Metric):
+    '''Needs code grids.'''
+
+    name = "levels"
+    needs = ("discrete",)
+    headline = ("toy/levels",)
+
+    class Options(Options):
+        pass
+
+    def compute(self, ctx):
+        return {"toy/levels": len(ctx.model.levels)}
+
+
+@hookimpl
+def register_metrics(register):
+    register(Draw)
+    register(Levels)
+"""
+
+
+def test_a_third_party_metric_runs_only_where_the_capabilities_meet_its_needs(local_plugins, images):
+    from core.metrics import headline_keys, param_keys
+
+    vae, ae = bernoulli_vae(3, seed=21), bernoulli_vae(3, seed=21, kind="ae")
+    cfg = EvalConfig(iwae_k=7, batch_size=64, max_examples=120, seed=3)
+    before = {"vae": evaluate(vae, images, cfg), "ae": evaluate(ae, images, cfg)}
+    registry = local_plugins({"toy_metrics": THIRD_PARTY_METRICS})
+    assert {"draw", "levels"} <= set(registry.names("metric")) and not registry.failures
+    assert registry.get("metric", "draw").source == "VAEFLOW_PLUGINS:toy_metrics"
+
+    vae.train()
+    out = evaluate(vae, images, cfg)
+    assert vae.training  # evaluate ran it in eval mode and restored the mode
+    torch.manual_seed(3)
+    assert out["toy/draw"] == torch.rand(()).item()  # each metric starts from eval.seed
+    assert out["toy/examples"] == 120 and out["toy/training"] is False and out["toy/iwae_k"] == 7
+    assert "toy/levels" not in out
+    assert {k: v for k, v in out.items() if not k.startswith("toy/")} == before["vae"]  # built-ins unchanged
+    assert evaluate(ae, images, cfg) == before["ae"]  # no bound: the toy does not run
+
+    vq = evaluate(tiny_vqvae2(), torch.rand(10, 1, 32, 32), EvalConfig(batch_size=5))
+    assert vq["toy/levels"] == 2 and "toy/draw" not in vq
+
+    assert "toy/draw" in headline_keys(VAE.capabilities) and "toy/draw" not in headline_keys(AE.capabilities)
+    assert "toy/levels" not in headline_keys(VAE.capabilities)
+    assert "toy/examples" in param_keys()
+
+
+def test_two_metrics_returning_one_key_is_an_error_naming_both(local_plugins, images):
+    from core.errors import PluginError
+
+    local_plugins({"toy_clash": """
+        from core.hookspecs import hookimpl
+        from core.interfaces import Metric, Options
+
+        class MyMSE(Metric):
+            name = "my-mse"
+            needs = ("continuous",)
+
+            class Options(Options):
+                pass
+
+            def compute(self, ctx):
+                return {"mse": 0.0}
+
+        @hookimpl
+        def register_metrics(register):
+            register(MyMSE)
+    """})
+    with pytest.raises(PluginError, match=r"metric 'my-mse' \(VAEFLOW_PLUGINS:toy_clash\) returns \['mse'\], "
+                                          r"already returned by metric 'latent'; give the metric's keys a prefix"):
+        evaluate(bernoulli_vae(2, seed=22, kind="ae"), images[:10], EvalConfig())

@@ -27,7 +27,7 @@ NAME = "vae-shapes-tiny"
 @pytest.fixture(scope="module")
 def runs(home):
     """Four pipeline runs: first, unchanged, eval changed, train.lr changed."""
-    from pipelines.flows import vae_pipeline
+    from pipelines.pipeline import pipeline as vae_pipeline
 
     out = {}
     out["first"] = vae_pipeline(str(TINY), SETS)
@@ -196,7 +196,7 @@ def register_encoders(register):
 def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins):
     from prefect.states import State
 
-    from pipelines.flows import vae_pipeline
+    from pipelines.pipeline import pipeline as vae_pipeline
 
     local_plugins({"vf_boom": BOOM})
     sets = SETS + ["model.encoder={name: boom, channels: [16, 32], hidden: 128}"]
@@ -206,7 +206,7 @@ def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins)
         state.result()
     c = client()
     exp = c.get_experiment_by_name("vaeflow")
-    query = "tags.`plugin.encoder` LIKE 'boom%' and tags.`mlflow.runName` LIKE 'vae_pipeline%'"
+    query = "tags.`plugin.encoder` LIKE 'boom%' and tags.`mlflow.runName` LIKE 'vaeflow_pipeline %'"
     (parent,) = c.search_runs([exp.experiment_id], query)
     assert parent.info.status == "FAILED" and "exploded on purpose" in parent.data.tags["error"]
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -220,21 +220,21 @@ def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins)
 
 def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):
     from core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint
-    from core.config import canonical_json, load_config
+    from core.config import load_config
     from core.engine import Trainer
-    from pipelines import flows
+    from pipelines.pipeline import run_pipeline, stage_key
     from pipelines.workspace import workspace
 
     sets = SETS + ["train.seed=7", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
                    "tracking.model_name=resumed"]
-    data = flows.run_pipeline(str(TINY), sets, until="prepare_data")["data"]
+    data = run_pipeline(str(TINY), sets, until="prepare_data")["data"]
     cfg = load_config(TINY, sets)
     images = load_prepared(data["folder"])["train"]
-    run_dir = workspace(cfg) / "train" / flows.train_key(canonical_json(cfg), data).removeprefix("train-")
+    run_dir = workspace(cfg) / "train" / stage_key(cfg, "train", {"prepare_data": data}).removeprefix("train-")
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(cfg, run_dir, train_images=images, callbacks=[CrashAt(5)]).fit()
     assert load_checkpoint(run_dir / CHECKPOINT_FILE)["step"] == 3 and not (run_dir / WEIGHTS_FILE).exists()
-    out = flows.run_pipeline(str(TINY), sets, until="train")
+    out = run_pipeline(str(TINY), sets, until="train")
     assert out["stages"]["train"] == "ran" and out["run_dir"] == str(run_dir)
     reference = Path(home) / "uninterrupted"
     Trainer(cfg, reference, train_images=images).fit()
@@ -276,13 +276,13 @@ def test_samples_are_scored_in_the_registered_feature_networks_space(runs):
 
 def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
     """Same config, new plugin code with other parameters: the cached weights could not load, so the key changes."""
-    from core.config import canonical_json, load_config
-    from pipelines.flows import train_key
+    from core.config import load_config
+    from pipelines.pipeline import stage_key
     from plugins.encoders import ConvEncoder
 
-    config, data = canonical_json(load_config(TINY, SETS)), {"manifest_hash": "m" * 64}
-    before = train_key(config, data)
-    assert train_key(config, data) == before  # deterministic
+    cfg, inputs = load_config(TINY, SETS), {"prepare_data": {"sha256": "m" * 64}}
+    before = stage_key(cfg, "train", inputs)
+    assert stage_key(cfg, "train", inputs) == before  # deterministic
     original = ConvEncoder.__init__
 
     def wider(self, *args, **kwargs):
@@ -290,7 +290,7 @@ def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
         self.extra = torch.nn.Linear(1, 1)
 
     monkeypatch.setattr(ConvEncoder, "__init__", wider)
-    assert train_key(config, data) != before
+    assert stage_key(cfg, "train", inputs) != before
 
 
 EDITABLE = """
@@ -311,7 +311,7 @@ def register_encoders(register):
 def test_editing_a_plugins_source_reruns_train_and_what_follows(home, local_plugins, tmp_path):
     """Same config, same parameter shapes, new code in the plugin's forward: train runs again (the key carries a
     hash of the plugin's source), while prepare_data, which does not run it, stays cached."""
-    from pipelines.flows import run_pipeline
+    from pipelines.pipeline import run_pipeline
 
     local_plugins({"vf_editable": EDITABLE.replace("SCALE", "1.0")})
     sets = SETS + ["model.encoder={name: scaled, channels: [16, 32], hidden: 128}", "tracking.model_name=edited"]
@@ -329,17 +329,17 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
     workspace and store, and a cached stage whose MLflow run is gone from the store runs again."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.flows import evaluate_flow
+    from pipelines.pipeline import run_pipeline
 
     sets = SETS + ["tracking.model_name=scoped"]
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setenv("VAEFLOW_HOME", str(a))
-    first = evaluate_flow(str(TINY), sets)
+    first = run_pipeline(str(TINY), sets, until="evaluate")
     assert set(first["stages"].values()) == {"ran"}
-    assert set(evaluate_flow(str(TINY), sets)["stages"].values()) == {"cached"}
+    assert set(run_pipeline(str(TINY), sets, until="evaluate")["stages"].values()) == {"cached"}
 
     monkeypatch.setenv("VAEFLOW_HOME", str(b))
-    other = evaluate_flow(str(TINY), sets)
+    other = run_pipeline(str(TINY), sets, until="evaluate")
     assert set(other["stages"].values()) == {"ran"}  # nothing from workspace a
     assert Path(other["run_dir"]).is_relative_to(b) and Path(other["eval"]).is_relative_to(b)
     uri_b = f"sqlite:///{b / 'mlflow.db'}"
@@ -349,7 +349,7 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
 
     monkeypatch.setenv("VAEFLOW_HOME", str(a))  # workspace a, but another tracking store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
-    elsewhere = evaluate_flow(str(TINY), sets)
+    elsewhere = run_pipeline(str(TINY), sets, until="evaluate")
     assert set(elsewhere["stages"].values()) == {"ran"}
     MlflowClient(f"sqlite:///{tmp_path / 'other.db'}").get_run(elsewhere["mlflow_run_id"])
 
@@ -358,7 +358,7 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
     train_run = next(r for r in store_a.search_runs([store_a.get_experiment_by_name("vaeflow").experiment_id],
                                                     "tags.stage = 'train'"))
     store_a.delete_run(train_run.info.run_id)  # ... except train, whose MLflow run is gone now
-    again = evaluate_flow(str(TINY), sets)
+    again = run_pipeline(str(TINY), sets, until="evaluate")
     assert again["stages"] == {"prepare_data": "cached", "train": "ran", "train_features": "cached", "evaluate": "cached"}
     assert again["run_dir"] == first["run_dir"]  # the weights on disk were reused, under a new MLflow run
 
@@ -367,7 +367,7 @@ def test_prefect_shows_the_work_logs_links_and_summary(home):
     """The flow run in Prefect carries epoch log lines, a link artifact per stage to its MLflow run, and a summary."""
     from prefect.client.orchestration import get_client as prefect_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
-    from pipelines.flows import vae_pipeline
+    from pipelines.pipeline import pipeline as vae_pipeline
     from test_serve import wait_for
 
     sets = SETS + ["train.epochs=2", "tracking.model_name=shown"]
@@ -400,3 +400,35 @@ def test_prefect_shows_the_work_logs_links_and_summary(home):
     assert [m.split(":")[0] for m in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("loss" in m and "kl" in m and "img/s" in m and "ETA" in m for m in epoch_lines)
     assert any(m.startswith("iwae_nll_nats") for m in logs)  # evaluate's metrics
+
+
+def test_force_reruns_a_stage_and_what_depends_on_it(runs):
+    """--force evaluate: evaluate and register run again (register although its key is unchanged); the weights,
+    the data and render stay cached; from the same weights evaluate writes the same numbers."""
+    from pipelines.pipeline import run_pipeline
+
+    before = Path(runs["first"]["eval"]).read_text()
+    forced = run_pipeline(str(TINY), SETS, force=["evaluate"])
+    assert forced["stages"] == {"prepare_data": "cached", "train": "cached", "train_features": "cached",
+                                "evaluate": "ran", "render": "cached", "register": "ran"}
+    assert forced["eval"] == runs["first"]["eval"] and Path(forced["eval"]).read_text() == before
+    assert forced["model"]["reused"]  # the same weights: no second version
+    parent = client().get_run(forced["mlflow_run_id"])
+    assert parent.data.tags["vaeflow.force"] == "evaluate,register"
+
+
+def test_force_train_retrains_from_scratch_to_the_same_weights(home):
+    """--force train removes the stage's folder (weights and checkpoint) and trains again: with the same seed the
+    weights come out bit-identical, in the same folder."""
+    from core.checkpoint import WEIGHTS_FILE
+    from pipelines.pipeline import run_pipeline
+
+    sets = SETS + ["train.seed=11", "tracking.model_name=forced"]  # its own train key: not the fixture's weights
+    first = run_pipeline(str(TINY), sets, until="train")
+    weights = Path(first["run_dir"]) / WEIGHTS_FILE
+    original, inode = weights.read_bytes(), weights.stat().st_ino
+    (Path(first["run_dir"]) / "marker").write_text("left by the first run")
+    forced = run_pipeline(str(TINY), sets, until="train", force=["train"])
+    assert forced["stages"] == {"prepare_data": "cached", "train": "ran"} and forced["run_dir"] == first["run_dir"]
+    assert not (Path(first["run_dir"]) / "marker").exists()  # the folder was emptied, not reused
+    assert weights.stat().st_ino != inode and weights.read_bytes() == original

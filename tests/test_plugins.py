@@ -138,12 +138,18 @@ def test_cli_plugins_json_and_text(local_plugins):
     data = json.loads(res.stdout)
     assert set(data) == set(FAMILIES)
     assert {"name": "flip", "source": "VAEFLOW_PLUGINS:vf_good"} in data["noise"]
-    extra = {"encoder": {"form"}, "decoder": {"form"}, "model": {"capabilities", "slots"}}
+    extra = {"encoder": {"form"}, "decoder": {"form"}, "model": {"capabilities", "slots", "stages"},
+             "stage": {"inputs", "optional"}, "metric": {"needs", "headline"}}
     assert all(set(item) == {"name", "source", *extra.get(family, ())} for family, items in data.items() for item in items)
     forms = {e["name"]: e["form"] for e in data["encoder"]}
     assert forms == {"conv": "vector", "mlp": "vector", "vqvae-conv": "feature map"}
     vqvae2 = next(m for m in data["model"] if m["name"] == "vqvae2")
     assert vqvae2["capabilities"]["discrete"] and vqvae2["slots"]["encoder"]["form"] == "feature map"
+    assert vqvae2["stages"] == ["extract_codes", "train_prior", "sample"]
+    stages = {s["name"]: s for s in data["stage"]}
+    assert stages["train_prior"]["inputs"] == ["extract_codes"] and stages["sample"]["inputs"] == ["train", "train_prior"]
+    assert {m["name"]: m["needs"] for m in data["metric"]} == {"codebook": ["discrete"], "latent": ["continuous"],
+                                                              "disentanglement": ["continuous"]}
     assert "vf_broken" in res.stderr  # reported by name, not fatal
     text = runner.invoke(app, ["plugins"])
     assert text.exit_code == 0

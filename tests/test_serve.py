@@ -1,5 +1,6 @@
-"""Deployments served to a real `prefect server` (the YAML read at run time, the plugin-aware form), and concurrent
-pipeline runs into one sqlite store."""
+"""Deployments served to a real `prefect server` (the YAML read at run time, the plugin-aware form; every deployment
+one of the single `vaeflow_pipeline` flow, NAME-STAGE stopping at its stage), and concurrent pipeline runs into one
+sqlite store."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, VAEFLOW
+from conftest import ROOT, TINY, VAEFLOW
 
 BIN = Path(sys.executable).parent
 SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=1", "eval.iwae_k=4",
@@ -70,7 +71,7 @@ def test_served_deployment_reads_its_config_at_run_time_and_keeps_its_schedule(s
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from test_deploy import check_form
+    from test_deploy import ENTRYPOINT, FLOW, STAGES, check_form
 
     project = tmp_path / "project"
     project.mkdir()
@@ -93,17 +94,26 @@ def test_served_deployment_reads_its_config_at_run_time_and_keeps_its_schedule(s
                 except Exception:
                     return None
 
-            stages = ("prepare_data", "train", "evaluate", "render", "register")
+            stages = STAGES[False][:-1]  # a deployment per stage but the last (register: the whole pipeline)
             for stage in stages:  # serve registers them one after another
-                wait_for(lambda: deployment(f"{stage}_flow/{name}"), 120, f"the {stage}_flow deployment")
-            dep = wait_for(lambda: deployment(f"vae_pipeline/{name}"), 120, "the vae_pipeline deployment")
+                wait_for(lambda: deployment(f"{FLOW}/{name}-{stage}"), 120, f"the {name}-{stage} deployment")
+            dep = wait_for(lambda: deployment(f"{FLOW}/{name}"), 120, f"the {FLOW}/{name} deployment")
+            # a served flow's entrypoint is its file relative to the serving process's folder
+            path, function = dep.entrypoint.rsplit(":", 1)
+            assert (project / path).resolve() == ROOT / ENTRYPOINT.split(":")[0] and function == "pipeline"
+            assert {"config:runtime", "kind:vae"} <= set(dep.tags)
+            assert deployment(f"{FLOW}/{name}-register") is None  # no deployment for the last stage
             # the schedule is visible through the API
             assert [s.schedule.interval.total_seconds() for s in dep.schedules] == [3600.0]
             # without --pin the file is read when the run starts: config is None, the overrides are the --set values
             assert dep.parameters == {"config_path": str(config), "overrides": sets, "config": None}
             assert "config:runtime" in dep.tags and "when each run starts" in dep.description
             check_form(dep.parameter_openapi_schema, vq=False)  # what the UI renders as the form
-            assert all(not deployment(f"{stage}_flow/{name}").schedules for stage in stages)  # only the pipeline is scheduled
+            for stage in stages:  # the same flow, stopping at its stage, never scheduled (only the pipeline is)
+                staged = deployment(f"{FLOW}/{name}-{stage}")
+                assert staged.flow_id == dep.flow_id and not staged.schedules and f"stage:{stage}" in staged.tags
+                assert staged.parameters == {**dep.parameters, "until": stage}
+                check_form(staged.parameter_openapi_schema, vq=False)
             raw["tracking"]["model_name"] = model  # edited after serving: the run must see it
             config.write_text(yaml.safe_dump(raw))
             # launch it the way the UI does, and wait for the served process to run it
@@ -116,8 +126,10 @@ def test_served_deployment_reads_its_config_at_run_time_and_keeps_its_schedule(s
         log.close()
     mlflow_client = store(project)
     exp = mlflow_client.get_experiment_by_name("vaeflow")
-    parents = mlflow_client.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
+    parents = mlflow_client.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vaeflow_pipeline%'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["mlflow.runName"] == f"vaeflow_pipeline {config.stem}"  # the whole pipeline
+    assert parents[0].data.tags["vaeflow.until"] == "" and parents[0].data.tags["vaeflow.force"] == ""
     assert parents[0].data.params["tracking.model_name"] == model and parents[0].data.params["train.epochs"] == "1"
     assert [int(v.version) for v in mlflow_client.search_model_versions(f"name='{model}'")] == [1]
     assert not mlflow_client.search_model_versions("name='served-as-deployed'")
@@ -138,8 +150,9 @@ def test_four_concurrent_runs_lose_nothing(server, tmp_path):
         assert "database is locked" not in out
     c = store(project)
     exp = c.get_experiment_by_name("vaeflow")
-    parents = c.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vae_pipeline%'")
+    parents = c.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'vaeflow_pipeline%'")
     assert len(parents) == 4 and all(r.info.status == "FINISHED" for r in parents)
+    assert {r.data.tags["mlflow.runName"] for r in parents} == {f"vaeflow_pipeline {TINY.stem}"}
     assert sorted(r.data.params["train.seed"] for r in parents) == ["0", "1", "2", "3"]
     versions = sorted(int(v.version) for v in c.search_model_versions("name='concurrent'"))
     assert versions == [1, 2, 3, 4]  # no gaps, no duplicates

@@ -21,6 +21,10 @@ VAE_SETS = ["data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=
             "train.progress=false", "tracking.experiment=team", "tracking.model_name=team-vae", "quality.samples=64"]
 VQ_SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=1", "train.progress=false",
            "tracking.experiment=team", "tracking.model_name=team-vq", "quality.enabled=false"]
+FLOW = "vaeflow_pipeline"  # the one pipeline flow; its MLflow parent run is `vaeflow_pipeline <config stem>`
+VAE_STAGES = ["prepare_data", "train", "train_features", "evaluate", "render", "register"]
+VQ_STAGES = ["prepare_data", "train", "extract_codes", "train_prior_top", "train_prior_bottom", "sample",
+             "train_features", "evaluate", "render", "register"]  # stage ids: train_prior once per code level
 
 
 def team_env(server, project: Path) -> dict:
@@ -59,11 +63,12 @@ def vae_run(mlflow_server, project):
     return env, first, again
 
 
-def test_vae_pipeline_registers_on_the_server(mlflow_server, project, vae_run):
+def test_vae_run_registers_on_the_server(mlflow_server, project, vae_run):
     env, first, again = vae_run
     c = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
-    assert set(first["stages"].values()) == {"ran"}
-    assert set(result_of(again)["stages"].values()) == {"cached"}
+    assert first["stages"] == {stage: "ran" for stage in VAE_STAGES}
+    assert result_of(again)["stages"] == {stage: "cached" for stage in VAE_STAGES}
+    assert {"mlflow_run_id", "stages", "data", "run_dir", "eval", "images", "model"} <= set(first)
     assert f"open {mlflow_server.uri}" in again  # the closing hint names the store actually used
     versions = c.search_model_versions("name='team-vae'")
     assert [int(v.version) for v in versions] == [1]  # the cached re-run registered nothing
@@ -81,6 +86,11 @@ def test_vae_pipeline_registers_on_the_server(mlflow_server, project, vae_run):
     parent = c.get_run(first["mlflow_run_id"])
     metrics = json.loads(Path(first["eval"]).read_text())
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.runName"] == f"{FLOW} {TINY.stem}"  # the whole pipeline: no [stage]
+    assert parent.data.tags["vaeflow.until"] == "" and parent.data.tags["vaeflow.force"] == ""
+    exp_id = parent.info.experiment_id  # one child run per stage that ran, named by its stage id
+    children = c.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(VAE_STAGES)
     assert parent.data.metrics["iwae_nll_nats"] == pytest.approx(metrics["iwae_nll_nats"])
     exp = c.get_experiment_by_name("team")
     assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
@@ -117,6 +127,11 @@ def test_vq_pipeline_registers_priors_with_lineage_and_generates(mlflow_server, 
     env = team_env(mlflow_server, project)
     result = result_of(vaeflow(env, "run", str(VQ_TINY), *sets(VQ_SETS), cwd=project))
     c = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    # the VQ stage graph, the feature network skipped (quality.enabled false)
+    assert result["stages"] == {**{stage: "ran" for stage in VQ_STAGES}, "train_features": "skipped"}
+    assert set(result["priors"]) == {"top", "bottom"} and result["codes"] and result["samples"]
+    parent = c.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.runName"] == f"{FLOW} {VQ_TINY.stem}"
     stage1 = c.get_model_version_by_alias("team-vq", "champion")
     for level in ("top", "bottom"):
         (prior,) = c.search_model_versions(f"name='team-vq-prior-{level}'")

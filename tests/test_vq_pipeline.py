@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +24,7 @@ NAME = "vqvae2-shapes-tiny"
 @pytest.fixture(scope="module")
 def runs(home):
     """Three runs: first, a top-prior change, a stage-1 (train.lr) change."""
-    from pipelines.vq_flows import vqvae2_pipeline
+    from pipelines.pipeline import pipeline as vqvae2_pipeline
 
     return {
         "first": vqvae2_pipeline(str(VQ_TINY), SETS),
@@ -166,7 +165,7 @@ def test_vq_model_never_falls_back_to_a_gaussian_prior(runs, home):
 
 
 def test_cached_stage_with_deleted_outputs_runs_again(runs):
-    from pipelines.vq_flows import vqvae2_pipeline
+    from pipelines.pipeline import pipeline as vqvae2_pipeline
 
     prior_dir = Path(runs["first"]["priors"]["top"])
     shutil.rmtree(prior_dir)
@@ -228,10 +227,14 @@ def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
     from pipelines.deployments import build_deployments
 
     deployments = build_deployments(VQ_TINY, SETS, [], "tiny")
-    assert [d.flow_name for d in deployments] == ["vqvae2_pipeline"]
+    assert {d.flow_name for d in deployments} == {"vaeflow_pipeline"}
+    assert [d.name for d in deployments] == ["tiny", "tiny-prepare_data", "tiny-train", "tiny-extract_codes",
+                                             "tiny-train_prior", "tiny-sample", "tiny-train_features",
+                                             "tiny-evaluate", "tiny-render"]
+    assert deployments[4].parameters["until"] == "train_prior"
     params = deployments[0].parameters  # by default the YAML is read when each run starts
     assert params == {"config_path": str(VQ_TINY), "overrides": SETS, "config": None}
-    (pinned,) = build_deployments(VQ_TINY, SETS, [], "tiny", pin=True)
+    pinned = build_deployments(VQ_TINY, SETS, [], "tiny", pin=True)[0]
     params = pinned.parameters
     assert params["config_path"] == str(VQ_TINY) and params["overrides"] == []
     assert params["config"]["model"]["kind"] == "vqvae2" and params["config"]["train"]["epochs"] == 1
@@ -240,7 +243,7 @@ def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
 def test_the_structured_config_parameter_runs_instead_of_the_yaml(runs, tmp_path):
     """What the UI form sends: a whole config; the YAML path only names the run."""
     from core.config import load_config
-    from pipelines.vq_flows import vqvae2_pipeline
+    from pipelines.pipeline import pipeline as vqvae2_pipeline
 
     config = load_config(VQ_TINY, SETS).model_dump(mode="json")
     again = vqvae2_pipeline(str(tmp_path / "not-read.yaml"), [], "train", config)
@@ -248,22 +251,21 @@ def test_the_structured_config_parameter_runs_instead_of_the_yaml(runs, tmp_path
     assert again["run_dir"] == runs["first"]["run_dir"]
 
 
-def test_every_stage_key_takes_exactly_its_task_inputs():
-    """A key function that cannot take the task's inputs fails silently in Prefect and disables caching."""
-    import inspect
+def test_prior_keys_cover_their_own_level_only(runs):
+    """A change to one level's prior spec moves that level's key alone; new codes move both."""
+    from core.config import apply_sets, load_config
+    from pipelines.pipeline import stage_graph
 
-    from pipelines import flows, vq_flows
-
-    pairs = [(flows.prepare_data, flows.prepare_key), (flows.train, flows.train_key),
-             (flows.train_features, flows.train_features_key),
-             (flows.evaluate, flows.evaluate_key), (flows.render, flows.render_key),
-             (flows.register, flows.register_key), (vq_flows.extract_codes, vq_flows.extract_codes_key),
-             (vq_flows.train_prior, vq_flows.train_prior_key), (vq_flows.sample, vq_flows.sample_key),
-             (vq_flows.render, vq_flows.vq_render_key),
-             (vq_flows.evaluate, vq_flows.vq_evaluate_key), (vq_flows.register, vq_flows.vq_register_key)]
-    for task_, key in pairs:
-        task_params = set(inspect.signature(task_.fn).parameters) - {"run"}
-        assert set(inspect.signature(key).parameters) == task_params, task_.name
+    cfg = load_config(VQ_TINY, SETS)
+    graph = stage_graph(cfg)
+    codes = {"extract_codes": {"sha256": "c" * 64, "folder": runs["first"]["codes"]}}
+    top, bottom = graph.by_id["train_prior_top"], graph.by_id["train_prior_bottom"]
+    base = (graph.key(top, cfg, codes), graph.key(bottom, cfg, codes))
+    wider = apply_sets(cfg, ["prior.top.channels=8"])
+    assert graph.key(top, wider, codes) != base[0] and graph.key(bottom, wider, codes) == base[1]
+    other = {"extract_codes": {**codes["extract_codes"], "sha256": "d" * 64}}
+    assert graph.key(top, cfg, other) != base[0] and graph.key(bottom, cfg, other) != base[1]
+    assert graph.key(top, apply_sets(cfg, ["prior.sample.n=4"]), codes) == base[0]  # sampling is not training
 
 
 def test_pipeline_renders_discrete_traversals_and_render_works_on_the_registered_model(runs, tmp_path):

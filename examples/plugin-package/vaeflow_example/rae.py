@@ -6,7 +6,8 @@ Ghosh et al. 2020, "From Variational to Deterministic Autoencoders" (ICLR 2020, 
 
 with a deterministic encoder z = E(x): no posterior noise, no KL. L_REC is vaeflow's -log p(x|z) under the
 configured likelihood (a Gaussian likelihood gives the paper's squared error up to scale). New images decode
-z drawn from the model's prior (model.prior, standard normal by default).
+z drawn from the model's prior (model.prior, standard normal by default), or, after the pipeline's `fit_gmm` stage
+(gmm.py), from the paper's ex-post density estimate: a Gaussian mixture fitted to the training latents.
 
 The model owns its objective: it returns three named terms with their weights, and the engine sums them and
 logs each one. Configs select it with `model.kind: rae`; everything else (encoder, decoder, likelihood, prior)
@@ -15,12 +16,31 @@ is the same as for vaeflow's built-in `ae`, which this class builds on.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
 from core.hookspecs import hookimpl
-from core.interfaces import Capabilities, Objective
+from core.interfaces import Capabilities, Objective, Options
 from plugins.models import AE, ContinuousOptions
+
+
+class ExPostOptions(Options):
+    """The ex-post density estimate of the `fit_gmm` stage (gmm.py): a Gaussian mixture fitted by EM to the training
+    latents after training. Declared here, not in gmm.py, so that the train key (which covers this module's code)
+    stays clear of the GMM's code; the `watch_only` entry below keeps these values out of the train key too."""
+
+    components: int = Field(10, ge=1, description="K, the number of mixture components (the paper uses 10)")
+    covariance: Literal["full", "diag"] = Field("full", description="each component's covariance: a full J x J "
+                                                                     "matrix, or diagonal")
+    iterations: int = Field(100, ge=0, description="the most EM iterations after the k-means++ start")
+    tolerance: float = Field(1e-6, ge=0, description="stop once an iteration raises the mean train log-likelihood "
+                                                     "per latent (nats) by no more than this")
+    regularization: float = Field(1e-6, ge=0, description="added to every covariance's diagonal in each M-step, so "
+                                                          "that a component on few latents stays invertible")
+    seed: int = Field(0, description="seeds the k-means++ start and the samples")
+    samples: int = Field(64, ge=1, description="how many GMM samples to decode into samples.png")
 
 
 class RAE(AE):
@@ -28,11 +48,16 @@ class RAE(AE):
 
     name = "rae"
     capabilities = Capabilities(continuous=True, sampling=True, log_likelihood=None)
+    stages = ("fit_gmm",)  # after train: the ex-post GMM (gmm.py)
+    watch_only = ("ex_post",)  # fitted after training: never changes the weights
 
     class Options(ContinuousOptions):
         latent_weight: float = Field(1e-2, ge=0, description="beta: the weight of 1/2 ||z||^2 per image (L_Z)")
         decoder_weight: float = Field(1e-6, ge=0, description="lambda: the weight of the decoder's squared L2 norm "
                                                              "(L_REG of RAE-L2)")
+        ex_post: ExPostOptions = Field(default_factory=ExPostOptions, title="ex-post density estimation",
+                                       description="the Gaussian mixture that the fit_gmm stage fits to the "
+                                                   "training latents")
 
     @classmethod
     def build(cls, options, make, shape, config) -> "RAE":
