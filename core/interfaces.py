@@ -514,7 +514,9 @@ class Stage(Component):
     `key_parts`, the identity (`Stage.identity`) of each input's result, and the code of the plugins of the `code`
     sections and of the stage itself; an unchanged key is a cache hit. A stage may be expanded into one instance
     per `param` (e.g. train_prior per code level), named `<name>_<param>`; an input naming the stage then gets
-    {param: result}.
+    {param: result}. The input `train` is the trained model: train's result, or, after a stage with
+    `provides = "model"` (one that refines the model, e.g. fits an ex-post prior into it), that stage's result,
+    which has train's keys (run_dir: a folder load_model reads, weights_sha256, sha256).
 
     `run` returns a JSON-able dict: `sha256` (the identity of what it produced, which dependants' keys use),
     `files` (paths that must still exist for a cache hit to stand) and anything its dependants read."""
@@ -527,6 +529,7 @@ class Stage(Component):
     code: ClassVar[tuple[str, ...]] = ()  # config sections whose plugins' code and versions are in the key
     folder: ClassVar[str | None] = None  # the workspace sub-folder of its outputs (default: the name)
     heavy: ClassVar[bool] = True  # trains or scans the data: runs in the foreground; False: beside the next stages
+    provides: ClassVar[str | None] = None  # "model": its result is a trained model's run dir, like train's
     retries: ClassVar[int] = 0  # retries after a failure that is not a user error
 
     def __init__(self, param: str | None = None):

@@ -75,19 +75,36 @@ def module_files(module: str, roots: set[str]) -> list[Path]:
         path = Path(spec.origin)
         files.append(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        with _AST_LOCK:  # CPython 3.11's parser is not thread-safe (SystemError: AST constructor recursion depth
-            tree = ast.parse(path.read_bytes())  # mismatch) and stage keys are computed in parallel task threads
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.split(".")[0] in roots]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: from . import x, from ..y import z
-                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                    base = f"{parent}.{base}" if base else parent
-                if base.split(".")[0] in roots:
-                    todo += [base] + [f"{base}.{a.name}" for a in node.names]
+        for level, base, names in _imports(path):
+            if level:  # relative: from . import x, from ..y import z
+                parent = package.rsplit(".", level - 1)[0] if level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            if base.split(".")[0] in roots:
+                todo += [base] + [f"{base}.{n}" for n in names]
     return sorted(set(files))
+
+
+_IMPORTS: dict[Path, tuple[tuple[int, int], list]] = {}  # path -> ((mtime_ns, size), its imports)
+
+
+def _imports(path: Path) -> list[tuple[int, str, tuple[str, ...]]]:
+    """[(relative level, module, imported names)] of a source file's import statements (`import a.b` is
+    (0, "a.b", ())), parsed again only when the file's mtime or size changes: stage keys ask often."""
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _IMPORTS.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    with _AST_LOCK:  # CPython 3.11's parser is not thread-safe (SystemError: AST constructor recursion depth
+        tree = ast.parse(path.read_bytes())  # mismatch) and stage keys are computed in parallel task threads
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(0, a.name, ()) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or "", tuple(a.name for a in node.names)))
+    _IMPORTS[path] = (stamp, found)
+    return found
 
 
 def code_sha256(module: str) -> str:

@@ -32,6 +32,7 @@ from core.errors import ConfigError, VaeflowError
 from core.interfaces import Stage, StageContext, file_sha256
 
 FLOW_NAME = "vaeflow_pipeline"
+MODEL_INPUT = "train"  # the input naming the trained model: train's result, or a later stage's that refines it
 
 
 def _digest(*parts: object) -> str:
@@ -155,6 +156,7 @@ class Train(Stage):
     """Train on the prepared split; a re-run or retry with the same key resumes from its checkpoint."""
 
     name = "train"
+    provides = "model"
     inputs = ("prepare_data",)
     reads = ("model", "train")  # less watch-only and bookkeeping options
     code = ("model", "train")
@@ -531,13 +533,19 @@ class Graph:
         for s in self.stages:
             self.groups.setdefault(s.name, []).append(s.id)
         self.expanded = {s.name for s in self.stages if s.param is not None}  # inputs of {param: result}
+        self.sources: dict[str, dict[str, list[str]]] = {}  # stage id -> {input name: the stage ids it reads}
         self.needs: dict[str, list[str]] = {}
+        model = None  # the latest stage so far whose result is the trained model (train, or a stage refining it)
         for s in self.stages:
             missing = [name for name in s.inputs if name not in self.groups]
             if missing:
                 raise ConfigError([("model.kind", f"stage {s.id} needs the stage(s) {', '.join(missing)}, which "
                                     f"kind={cfg.model.kind} does not add (its stages: {', '.join(self.by_id)})")])
-            self.needs[s.id] = [i for name in (*s.inputs, *s.optional) for i in self.groups.get(name, [])]
+            self.sources[s.id] = {name: ([model] if name == MODEL_INPUT and model else self.groups[name])
+                                  for name in (*s.inputs, *s.optional) if name in self.groups}
+            self.needs[s.id] = [i for ids in self.sources[s.id].values() for i in ids]
+            if s.provides == "model":
+                model = s.id
         order = [s.id for s in self.stages]
         for s in self.stages:  # declared order must already be a topological order
             late = [d for d in self.needs[s.id] if order.index(d) > order.index(s.id)]
@@ -575,21 +583,17 @@ class Graph:
         return [s.id for s in self.stages if s.id in found]
 
     def inputs_of(self, stage: Stage, results: dict) -> dict:
-        """{input name: result}, or {param: result} for an expanded input, from the finished stages' results."""
-        out = {}
-        for name in (*stage.inputs, *stage.optional):
-            ids = self.groups.get(name, [])
-            if name in self.expanded:
-                out[name] = {self.by_id[i].param: results[i] for i in ids}
-            elif ids:
-                out[name] = results[name]
-        return out
+        """{input name: result}, or {param: result} for an expanded input, from the finished stages' results (the
+        input `train` is the latest model: train's result, or that of a later stage that refines the model)."""
+        return {name: ({self.by_id[i].param: results[i] for i in ids} if name in self.expanded else results[ids[0]])
+                for name, ids in self.sources[stage.id].items()}
 
     def key(self, stage: Stage, cfg: Config, inputs: dict) -> str:
         """The stage's cache key: `<id>-<digest>` of its sections, key parts, inputs' identities and code (the
         code of the plugins its `code` sections select, and its own when it is a stage plugin)."""
+        sources = self.sources[stage.id]
         identities = {name: ({p: self.by_id[f"{name}_{p}"].identity(r) for p, r in value.items()}
-                             if name in self.expanded else self.by_id[name].identity(value))
+                             if name in self.expanded else [sources[name][0], self.by_id[sources[name][0]].identity(value)])
                       for name, value in inputs.items()}
         plugin = self.plugin.get(stage.name)
         own = [plugin.package, plugin.version, plugin.code_sha256()] if plugin else None

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from core import __version__
-from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE
+from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE, read_run_config
 from core.config import Config, config_hash
 from core.errors import VaeflowError
 from core.interfaces import file_sha256
@@ -133,7 +133,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(PYFUNC_CODE), artifacts={"model_dir": str(model_dir)},
                     signature=signature(cfg),
-                    pip_requirements=requirements(cfg),
+                    pip_requirements=requirements(read_run_config(run_dir)),  # the plugins of the weights' own config
                     metadata={"vaeflow_version": __version__, "config_hash": config_hash(cfg)},
                 )
             # model_id names the logged model: an `mlflow server` refuses a models:/m-... source without it

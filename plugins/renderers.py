@@ -332,22 +332,17 @@ def decode_vectors(model: nn.Module, vectors: dict[str, torch.Tensor], batch_siz
     return torch.cat(parts)  # (N, C, H, W)
 
 
-def resample_top(priors: dict, codes: dict[str, torch.Tensor], samples: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Keep each image's bottom codes, draw `samples` top grids per image from the top prior:
-    codes {level: (B, h, w)} -> {level: (B*samples, h, w)}, image-major."""
-    b = len(codes["top"])
-    top = priors["top"].sample(b * samples, None, temperature, top_k, generator).cpu()  # (B*S, ht, wt)
-    return {"top": top, "bottom": codes["bottom"].cpu().repeat_interleave(samples, 0)}  # (B*S, hb, wb)
-
-
-def resample_bottom(priors: dict, codes: dict[str, torch.Tensor], samples: int, temperature: float = 1.0,
-                    top_k: int | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Keep each image's top codes, draw `samples` bottom grids per image from the bottom prior conditioned on
-    them: codes {level: (B, h, w)} -> {level: (B*samples, h, w)}, image-major."""
-    top = codes["top"].cpu().repeat_interleave(samples, 0)  # (B*S, ht, wt)
-    bottom = priors["bottom"].sample(len(top), top, temperature, top_k, generator).cpu()  # (B*S, hb, wb)
-    return {"top": top, "bottom": bottom}
+def resample_level(model, priors: dict, codes: dict[str, torch.Tensor], level: str, samples: int,
+                   temperature: float = 1.0, top_k: int | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Keep each image's codes at every other level, draw `samples` grids per image of `level` from its prior,
+    conditioned on the kept codes of the level the model names (model.condition_of): codes {level: (B, h, w)} ->
+    {level: (B*samples, h, w)}, image-major."""
+    kept = {lv: c.cpu().repeat_interleave(samples, 0) for lv, c in codes.items()}  # (B*S, h, w) per level
+    given = model.condition_of(level)
+    kept[level] = priors[level].sample(len(kept[level]), kept[given] if given else None, temperature, top_k,
+                                       generator).cpu()  # (B*S, h, w)
+    return kept
 
 
 def frequent_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
@@ -600,10 +595,10 @@ class DiscreteRenderer(Renderer):
         check_kind(self, ctx.model)
         o, model, out = self.options, ctx.model, Path(ctx.out_dir)
         levels = tuple(model.levels)
-        two_level = "bottom" in levels
+        several = len(levels) > 1  # resampling the only level is just sampling (the temperature sweep)
         needed = {}
-        if "resample" in o.parts and two_level:
-            needed["resample"] = ["top", "bottom"]
+        if "resample" in o.parts and several:
+            needed["resample"] = list(levels)
         if "temperature" in o.parts:
             needed["temperature"] = list(levels)
         require_priors(ctx.priors, needed)
@@ -621,15 +616,14 @@ class DiscreteRenderer(Renderer):
             x = ctx.images[pick(len(ctx.images), o.n_images, ctx.seed)]  # (B, C, H, W)
             codes = encode_codes(model, x, o.batch_size)  # {level: (B, h, w)}
             recon = decode_codes(model, codes, o.batch_size)  # (B, C, H, W)
-            if "resample" in o.parts and two_level:
+            if "resample" in o.parts and several:
                 generator = torch.Generator().manual_seed(ctx.seed)
-                tops = resample_top(ctx.priors, codes, o.samples, o.temperature, o.top_k, generator)
-                bottoms = resample_bottom(ctx.priors, codes, o.samples, o.temperature, o.top_k, generator)
                 shape = (o.n_images, o.samples, *x.shape[1:])
-                new_top = decode_codes(model, tops, o.batch_size).view(shape)  # (B, S, C, H, W)
-                new_bottom = decode_codes(model, bottoms, o.batch_size).view(shape)  # (B, S, C, H, W)
-                grid = torch.cat([x[:, None], recon[:, None], new_top, new_bottom], dim=1)  # (B, 2+2S, C, H, W)
-                title = f"image, recon, {o.samples} x new top, {o.samples} x new bottom (T={o.temperature:g})"
+                redrawn = [decode_codes(model, resample_level(model, ctx.priors, codes, lv, o.samples, o.temperature,
+                                                              o.top_k, generator), o.batch_size).view(shape)
+                           for lv in levels]  # per level: (B, S, C, H, W)
+                grid = torch.cat([x[:, None], recon[:, None], *redrawn], dim=1)  # (B, 2+L*S, C, H, W)
+                title = ", ".join(["image, recon"] + [f"{o.samples} x new {lv}" for lv in levels]) + f" (T={o.temperature:g})"
                 paths.append(write_grid(out / "discrete_resample.png", grid.flatten(0, 1), grid.shape[1],
                                         title=title))
             if "swaps" in o.parts:

@@ -227,8 +227,9 @@ def test_rae_objective_is_its_three_terms_and_the_engine_sums_them_with_their_we
 
 
 def test_the_rae_adds_fit_gmm_after_train_and_its_options_key_only_that_stage(local_plugins):
-    """In process, without running anything: the kind's stage sits after train, model.ex_post is in fit_gmm's key and
-    not in train's, --force fit_gmm touches nothing else, and a kind without ex-post options cannot run the stage."""
+    """In process, without running anything: the kind's stage sits after train and refines the model, so the stages
+    after it read its result as `train`; model.ex_post is in fit_gmm's key and not in train's, --force fit_gmm re-runs
+    fit_gmm and the stages that load its model, and a kind without ex-post options cannot run the stage."""
     from core.config import apply_sets, load_config
     from core.errors import ConfigError
     from pipelines.pipeline import plan, stage_graph, what_runs_again
@@ -240,6 +241,17 @@ def test_the_rae_adds_fit_gmm_after_train_and_its_options_key_only_that_stage(lo
     ids = [s.id for s in graph.stages]
     assert ids.index("train") < ids.index("fit_gmm") < ids.index("evaluate"), ids
     assert graph.needs["fit_gmm"] == ["prepare_data", "train"]
+    for later in ("evaluate", "render", "register"):  # the refined model replaces train's for every stage after it
+        assert graph.sources[later]["train"] == ["fit_gmm"] and "train" not in graph.needs[later], later
+    results = {"prepare_data": {"sha256": "d" * 64}, "train": {"run_dir": "trained", "sha256": "w" * 64},
+               "fit_gmm": {"run_dir": "refined", "sha256": "r" * 64}, "train_features": {"sha256": "f" * 64}}
+    evaluate_inputs = graph.inputs_of(graph.by_id["evaluate"], results)
+    assert evaluate_inputs["train"] is results["fit_gmm"], evaluate_inputs
+    assert graph.inputs_of(graph.by_id["fit_gmm"], results)["train"] is results["train"]
+    evaluate_key = graph.key(graph.by_id["evaluate"], cfg, evaluate_inputs)
+    for change in ({"sha256": "s" * 64}, {"plugins_sha256": "p" * 64}):  # new weights, or the gmm prior's code
+        other_model = {**evaluate_inputs, "train": {**results["fit_gmm"], **change}}
+        assert graph.key(graph.by_id["evaluate"], cfg, other_model) != evaluate_key, change
 
     data, trained = {"sha256": "d" * 64}, {"sha256": "w" * 64}
 
@@ -256,10 +268,11 @@ def test_the_rae_adds_fit_gmm_after_train_and_its_options_key_only_that_stage(lo
     assert keys(apply_sets(cfg, ["model.latent_weight=0.25"]))[0] != train_key  # a weight-changing option still counts
     assert graph.key(graph.by_id["fit_gmm"], cfg, {"prepare_data": data, "train": {"sha256": "v" * 64}}) != gmm_key
 
-    assert ("`model.ex_post`", ["fit_gmm"]) in what_runs_again(graph, cfg)  # what `vaeflow stages --markdown` shows
+    refits = ["fit_gmm", "evaluate", "render", "register"]
+    assert ("`model.ex_post`", refits) in what_runs_again(graph, cfg)  # what `vaeflow stages --markdown` shows
 
     ids, forced = plan(cfg, force=["fit_gmm"])
-    assert forced == {"fit_gmm"} and "register" in ids
+    assert forced == set(refits) and "register" in ids
     assert plan(cfg, until="fit_gmm")[0] == ["prepare_data", "train", "fit_gmm"]
     fit_gmm = graph.by_id["fit_gmm"]
     with pytest.raises(ConfigError, match="model.ex_post"):
@@ -280,27 +293,45 @@ def _gmm(folder: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "gmm.safetensors"))
 
 
-def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path):
+def _png(path: Path) -> torch.Tensor:
+    """A PNG's pixels as int16 (H, W, C), for differences."""
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).to(torch.int16)
+
+
+def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path, monkeypatch):
     """`vaeflow run` with kind rae from the installed package: trained, its ex-post GMM fitted (the package's own
     stage), evaluated, rendered and registered, with its own loss terms in MLflow and the package pinned in the
-    registered model's requirements. Then the stage's caching: an identical run is all cached, a model.ex_post change
-    re-runs fit_gmm only, and --force fit_gmm re-runs it alone."""
+    registered model's requirements. fit_gmm refines the model: the champion is the trained model with the mixture as
+    model.prior, evaluate's FID and `vaeflow generate` sample the mixture. Then the stage's caching: an identical run is
+    all cached, and a model.ex_post change or --force fit_gmm re-runs fit_gmm and the stages that load its model."""
     import mlflow
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
     from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
+    from core import load_model
+    from core.interfaces import file_sha256, to_unit_float
+    from core.manifest import load_prepared
+    from core.registry import reset_registry
+    from core.sample_quality import FEATURES_INFO, load_feature_net, quality_scores
+    from pipelines.render import samples as render_samples
+
     env = {**_env(tmp_path, pythonpath=site), "VAEFLOW_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     sets = [*RAE_SETS, "data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=1", "train.progress=false",
-            "quality.enabled=false", "tracking.model_name=rae-tiny", "model.ex_post.components=4",
-            "model.ex_post.samples=16"]
+            "quality.feature_epochs=1", "quality.samples=64", "tracking.promote_metric=mse",
+            "tracking.model_name=rae-tiny", "model.ex_post.components=4", "model.ex_post.samples=16"]
     args = [a for s in sets for a in ("--set", s)]
     first = _run(args, env, tmp_path)
     assert first["stages"]["fit_gmm"] == "ran" and first["stages"]["train"] == "ran", first["stages"]
     assert list(first["stages"]).index("fit_gmm") == list(first["stages"]).index("train") + 1
+    assert first["stages"]["train_features"] == "ran" and first["model"]["champion"], first
     folder = Path(first["gmm"])
-    for name in ("gmm.safetensors", "ex_post.json", "latents.safetensors", "samples.png"):
+    for name in ("gmm.safetensors", "ex_post.json", "latents.safetensors", "samples.png", "model/config.yaml",
+                 "model/plugins.json", "model/model.safetensors"):
         assert (folder / name).is_file(), name
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -318,6 +349,7 @@ def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path)
     assert "vaeflow-example==0.1.0" in requirements and any(r.startswith("vaeflow==") for r in requirements)
     plugins = json.loads((local / "artifacts" / "model_dir" / "plugins.json").read_text())
     assert plugins["kind"]["package"] == "vaeflow-example" and len(plugins["kind"]["code_sha256"]) == 64
+    assert plugins["prior"]["name"] == "gmm" and plugins["prior"]["package"] == "vaeflow-example", plugins
 
     # the GMM against an independent computation on the latents the stage fitted it to
     fit = next(r for r in runs if r.data.tags.get("stage") == "fit_gmm")
@@ -344,21 +376,68 @@ def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path)
     assert record["log_likelihood"][-1] == pytest.approx(gmm_ll, rel=1e-9)
     assert record["log_likelihood"][-1] >= record["log_likelihood"][0]
 
+    # the champion is the refined model: train's weights, with the fitted mixture as model.prior
+    assert client.get_model_version_by_alias("rae-tiny", "champion").version == version.version
+    assert version.tags["weights_sha256"] == file_sha256(folder / "model" / "model.safetensors")
+    monkeypatch.syspath_prepend(str(site))  # load models with the installed package in this process
+    reset_registry()
+    try:
+        champion, champion_cfg = load_model(local / "artifacts" / "model_dir")
+        trained, _ = load_model(first["run_dir"])
+        refined, _ = load_model(folder / "model")
+        assert type(champion.prior).name == "gmm" and type(trained.prior).name == "standard-normal"
+        assert (champion_cfg.model.prior.name, champion_cfg.model.prior.components) == ("gmm", 4)
+        for name in ("weights", "means", "covariances"):
+            assert torch.equal(getattr(champion.prior, name), g[name]), name
+        state, want = champion.state_dict(), trained.state_dict()
+        assert set(state) - set(want) == {"prior.weights", "prior.means", "prior.covariances"}
+        assert any(k.startswith("decoder.") for k in want)
+        for name, value in want.items():  # the decoder (and the encoder) as trained
+            assert torch.equal(state[name], value), name
+
+        # evaluate's FID is that of the mixture's samples (same seed, same feature network), not of N(0, I)'s
+        scores = json.loads(Path(first["eval"]).read_text())
+        n = scores["quality/samples"]
+        (features,) = [p.parent for p in (tmp_path / ".vaeflow" / "features").glob(f"*/{FEATURES_INFO}")]
+        net, _ = load_feature_net(features)
+        test = to_unit_float(load_prepared(first["data"]["folder"])["test"])[:n]
+        fid = {name: quality_scores(net, test, m.generate(n, torch.Generator().manual_seed(0)))["fid"]
+               for name, m in (("gmm", refined), ("standard_normal", trained))}
+        assert scores["quality/fid"] == pytest.approx(fid["gmm"], rel=1e-4), (scores["quality/fid"], fid)
+        assert abs(fid["gmm"] - fid["standard_normal"]) > 1e-2 * fid["gmm"], fid
+
+        # `vaeflow generate` on the champion: reproducible with a seed, and the mixture's samples
+        grids = [tmp_path / f"generated-{i}.png" for i in range(2)]
+        for grid in grids:
+            proc = vaeflow("generate", "--model", "models:/rae-tiny@champion", "-n", "16", "--seed", "3", "--out",
+                           str(grid), env=env, cwd=tmp_path)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert grids[0].read_bytes() == grids[1].read_bytes()
+        render_samples(refined, 16, 3, tmp_path / "mixture.png")
+        render_samples(trained, 16, 3, tmp_path / "standard-normal.png")
+        generated = _png(grids[0])
+        assert (generated - _png(tmp_path / "mixture.png")).abs().max().item() <= 1
+        assert (generated - _png(tmp_path / "standard-normal.png")).abs().float().mean().item() > 1
+    finally:
+        reset_registry()
+
     again = _run(args, env, tmp_path)
     assert set(again["stages"].values()) <= {"cached", "skipped"}, again["stages"]
     assert again["gmm"] == first["gmm"]
 
+    refits = {"fit_gmm", "evaluate", "render", "register"}  # fit_gmm and the stages that load its model
     three = _run([*args, "--set", "model.ex_post.components=3"], env, tmp_path)
-    assert three["stages"]["fit_gmm"] == "ran", three["stages"]
-    assert {k for k, v in three["stages"].items() if v == "ran"} == {"fit_gmm"}, three["stages"]  # train stays cached
+    assert {k for k, v in three["stages"].items() if v == "ran"} == refits, three["stages"]  # train stays cached
     assert three["gmm"] != first["gmm"] and _gmm(three["gmm"])["weights"].shape == (3,)
+    assert three["model"]["version"] != first["model"]["version"]  # another mixture, another model
 
     before = (folder / "gmm.safetensors").stat().st_mtime_ns
     forced = _run([*args, "--force", "fit_gmm"], env, tmp_path)
-    assert {k for k, v in forced["stages"].items() if v == "ran"} == {"fit_gmm"}, forced["stages"]
+    assert {k for k, v in forced["stages"].items() if v == "ran"} == refits, forced["stages"]
     assert forced["gmm"] == first["gmm"] and (folder / "gmm.safetensors").stat().st_mtime_ns != before
     for name, value in _gmm(forced["gmm"]).items():  # seeded: the same fit again
         torch.testing.assert_close(value, g[name], rtol=1e-6, atol=1e-9)
+    assert forced["model"]["reused"] and forced["model"]["version"] == first["model"]["version"]  # the same weights
 
 
 def test_the_package_runs_the_conformance_kit_in_its_own_pytest(site, tmp_path):
@@ -369,4 +448,4 @@ def test_the_package_runs_the_conformance_kit_in_its_own_pytest(site, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "14 passed" in proc.stdout
+    assert "24 passed" in proc.stdout

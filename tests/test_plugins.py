@@ -155,3 +155,30 @@ def test_cli_plugins_json_and_text(local_plugins):
     assert text.exit_code == 0
     assert "flip" in text.stdout and "options: channels=[32, 64]" in text.stdout
     assert "produces: a feature map" in text.stdout and "capabilities: continuous latents, sampling, bound" in text.stdout
+
+
+def test_plugin_code_hash_follows_its_imports_and_sees_every_edit(tmp_path, monkeypatch):
+    """code_sha256 covers the module, what it imports from its own package (relative or absolute) and from core,
+    never third-party code; an edit to any of those files changes it, and so does an import added later."""
+    import importlib
+    import os
+
+    from core.registry import code_sha256, module_files
+
+    pkg = tmp_path / "vf_hashpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import torch\nfrom . import b\nfrom core.errors import VaeflowError\n")
+    (pkg / "b.py").write_text("X = 1\n")
+    (pkg / "c.py").write_text("Y = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    names = lambda: {p.name for p in module_files("vf_hashpkg.a", {"vf_hashpkg", "core"})}  # noqa: E731
+    assert names() == {"__init__.py", "a.py", "b.py", "errors.py"}
+    before = code_sha256("vf_hashpkg.a")
+    (pkg / "b.py").write_text("X = 2\n")  # same size, new bytes
+    assert code_sha256("vf_hashpkg.a") != before
+    edited = code_sha256("vf_hashpkg.a")
+    (pkg / "b.py").write_text("X = 2\nfrom vf_hashpkg import c\n")
+    os.utime(pkg / "b.py", ns=(1, 1))  # even with an old mtime, the size changed: b is parsed again
+    assert "c.py" in names() and code_sha256("vf_hashpkg.a") != edited

@@ -18,8 +18,8 @@ from core.registry import get_registry
 from plugins.datasets import Shapes
 from plugins.renderers import (
     PADDING, DiscreteRenderer, InterpolationRenderer, PhaseRenderer, TraversalRenderer, frequent_codes,
-    interpolate_latent, interpolate_vectors, latent_stats, phase_images, pick, replacement_codes, resample_bottom,
-    resample_top, snap_to_codes, span_values, swap_codes, temperature_codes, traversal_images,
+    interpolate_latent, interpolate_vectors, latent_stats, phase_images, pick, replacement_codes, resample_level,
+    snap_to_codes, span_values, swap_codes, temperature_codes, traversal_images,
 )
 
 VAE_CFG, VQ_CFG = "configs/vae-shapes-tiny.yaml", "configs/vqvae2-shapes-tiny.yaml"
@@ -263,14 +263,18 @@ def test_vq_interpolation_ends_decode_the_codes_and_snap_back_onto_them(vq, imag
 # --- discrete --------------------------------------------------------------------------------
 def test_resampling_one_level_keeps_the_other_codes(vq, priors, images):
     codes = vq.encode_codes(images[:2])
-    tops = resample_top(priors, codes, 3, generator=torch.Generator().manual_seed(0))
+    tops = resample_level(vq, priors, codes, "top", 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tops["bottom"], codes["bottom"].repeat_interleave(3, 0))
     assert tops["top"].shape == (6, 4, 4) and not torch.equal(tops["top"], codes["top"].repeat_interleave(3, 0))
-    bottoms = resample_bottom(priors, codes, 3, generator=torch.Generator().manual_seed(0))
+    bottoms = resample_level(vq, priors, codes, "bottom", 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(bottoms["top"], codes["top"].repeat_interleave(3, 0))
     assert bottoms["bottom"].shape == (6, 8, 8)
-    again = resample_bottom(priors, codes, 3, generator=torch.Generator().manual_seed(0))
+    again = resample_level(vq, priors, codes, "bottom", 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again["bottom"], bottoms["bottom"])
+    # the bottom prior is conditioned on the kept top codes: other top codes give other bottom draws
+    other = {**codes, "top": torch.roll(codes["top"], 1, dims=-1)}
+    moved = resample_level(vq, priors, other, "bottom", 3, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(moved["bottom"], bottoms["bottom"])
 
 
 def test_discrete_resample_is_reproducible_per_seed(vq, priors, images, tmp_path):

@@ -6,8 +6,9 @@ Ghosh et al. 2020, "From Variational to Deterministic Autoencoders" (ICLR 2020, 
 
 with a deterministic encoder z = E(x): no posterior noise, no KL. L_REC is vaeflow's -log p(x|z) under the
 configured likelihood (a Gaussian likelihood gives the paper's squared error up to scale). New images decode
-z drawn from the model's prior (model.prior, standard normal by default), or, after the pipeline's `fit_gmm` stage
-(gmm.py), from the paper's ex-post density estimate: a Gaussian mixture fitted to the training latents.
+z drawn from the model's prior (model.prior, standard normal by default). In `vaeflow run`, the kind's `fit_gmm` stage
+(gmm.py) then fits the paper's ex-post density estimate, a Gaussian mixture, to the training latents and makes it
+model.prior (the `gmm` latent prior) of the model that the pipeline evaluates, renders and registers.
 
 The model owns its objective: it returns three named terms with their weights, and the engine sums them and
 logs each one. Configs select it with `model.kind: rae`; everything else (encoder, decoder, likelihood, prior)
@@ -28,8 +29,9 @@ from plugins.models import AE, ContinuousOptions
 
 class ExPostOptions(Options):
     """The ex-post density estimate of the `fit_gmm` stage (gmm.py): a Gaussian mixture fitted by EM to the training
-    latents after training. Declared here, not in gmm.py, so that the train key (which covers this module's code)
-    stays clear of the GMM's code; the `watch_only` entry below keeps these values out of the train key too."""
+    latents after training, then the prior (model.prior) of the model the pipeline evaluates and registers. Declared
+    here, not in gmm.py, so that the train key (which covers this module's code) stays clear of the GMM's code; the
+    `watch_only` entry below keeps these values out of the train key too."""
 
     components: int = Field(10, ge=1, description="K, the number of mixture components (the paper uses 10)")
     covariance: Literal["full", "diag"] = Field("full", description="each component's covariance: a full J x J "
@@ -48,7 +50,7 @@ class RAE(AE):
 
     name = "rae"
     capabilities = Capabilities(continuous=True, sampling=True, log_likelihood=None)
-    stages = ("fit_gmm",)  # after train: the ex-post GMM (gmm.py)
+    stages = ("fit_gmm",)  # after train: the ex-post GMM, made model.prior of the model the later stages use (gmm.py)
     watch_only = ("ex_post",)  # fitted after training: never changes the weights
 
     class Options(ContinuousOptions):
