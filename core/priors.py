@@ -244,6 +244,11 @@ def load_prior(folder: str | Path, model=None, device: str | torch.device = "cpu
     return prior.to(device).eval()
 
 
+def load_priors(model, priors: dict) -> dict:
+    """{level: trained code prior} from train_prior stage results {level: result}, each checked against `model`."""
+    return {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
+
+
 def check_lineage(info: dict, model, where: str) -> None:
     """A CheckpointError unless the prior was trained on this exact stage-1 model (its state hash; the codebook
     hash explains a mismatch of the code space)."""

@@ -268,10 +268,9 @@ class TrainFeatures(Stage):
 
 def code_priors(model, inputs: dict) -> dict:
     """{level: trained code prior} from the optional train_prior input (empty without one)."""
-    from core.priors import load_prior
+    from core.priors import load_priors
 
-    return {level: load_prior(p["run_dir"], model, model.device, level)
-            for level, p in (inputs.get("train_prior") or {}).items()}
+    return load_priors(model, inputs.get("train_prior") or {})
 
 
 def draw_samples(model, priors: dict, n: int, cfg: Config, seed: int):

@@ -21,13 +21,6 @@ from core.interfaces import Stage, StageContext
 PRIOR_TRAIN_FIELDS_EXCLUDED = {"sample", "log_every"}  # not in a level's key (nor the other levels' specs)
 
 
-def load_priors(model, priors: dict) -> dict:
-    """{level: trained code prior} from the train_prior results {level: result}, checked against `model`."""
-    from core.priors import load_prior
-
-    return {level: load_prior(p["run_dir"], model, model.device, level) for level, p in priors.items()}
-
-
 class ExtractCodes(Stage):
     """The train and test code grids of the trained stage-1 model, with a manifest naming it and its codebooks."""
 
@@ -151,6 +144,7 @@ class Sample(Stage):
         from core.checkpoint import load_model
         from core.codes import sample_images
         from core.images import save_grid, square_rows
+        from core.priors import load_priors
 
         s = ctx.cfg.prior.sample
         model, _ = load_model(inputs["train"]["run_dir"], device="auto")
