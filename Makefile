@@ -9,7 +9,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install data run run-vq train ui server test bench bench-quantizer report-vq clean
+.PHONY: install data run run-vq train ui server test bench bench-quantizer bench-zoo report-vq clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ bench: install data
 
 bench-quantizer: install
 	$(BIN)/vaeflow bench quantizer --out bench/quantizer.json
+
+# The model zoo against pythae (builds pythae's own virtualenv under ~/.cache/vaeflow on first use).
+bench-zoo: install data
+	$(BIN)/vaeflow bench zoo --out bench/zoo.json
 
 # The VQ-VAE-2 pipeline on Fashion-MNIST (configs/vqvae2-fashion-mnist.yaml), tracked and registered.
 run-vq: install data

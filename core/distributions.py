@@ -38,7 +38,12 @@ class DiagonalGaussian:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z|x) for z (..., B, J) -> (..., B)."""
-        return -0.5 * (((z - self.mean) / self.std).pow(2) + self.logvar + LOG_2PI).sum(dim=-1)
+        return self.log_prob_per_dim(z).sum(dim=-1)
+
+    def log_prob_per_dim(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z_j|x) per latent dimension, z broadcast against the (B, J) parameters: (..., B, J) -> (..., B, J)."""
+        scaled = (z - self.mean) / self.std  # (..., B, J)
+        return torch.addcmul(-0.5 * (self.logvar + LOG_2PI), scaled, scaled, value=-0.5)  # one pass over (..., B, J)
 
 
 class PointPosterior:

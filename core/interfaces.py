@@ -316,6 +316,12 @@ class LatentPrior(Component, nn.Module):
         nn.Module.__init__(self)
         self.options, self.latent_dim = options, latent_dim
 
+    def bind(self, model) -> None:
+        """Called by a continuous model once it is built, so a prior defined through the posterior (the VampPrior)
+        can reach q(z|x) and the data shape. A prior that keeps `model` must hold it outside its submodules (a plain
+        attribute, not nn.Module registration), so the encoder is not saved twice and copies follow the copy's
+        model. The default does nothing."""
+
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         """log p(z) summed over the latent dimensions: (..., J) -> (...)."""
         raise NotImplementedError

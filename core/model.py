@@ -38,8 +38,11 @@ def build_model(cfg: Config, shape: Shape | None = None, registry: Registry | No
     shape = shape or data_shape(cfg, registry)
     cls = model_class(cfg, registry)
     if cls.scheduled is None and not schedule_class(cfg.train.beta, registry).constant:
-        raise ConfigError([("train.beta", f"a {cls.name} has no term a beta schedule weights (no KL), so "
+        raise ConfigError([("train.beta", f"model.kind {cls.name} has no term a beta schedule weights (no KL), so "
                             f"train.beta.schedule={cfg.train.beta.schedule} does not apply; remove train.beta")])
+    if cls.scheduled is None and getattr(cfg.train.beta, "value", 1.0) != 1.0:
+        raise ConfigError([("train.beta.value", f"model.kind {cls.name} has no term beta weights, so beta = "
+                            f"{cfg.train.beta.value:g} would be silently ignored; remove train.beta")])
 
     def make(field: str, *args):
         slot = cls.slots[field]

@@ -29,6 +29,7 @@ found them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -677,6 +678,14 @@ def check_code_prior(cls: type, options: Any = None, codebook_size: int = 8, gri
 
 # --- continuous latent priors ------------------------------------------------------------------
 @_isolated
+def _tiny_host(latent_dim: int):
+    """The kit's tiny continuous model at `latent_dim`, in eval mode: what the latent-prior check binds priors to."""
+    raw = copy.deepcopy(TINY_MODELS["continuous"])
+    raw["model"]["latent_dim"] = latent_dim
+    torch.manual_seed(SEED)
+    return build_model(validate(raw)).eval()
+
+
 def check_latent_prior(cls: type, options: Any = None, latent_dim: int = 4, draws: int = 20000, batch: int = 3,
                        seed: int = SEED) -> None:
     """log_prob (..., J) -> (...), reproducible sample (n, J), and kl(q, z) that agrees with log q(z) - log p(z)."""
@@ -686,8 +695,12 @@ def check_latent_prior(cls: type, options: Any = None, latent_dim: int = 4, draw
     z = _normal((5, j), seed + 100)  # (5, J)
     z3 = _normal((2, 5, j), seed + 101)  # (2, 5, J)
 
+    host = _tiny_host(j)  # every instance binds to this one model, as a continuous model binds its prior
+
     def make():
-        return cls(options, j)
+        prior = cls(options, j)
+        prior.bind(host)  # LatentPrior.bind: a no-op unless p(z) is defined through q(z|x) (the VampPrior)
+        return prior
 
     def outputs(prior):
         return {"log_prob": prior.log_prob(z), "sample": prior.sample(6, _generator(seed), 1.0)}

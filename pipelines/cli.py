@@ -152,7 +152,11 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     typer.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs, "steps": result.steps,
-                           "img_per_s": round(result.img_per_s, 1), **{k: result.final.get(k) for k in ("loss", "reconstruction", "kl")}}))
+                           "img_per_s": round(result.img_per_s, 1),
+                           **{k: v for k, v in result.final.items() if k not in TRAIN_BOOKKEEPING}}))
+
+
+TRAIN_BOOKKEEPING = ("epoch", "step", "img_per_s", "seconds", "lr", "beta", "capacity")  # the rest: loss and the kind's terms
 
 
 def _torchrun(nproc: int) -> int:
@@ -524,6 +528,36 @@ def bench_disentanglement(
     from pipelines.bench_disentangle import bench_disentanglement as run, print_summary
 
     print_summary(run(out=out, config=config, betas=beta))
+
+
+@bench_app.command("zoo")
+@user_errors
+def bench_zoo(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/zoo.json"),
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per model and side, interleaved")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="training epochs on Fashion-MNIST")] = 5,
+    nll_k: Annotated[int, typer.Option(min=1, help="importance samples of the test NLL (IWAE bound)")] = 1000,
+    nll_examples: Annotated[Optional[int], typer.Option(min=1, help="test images scored (default: all 10000)")] = None,
+    models: Annotated[list[str], typer.Option("--models", help="zoo models, repeatable or comma-separated "
+                                                                 "(default: vae, iwae, beta-tcvae, vamp, info-vae)")] = [],
+    venv: Annotated[Optional[Path], typer.Option(help="pythae virtualenv, built when missing (default: "
+                                                      "$VAEFLOW_BENCH_PYTHAE_VENV or ~/.cache/vaeflow/bench-pythae-venv)")] = None,
+    pythae: Annotated[bool, typer.Option(help="run the pythae side (--no-pythae: vaeflow's side only)")] = True,
+    cross_check: Annotated[str, typer.Option(help="model whose pythae networks vaeflow's estimator also scores "
+                                                  "('none' to skip)")] = "vae",
+    dis_seeds: Annotated[int, typer.Option(min=0, help="seeds of the beta-TCVAE vs beta-VAE table on shapes (0 skips it)")] = 3,
+    dis_beta: Annotated[float, typer.Option(help="the beta both use in that table")] = 6.0,
+    dis_epochs: Annotated[int, typer.Option(min=1, help="epochs per disentanglement run")] = 10,
+    dis_n_train: Annotated[int, typer.Option(min=1, help="shapes training images")] = 10_000,
+    dis_n_test: Annotated[int, typer.Option(min=1, help="shapes test images scored")] = 2_000,
+):
+    """vaeflow's zoo vs pythae: test NLL, img/s per model and side; beta-TCVAE vs beta-VAE MIG, SAP, DCI on shapes."""
+    from pipelines.bench_zoo import bench_zoo as run
+
+    names = [name.strip() for item in models for name in item.split(",") if name.strip()]
+    run(out=out, seeds=seeds, epochs=epochs, nll_k=nll_k, nll_examples=nll_examples, models=names or None, venv=venv,
+        pythae=pythae, cross_check=None if cross_check == "none" else cross_check, dis_seeds=dis_seeds,
+        dis_beta=dis_beta, dis_epochs=dis_epochs, dis_n_train=dis_n_train, dis_n_test=dis_n_test)
 
 
 BARE_FORCE = "all"  # what a bare `--force` means: every stage

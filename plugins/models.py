@@ -68,6 +68,8 @@ class VAE(Model):
         super().__init__()
         self.encoder, self.decoder, self.likelihood, self.prior = encoder, decoder, likelihood, prior
         self.latent_dim, self.noise = latent_dim, noise
+        if prior is not None:
+            prior.bind(self)  # a prior defined through q(z|x) (the VampPrior) reaches the encoder and data shape
 
     @classmethod
     def build(cls, options, make, shape: Shape, config) -> "VAE":
@@ -93,6 +95,12 @@ class VAE(Model):
 
     def forward(self, x: torch.Tensor) -> Objective:
         """One training pass: corrupt (dae), encode, sample z, decode, score the clean x."""
+        return Objective(self.elbo_pass(x)[0])
+
+    def elbo_pass(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], DiagonalGaussian | PointPosterior,
+                                                   torch.Tensor]:
+        """The training terms reconstruction (and kl), the posterior and its draw z (B, J): what a kind that adds a
+        term to the VAE's objective (InfoVAE's MMD, FactorVAE's TC) builds on."""
         x_in = self.noise(x) if (self.noise is not None and self.training) else x
         q = self.posterior(x_in)
         z = q.rsample()  # (B, J)
@@ -100,7 +108,7 @@ class VAE(Model):
         terms = {"reconstruction": -log_px.mean()}  # nats per image
         if self.variational:
             terms["kl"] = self.prior.kl(q, z).mean()
-        return Objective(terms)
+        return terms, q, z
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +141,11 @@ class VAE(Model):
 
     @torch.no_grad()
     def log_joint_terms(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k posterior samples: (k, B)."""
+        """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k posterior samples: (k, B), without gradients."""
+        return self.log_weights(x, k)
+
+    def log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The importance log-weights log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x) reparameterized: (k, B)."""
         q = self.posterior(x)
         z = q.rsample(k)  # (k, B, J)
         params = self.decode(z.flatten(0, 1))  # (k*B, P, H, W)

@@ -54,7 +54,7 @@ class QuantizerOptions(Options):
 
 
 # --- pieces ----------------------------------------------------------------------------------
-class _StraightThrough(torch.autograd.Function):
+class StraightThrough(torch.autograd.Function):
     """Forward: the quantized vectors; backward: the gradient goes to z_e unchanged (eq. 3's straight-through).
 
     The same as z_e + (e - z_e).detach(), but the forward value is e exactly (no z_e + (e - z_e) rounding), so
@@ -232,7 +232,7 @@ class VectorQuantizer(Quantizer):
             counts = code_counts(indices, self.codebook_size)  # (K,) this batch, this rank
             dead = self._train_step(flat.detach(), indices, counts) if self.training else self._dead(counts)
         quantized = codes.detach().view(b, h, w, d).permute(0, 3, 1, 2).to(z_e.dtype)  # (B, D, h, w)
-        quantized = _StraightThrough.apply(z_e, quantized)
+        quantized = StraightThrough.apply(z_e, quantized)
         stats = {
             "perplexity": perplexity(counts),
             "usage": (counts > 0).float().mean(),

@@ -3,6 +3,8 @@ penalty, state round trip, config validation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -147,3 +149,18 @@ def test_schedules_are_plugins_selected_by_their_tag():
     default = train().beta  # left out: constant, value 1 (the plain ELBO)
     assert default.schedule == "constant" and default.value == 1.0
     assert train({"value": 3}).beta.schedule == "constant"  # `schedule` may be left out for the constant default
+
+
+
+@pytest.mark.parametrize("beta, field", [("{value: 4.0}", "train.beta.value"),
+                                         ("{schedule: linear, value: 1.0, warmup_steps: 10}", "train.beta")])
+def test_a_kind_without_a_weighted_term_refuses_a_beta_it_would_ignore(beta, field):
+    from core.config import apply_sets, load_config
+    from core.errors import ConfigError
+    from core.model import build_model
+
+    tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "vae-shapes-tiny.yaml")
+    for kind in ("ae", "iwae"):  # neither has a KL term for beta to weight
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ":"):
+            build_model(apply_sets(tiny, [f"model.kind={kind}", f"train.beta={beta}"]))
+    assert build_model(apply_sets(tiny, ["model.kind=iwae", "train.beta={value: 1.0}"]))  # 1, the default, is fine

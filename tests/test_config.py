@@ -123,15 +123,16 @@ def test_schema_has_plugin_options_as_discriminated_union():
     schema = json.loads(res.stdout)
     defs = schema["$defs"]
     kinds = [m["$ref"].split("/")[-1] for m in schema["properties"]["model"]["oneOf"]]  # one per model kind
-    assert kinds == ["Model_ae", "Model_dae", "Model_vae", "Model_vqvae", "Model_vqvae2"]
-    assert [defs[k]["properties"]["kind"]["const"] for k in kinds] == ["ae", "dae", "vae", "vqvae", "vqvae2"]
+    builtin = ["ae", "beta-tcvae", "dae", "factor-vae", "info-vae", "iwae", "vae", "vqvae", "vqvae2", "wae-mmd"]
+    assert kinds == [f"Model_{kind.replace('-', '_')}" for kind in builtin]
+    assert [defs[k]["properties"]["kind"]["const"] for k in kinds] == builtin
     assert "noise" in defs["Model_dae"]["required"] and "noise" not in defs["Model_vae"]["properties"]
     assert "quantizer" not in defs["Model_vae"]["properties"] and "latent_dim" not in defs["Model_vqvae"]["properties"]
     enc = defs["Model_vae"]["properties"]["encoder"]
     assert enc["discriminator"]["propertyName"] == "name"
     assert set(enc["discriminator"]["mapping"]) == {"conv", "mlp", "vqvae-conv"}
     quantizer = defs["Model_vqvae2"]["properties"]["quantizer"]
-    assert set(quantizer["discriminator"]["mapping"]) == {"vq", "vq-ema"}
+    assert set(quantizer["discriminator"]["mapping"]) == {"fsq", "vq", "vq-ema"}
     conv = defs[enc["discriminator"]["mapping"]["conv"].split("/")[-1]]
     assert {"channels", "hidden", "activation", "name"} <= set(conv["properties"])
     assert conv["additionalProperties"] is False

@@ -128,7 +128,8 @@ def check_form(schema: dict, vq: bool) -> None:
         assert not {"latent_dim", "noise"} & set(model)
         assert resolve(schema, model["vq"])["title"] == "VQ architecture"
     else:
-        assert list(kinds) == ["vae", "ae", "dae"]
+        continuous = ["vae", "ae", "beta-tcvae", "dae", "factor-vae", "info-vae", "iwae", "wae-mmd"]
+        assert list(kinds) == continuous  # the config's own kind first, then the other continuous kinds
         assert "latent_dim" in model and "noise" not in model and "noise" in kinds["dae"]["properties"]
         assert not {"quantizer", "vq"} & set(model) and "prior" not in root["properties"]
 
