@@ -677,7 +677,6 @@ def check_code_prior(cls: type, options: Any = None, codebook_size: int = 8, gri
 
 
 # --- continuous latent priors ------------------------------------------------------------------
-@_isolated
 def _tiny_host(latent_dim: int):
     """The kit's tiny continuous model at `latent_dim`, in eval mode: what the latent-prior check binds priors to."""
     raw = copy.deepcopy(TINY_MODELS["continuous"])
@@ -686,6 +685,7 @@ def _tiny_host(latent_dim: int):
     return build_model(validate(raw)).eval()
 
 
+@_isolated
 def check_latent_prior(cls: type, options: Any = None, latent_dim: int = 4, draws: int = 20000, batch: int = 3,
                        seed: int = SEED) -> None:
     """log_prob (..., J) -> (...), reproducible sample (n, J), and kl(q, z) that agrees with log q(z) - log p(z)."""
