@@ -189,7 +189,7 @@ def _app():
     (["model.vq.strides=[4]"], "model", "2 level"),
     (["model.encoder={name: conv}"], "model.encoder", "kind=vqvae2 needs a feature-map encoder; choose one of: vqvae-conv"),
     (["model.vq.strides=[0, 2]"], "model.vq.strides.0", "greater than 0"),
-    (["model.latent_dim=16"], "model.latent_dim", "'latent_dim' applies to kind ae or dae or vae"),
+    (["model.latent_dim=16"], "model.latent_dim", "'latent_dim' applies to kind ae or beta-tcvae or dae or factor-vae or info-vae or iwae or vae or wae-mmd"),
 ])
 def test_bad_vq_configs_exit_2_with_the_field_and_a_fix(sets, where, what):
     args = [VAEFLOW, "config", "validate", str(VQ_TINY)] + [f"--set={s}" for s in sets]
