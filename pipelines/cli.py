@@ -543,8 +543,9 @@ def bench_zoo(
     venv: Annotated[Optional[Path], typer.Option(help="pythae virtualenv, built when missing (default: "
                                                       "$VAEFLOW_BENCH_PYTHAE_VENV or ~/.cache/vaeflow/bench-pythae-venv)")] = None,
     pythae: Annotated[bool, typer.Option(help="run the pythae side (--no-pythae: vaeflow's side only)")] = True,
-    cross_check: Annotated[str, typer.Option(help="model whose pythae networks vaeflow's estimator also scores "
-                                                  "('none' to skip)")] = "vae",
+    get_nll_examples: Annotated[int, typer.Option(min=0, help="test images pythae's own get_nll scores per run, to "
+                                                              "check vaeflow's estimator on pythae's networks (0 "
+                                                              "skips it)")] = 500,
     dis_seeds: Annotated[int, typer.Option(min=0, help="seeds of the beta-TCVAE vs beta-VAE table on shapes (0 skips it)")] = 3,
     dis_beta: Annotated[float, typer.Option(help="the beta both use in that table")] = 6.0,
     dis_epochs: Annotated[int, typer.Option(min=1, help="epochs per disentanglement run")] = 10,
@@ -556,7 +557,7 @@ def bench_zoo(
 
     names = [name.strip() for item in models for name in item.split(",") if name.strip()]
     run(out=out, seeds=seeds, epochs=epochs, nll_k=nll_k, nll_examples=nll_examples, models=names or None, venv=venv,
-        pythae=pythae, cross_check=None if cross_check == "none" else cross_check, dis_seeds=dis_seeds,
+        pythae=pythae, get_nll_examples=get_nll_examples, dis_seeds=dis_seeds,
         dis_beta=dis_beta, dis_epochs=dis_epochs, dis_n_train=dis_n_train, dis_n_test=dis_n_test)
 
 

@@ -16,8 +16,10 @@ load the weights the worker saves into a vaeflow model (the NLL cross-check).
 The networks are the MLP of the bench: encoder 784-400-(20 mean, 20 log-variance) with ReLU, decoder 20-400-784 with
 a sigmoid (pythae's BCE takes probabilities). The job (a JSON object) says: data (a .pt file {"train", "test"} of
 float images (N, 1, 28, 28) in [0, 1] that the bench wrote), model, hyper (the shared hyperparameters), seed, epochs,
-batch_size, lr, latent_dim, hidden, threads, nll_k, nll_examples, nll_batch (pythae's get_nll batch_size), and
-weights_out (null, or a .pt file for the trained networks' state dicts).
+batch_size, lr, latent_dim, hidden, threads, nll_k, nll_examples (the first test images that get_nll scores; 0
+skips it), nll_batch (pythae's get_nll batch_size), and weights_out (a .pt file for the trained networks' state dicts
+and, for VAMP, the pseudo-inputs' pre-activations). The bench scores the whole test set itself, with vaeflow's
+estimator on these weights; get_nll on the first images checks that estimator against pythae's own.
 """
 
 from __future__ import annotations
@@ -118,6 +120,15 @@ def pythae_model(name: str, hyper: dict, shape: tuple[int, ...], hidden: int, la
     return models[name]()
 
 
+def trained_weights(model) -> dict:
+    """The networks' state dicts and, for VAMP, the pseudo-inputs' pre-activations W e_k + b: (K, C*H*W)."""
+    weights = {"encoder": model.encoder.net.state_dict(), "decoder": model.decoder.net.state_dict()}
+    if hasattr(model, "pseudo_inputs"):  # VAMP: u_k = hardtanh(W e_k + b, 0, 1)
+        layer = model.pseudo_inputs[0]
+        weights["idle_weight"] = (layer.weight.t() + layer.bias).detach().clone()  # (K, C*H*W), vaeflow's name
+    return weights
+
+
 def train(job: dict, model, images: torch.Tensor) -> float:
     """pythae's TrainingPipeline + BaseTrainer (Adam, no eval set, no checkpoints, output in a temp dir): seconds."""
     from pythae.pipelines import TrainingPipeline
@@ -145,22 +156,23 @@ def main(job: dict) -> dict:
     model = pythae_model(job["model"], job["hyper"], shape, job["hidden"], job["latent_dim"])
     seconds = train(job, model, train_images)
     model.eval()
+    torch.save(trained_weights(model), job["weights_out"])
     torch.manual_seed(job["seed"])
     start = time.perf_counter()
-    with torch.no_grad():
-        log_px = model.get_nll(test_images, n_samples=job["nll_k"], batch_size=job["nll_batch"])  # mean log p(x)
+    log_px = None
+    if len(test_images):
+        with torch.no_grad():
+            log_px = model.get_nll(test_images, n_samples=job["nll_k"], batch_size=job["nll_batch"])  # mean log p(x)
     nll_seconds = time.perf_counter() - start
-    if job.get("weights_out"):
-        torch.save({"encoder": model.encoder.net.state_dict(), "decoder": model.decoder.net.state_dict()},
-                   job["weights_out"])
     n_images = len(train_images) * job["epochs"]
     return {
-        "model": job["model"], "seed": job["seed"], "nll": -float(log_px), "nll_k": job["nll_k"],
-        "nll_examples": len(test_images), "nll_seconds": nll_seconds, "train_seconds": seconds,
+        "model": job["model"], "seed": job["seed"], "get_nll": None if log_px is None else -float(log_px),
+        "nll_k": job["nll_k"], "get_nll_examples": len(test_images), "get_nll_seconds": nll_seconds,
+        "train_seconds": seconds,
         "train_images": n_images, "img_per_s": n_images / seconds, "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "pythae": version("pythae"),
         "pythae_config": json.loads(model.model_config.to_json_string()),
-        "weights": job.get("weights_out"),
+        "weights": job["weights_out"],
     }
 
 
