@@ -15,7 +15,8 @@ tensors handed to both sides; the MLP of `vaeflow bench train` (encoder 784-400-
 with a Bernoulli likelihood; batch 128, Adam(lr 1e-3) (vaeflow's AdamW with weight_decay 0 is Adam), E epochs.
 
 Scored quantity, both sides: the test NLL as minus the IWAE bound (Burda et al. 2016, eq. 8) with k samples,
-log p(x) >= log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x), averaged over the test images. Both score the
+log p(x) >= E[log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x)] (eq. 9), z_i ~ q(z|x), one draw of the k samples
+per test image, averaged over the test images. Both score the
 non-binarized x with the Bernoulli log-probability sum_d x_d log p_d + (1 - x_d) log(1 - p_d): vaeflow from the
 logits l (x l - softplus(l)), pythae as -BCE(sigmoid(l), x). These agree wherever float32 sigmoid(l) is not rounded to
 0 or 1 (|l| < ~16), where BCE clamps its log at -100. One estimator scores both sides on the whole test set:

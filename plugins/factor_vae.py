@@ -6,7 +6,7 @@ gamma * KL(q(z) || prod_j q(z_j)), the total correlation TC), eq. 3 (the density
 each latent dimension shuffled across the batch by its own permutation, which keeps every marginal q(z_j) and
 destroys the dependence between dimensions) and algorithm 2 (the VAE update on ELBO - gamma * TC, the
 discriminator update on its cross-entropy -1/2 [mean log D(z) + mean log (1 - D(permute_dims(z')))]);
-appendix (the discriminator: 6 fully connected layers of 1000 units with leaky ReLU; Adam with lr 1e-4 and
+appendix A (the discriminator: 6 fully connected layers of 1000 units with leaky ReLU; Adam with lr 1e-4 and
 betas (0.5, 0.9) for D).
 
 The terms, as the engine sums them (`tc` weighted by gamma, `kl` by train.beta, 1 in the paper):

@@ -1,11 +1,11 @@
 """The importance weighted autoencoder as a model kind (`model.kind: iwae`).
 
 Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders" (ICLR 2016, arXiv:1509.00519). The same
-networks as the VAE, trained on the k-sample importance weighted bound (sec. 3, eq. 8):
+networks as the VAE, trained on the k-sample importance weighted bound (sec. 3, eq. 8; arXiv v4 numbering):
 
     L_k(x) = E_{z_1..z_k ~ q(z|x)} [ log (1/k) sum_i w_i ],   w_i = p(x, z_i) / q(z_i|x) = p(x|z_i) p(z_i) / q(z_i|x),
 
-with the z_i drawn by reparameterization (VAE.log_weights), so its gradient flows through the draws as in sec. 3.
+with the z_i drawn by reparameterization (VAE.log_weights), so its gradient flows through the draws as in sec. 3.1.
 L_1 is the ELBO, and log p(x) >= L_{k+1} >= L_k (Theorem 1): more samples, a tighter bound. The training loss is
 -L_k in nats per image. Evaluation is the VAE's (ELBO, and the IWAE bound with eval.iwae_k samples): this kind
 only changes what training maximizes.

@@ -4,12 +4,14 @@
   eqs. 7-8 with D = MMD: loss = -log p(x|z) + (1 - alpha) KL(q(z|x) || p(z)) + (alpha + lambda - 1) MMD(q(z), p(z)),
   z ~ q(z|x) by reparameterization (a VAE; its ELBO, IWAE bound and samples stay those of the VAE);
 - wae-mmd: Tolstikhin, Bousquet, Gelly & Schoelkopf 2018, "Wasserstein Auto-Encoders" (arXiv:1711.01558),
-  Algorithm 2: a deterministic encoder z = Q(x) (an AE), loss = -log p(x|z) + lambda MMD(q(z), p(z)).
+  Algorithm 2 with the deterministic encoder of its experiments (sec. 4), z = Q(x) (an AE),
+  loss = -log p(x|z) + lambda MMD(q(z), p(z)).
 
-MMD^2 is the unbiased U-statistic of Gretton et al. 2012 (JMLR, "A Kernel Two-Sample Test", eq. 3) between the batch's
-codes z_1..z_n and n draws from model.prior.sample (the standard normal unless model.prior says otherwise), as in
-Algorithm 2. Kernels (WAE sec. 4): inverse multiquadratics k(x, y) = C / (C + ||x - y||^2) and the Gaussian
-k(x, y) = exp(-||x - y||^2 / C), both with C = 2 J sigma_z^2 for a prior of variance sigma_z^2 (`kernel_scale`).
+MMD^2 is the unbiased estimate (two U-statistics and a sample average) of Gretton et al. 2012 (JMLR, "A Kernel
+Two-Sample Test", Lemma 6, eq. 3) between the batch's codes z_1..z_n and n draws from model.prior.sample (the
+standard normal unless model.prior says otherwise), as in Algorithm 2. Kernels (WAE sec. 4): inverse
+multiquadratics k(x, y) = C / (C + ||x - y||^2) and the Gaussian k(x, y) = exp(-||x - y||^2 / C), both with
+C = 2 J sigma_z^2 for a prior of variance sigma_z^2 (`kernel_scale`).
 
 The MMD is a batch statistic (not a per-image sum like the reconstruction), so its weight carries the scale:
 info-vae's default lambda = 1000 lets an MMD of order 1e-2 count against a reconstruction of hundreds of nats per
@@ -49,7 +51,7 @@ def kernel_matrix(x: torch.Tensor, y: torch.Tensor, kernel: Kernel = "imq", scal
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, kernel: Kernel = "imq", scale: float = 1.0) -> torch.Tensor:
-    """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) between samples x (N, J) and y (M, J), N, M >= 2: a scalar ().
+    """Unbiased MMD^2 (Gretton et al. 2012, Lemma 6, eq. 3) of samples x (N, J) and y (M, J), N, M >= 2: a scalar ().
 
     sum_{i != j} k(x_i, x_j) / (N (N-1)) + sum_{i != j} k(y_i, y_j) / (M (M-1)) - 2 sum_{i, j} k(x_i, y_j) / (N M).
     """

@@ -6,7 +6,7 @@ arXiv:1802.04942). Eq. 2 decomposes the KL term of the ELBO, averaged over the d
     E_p(n)[KL(q(z|n) || p(z))] = I_q(z; n) + KL(q(z) || prod_j q(z_j)) + sum_j KL(q(z_j) || p(z_j))
                                  index-code MI   total correlation (TC)      dimension-wise KL
 
-and the beta-TCVAE (sec. 4.2) weights the three: loss = -log p(x|z) + alpha * MI + beta * TC + gamma * dim-KL.
+and the beta-TCVAE weights the three: loss = -log p(x|z) + alpha * MI + beta * TC + gamma * dim-KL.
 Per image i, at its posterior draw z_i, the terms are the differences
 
     mi_i = log q(z_i|x_i) - log q(z_i)
@@ -16,7 +16,7 @@ Per image i, at its posterior draw z_i, the terms are the differences
 which telescope to the one-sample KL estimate log q(z_i|x_i) - log p(z_i) whatever estimates of the aggregate
 posterior q(z) = 1/N sum_n q(z|x_n) and its marginals q(z_j) are used. Both come from the minibatch of B images:
 
-- `mws`, minibatch-weighted sampling (sec. 4.1; as the authors' code and pythae):
+- `mws`, minibatch-weighted sampling (as the authors' code and pythae):
   log q(z_i) ~ logsumexp_b log q(z_i|x_b) - log(N B). N enters only through constants: MI, TC and dim-KL carry
   +log(N B), +(J-1) log(N B) and -J log(N B). They change the logged values (TC reads tens of nats on a model whose
   true TC is small, and a capacity schedule would target the shifted TC), never a gradient.
@@ -183,7 +183,7 @@ class BetaTCVAEOptions(ContinuousOptions):
     gamma: float = Field(1.0, ge=0, description="weight of the dimension-wise KL (1 as in the paper); the total "
                                                 "correlation's weight beta is train.beta")
     estimator: Literal["mws", "mss"] = Field("mws", description="estimator of log q(z): mws (minibatch-weighted "
-                                                                "sampling, sec. 4.1) or mss (minibatch stratified "
+                                                                "sampling) or mss (minibatch stratified "
                                                                 "sampling, appendix)")
     dataset_size: Optional[int] = Field(None, gt=0, description="N, the number of training images the estimators "
                                                                 "weigh the batch against (null: the dataset's "
