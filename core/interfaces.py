@@ -70,6 +70,13 @@ class Likelihood(Component, nn.Module):
         """log p(x | params) summed over pixels: x (B, C, H, W), params (B, P, H, W) -> (B,)."""
         raise NotImplementedError
 
+    def log_prob_samples(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """log p(x | params_i) for k parameter sets per image (the IWAE's draws): x (B, C, H, W), params
+        (k, B, P, H, W) -> (k, B). This default copies x k times; a likelihood may broadcast it instead."""
+        k = params.shape[0]
+        x_rep = x.expand(k, *x.shape).flatten(0, 1)  # (k*B, C, H, W)
+        return self.log_prob(x_rep, params.flatten(0, 1)).view(k, -1)  # (k, B)
+
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """E[x | params]: (B, P, H, W) -> (B, C, H, W), used for reconstructions and samples."""
         raise NotImplementedError

@@ -30,6 +30,7 @@ from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_me
 from core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
 from core.errors import ConfigError, VaeflowError
 from core.interfaces import Stage, StageContext, file_sha256
+from pipelines.processes import failpoint
 
 FLOW_NAME = "vaeflow_pipeline"
 MODEL_INPUT = "train"  # the input naming the trained model: train's result, or a later stage's that refines it
@@ -88,6 +89,7 @@ class EpochLog:
         self.log.info("epoch %d/%d: %s, %.0f img/s, ETA %.0f s", record["epoch"], self.epochs, terms,
                       record.get("img_per_s", 0.0), eta)
         self.last = time.monotonic()
+        failpoint("train.epoch")  # after the checkpoint and the epoch's metrics are committed
 
     def on_log(self, step: int, record: dict) -> None:
         """Step N: the record's numbers, throttled to one line per `every` seconds."""

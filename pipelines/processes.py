@@ -75,14 +75,19 @@ def end_with_parent(poll: float = 1.0) -> None:
     end_with_parent.started = True
 
 
-FAILPOINT = "VAEFLOW_FAILPOINT"  # tests: the name of a failpoint at which this process kills itself with SIGKILL
+FAILPOINT = "VAEFLOW_FAILPOINT"  # tests: NAME (die there with SIGKILL) or NAME:stop (pause there with SIGSTOP)
 
 
 def failpoint(name: str) -> None:
-    """Die at once (SIGKILL, no cleanup) when VAEFLOW_FAILPOINT names this point: how the crash tests stop a run
-    at an exact place, e.g. between registering a version and setting its aliases."""
-    if os.environ.get(FAILPOINT) == name:
+    """Die at once (SIGKILL, no cleanup) when VAEFLOW_FAILPOINT names this point, or pause (SIGSTOP, until a
+    SIGCONT, once) when it names NAME:stop: how the crash tests stop a run at an exact place, e.g. between registering
+    a version and setting its aliases, or between two epochs, where no store transaction is open."""
+    wanted = os.environ.get(FAILPOINT)
+    if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"{name}:stop":
+        del os.environ[FAILPOINT]  # once: the run goes on after the SIGCONT
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def alive(pid: int) -> bool:

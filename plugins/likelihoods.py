@@ -20,6 +20,42 @@ from core.interfaces import Likelihood, Options, Shape
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+class _BernoulliLogProb(torch.autograd.Function):
+    """sum_pixels x l - softplus(l) with a hand-written backward, d/dl = x - sigmoid(l) and d/dx = l.
+
+    The autograd graph of the plain expression keeps x * l and softplus(l) and makes four passes over the logits
+    backward; this makes two forward (softplus, then one addcmul in place) and three backward, and broadcasts x
+    over leading sample dimensions of l instead of copying it. (x l - softplus(l) itself equals
+    -BCE-with-logits, and softplus vectorizes better on CPU than log_sigmoid.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, x)
+        ctx.pixel_dims = x.dim() - 1
+        l = logits.to(torch.promote_types(x.dtype, logits.dtype))  # bf16 logits under autocast: score in float32
+        per_pixel = F.softplus(l).addcmul_(x, l, value=-1.0)  # (..., B, C, H, W): softplus(l) - x l
+        return per_pixel.flatten(-ctx.pixel_dims).sum(-1).neg_()  # (..., B)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, x = ctx.saved_tensors
+        g = grad.reshape(*grad.shape, *[1] * ctx.pixel_dims)  # (..., B, 1, 1, 1)
+        l = logits.to(grad.dtype)
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(l).sub_(x).mul_(g.neg()).to(logits.dtype)  # (x - sigmoid(l)) g
+        if ctx.needs_input_grad[1]:
+            grad_x = l * g  # (..., B, C, H, W), summed back to x's shape over the sample dimensions
+            grad_x = grad_x.sum(tuple(range(grad_x.dim() - x.dim()))) if grad_x.dim() > x.dim() else grad_x
+        return grad_logits, grad_x
+
+
+def bernoulli_log_prob(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log Bernoulli(x; sigmoid(l)) summed over pixels: x (B, C, H, W) in [0, 1], logits (..., B, C, H, W) -> (..., B)."""
+    return _BernoulliLogProb.apply(logits, x)
+
+
 class Bernoulli(Likelihood):
     """Independent Bernoulli pixels with logits l: log p(x|l) = sum x l - softplus(l), for x in [0, 1]."""
 
@@ -29,13 +65,12 @@ class Bernoulli(Likelihood):
         pass
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) in [0, 1], logits (B, C, H, W) -> (B,).
+        """x (B, C, H, W) in [0, 1], logits (B, C, H, W) -> (B,), by the fused bernoulli_log_prob."""
+        return bernoulli_log_prob(x, params)
 
-        x l - softplus(l) equals -BCE-with-logits; measured here it is 2-3x faster forward+backward
-        than F.binary_cross_entropy_with_logits on a (128, 784) batch (softplus vectorizes better
-        than log_sigmoid on CPU).
-        """
-        return (x * params - F.softplus(params)).flatten(1).sum(1)
+    def log_prob_samples(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) broadcast against k sets of logits (k, B, C, H, W) -> (k, B), with no copy of x."""
+        return bernoulli_log_prob(x, params)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         """sigmoid(logits): (B, C, H, W)."""

@@ -61,6 +61,12 @@ def mid_train(proc: subprocess.Popen, project: Path) -> Path:
     return wait_for(ready, 300, "a training checkpoint")
 
 
+def stopped(pid: int) -> bool:
+    """Whether process pid is stopped by a signal (state T in /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     proc.wait(timeout=timeout)
     return output(proc)
@@ -201,12 +207,17 @@ def test_sigterm_ends_runs_killed_stops_the_server_and_says_how_to_rerun(project
 
 
 def test_two_identical_runs_at_once_train_once(project):
-    """The second run reaches train while the first holds the stage lock (the first is paused mid-train with
-    SIGSTOP until the second says it waits), so the outcome does not depend on which one starts faster."""
+    """The second run reaches train while the first holds the stage lock (the first pauses itself after its first
+    epoch, outside any store transaction, until the second says it waits), so the outcome does not depend on which
+    one starts faster. A SIGSTOP sent from here could land inside a sqlite write and lock the second run out."""
     sets = ("tracking.model_name=twins", "data.dataset.n_train=8192")
-    first = start(project, *sets)
-    mid_train(first, project)
-    os.kill(first.pid, signal.SIGSTOP)
+    first = start(project, *sets, VAEFLOW_FAILPOINT="train.epoch:stop")
+
+    def paused():
+        assert first.poll() is None, output(first)[-3000:]
+        return stopped(first.pid)
+
+    wait_for(paused, 300, "the first run to pause after its first epoch")
     try:
         second = start(project, *sets)
 

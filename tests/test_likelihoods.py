@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal
 
 from plugins import likelihoods
+from core.interfaces import Likelihood
 from plugins.likelihoods import Bernoulli, Gaussian, GaussianLearned, gaussian_log_prob
 
 SHAPE = (2, 2, 3)  # (C, H, W)
@@ -303,3 +304,52 @@ def test_gaussian_learned_per_pixel_value_mean_sample():
     sd = _effective_log_sigma(one[0, c:], 1e-2).exp().float()
     assert ((s.mean(0) - one[0, :c]).abs() < 5 * sd / math.sqrt(n)).all()
     assert ((s.std(0) - sd).abs() < 5 * sd / math.sqrt(2 * n)).all()
+
+
+# ------------------------------------------------------------------------------ Bernoulli over k draws
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_log_prob_samples_broadcasts_x_like_the_copied_path(bern, dtype):
+    """k logits per image: the broadcasting override equals the base class's copy-x-k-times default, in value and
+    in the gradients of both the logits and x (x's summed over the k draws)."""
+    g = torch.Generator().manual_seed(5)
+    k, b = 3, 4
+    x = torch.rand(b, *SHAPE, generator=g, dtype=dtype)
+    base = torch.randn(k, b, *SHAPE, generator=g, dtype=dtype) * 3
+    w = torch.randn(k, b, generator=g, dtype=dtype)  # a non-uniform upstream gradient
+    got_l, got_x = base.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = bern.log_prob_samples(got_x, got_l)
+    want_l, want_x = base.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = Likelihood.log_prob_samples(bern, want_x, want_l)  # the default: x copied k times
+    assert got.shape == (k, b)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for i in range(k):  # and per draw, against the hand computation
+        torch.testing.assert_close(got[i].detach().double(), torch.tensor(_bernoulli_hand(x, base[i]), dtype=torch.float64),
+                                   rtol=tol, atol=tol)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(got_l.grad, want_l.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_x.grad, (w.view(k, b, 1, 1, 1) * base).sum(0), rtol=tol, atol=tol)  # d/dx = l
+
+
+def test_bernoulli_gradcheck_in_logits_and_x_over_k_draws():
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, *SHAPE, generator=g, dtype=torch.float64).requires_grad_(True)
+    logits = (torch.randn(3, 2, *SHAPE, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda l, v: likelihoods.bernoulli_log_prob(v, l), (logits, x), eps=1e-6, atol=1e-6)
+
+
+def test_bernoulli_bf16_logits_score_in_float32(bern):
+    """Under bf16 autocast the decoder hands over bf16 logits: the score is float32 of the same logits, and the
+    logits' gradient comes back in bf16."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.rand(3, *SHAPE, generator=g) > 0.5).float()
+    logits = (torch.randn(3, *SHAPE, generator=g) * 3).bfloat16().requires_grad_(True)
+    out = bern.log_prob(x, logits)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.detach().double(), torch.tensor(_bernoulli_hand(x, logits.detach().float()), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.float(), x - torch.sigmoid(logits.detach().float()), rtol=1e-2, atol=1e-2)
