@@ -84,23 +84,29 @@ def mss_log_weights(batch: int, dataset_size: int, device: torch.device | str = 
     return weights.log().to(dtype)
 
 
+def estimator_weights(batch: int, dataset_size: int, estimator: str, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor | None, float]:
+    """(log w (B, B) or None, log normalizer) of an estimator: log q(z_i) ~ logsumexp_b [log w_ib + log q(z_i|x_b)]
+    - log normalizer. mws weighs every b alike (None, log NB); mss by mss_log_weights (its rows sum to 1, so 0)."""
+    if estimator == "mws":
+        return None, math.log(dataset_size * batch)
+    if estimator == "mss":
+        return mss_log_weights(batch, dataset_size, device, dtype), 0.0
+    raise ValueError(f"unknown estimator {estimator!r}, expected one of {ESTIMATORS}")
+
+
 def log_aggregate_posterior(log_q: torch.Tensor, dataset_size: int,
                             estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(log q(z_i), sum_j log q(z_ij)), each (B,), from the pairwise densities log q(z_ij | x_b) (B, B, J).
 
     The readable definition; training uses fused_log_aggregate_posterior, tested to give the same values and
     gradients."""
-    batch = log_q.shape[0]
-    if estimator == "mws":
-        log_norm = math.log(dataset_size * batch)
-        log_qz = torch.logsumexp(log_q.sum(2), dim=1) - log_norm  # (B,)
-        log_marginals = torch.logsumexp(log_q, dim=1) - log_norm  # (B, J)
-    elif estimator == "mss":
-        log_w = mss_log_weights(batch, dataset_size, log_q.device, log_q.dtype)  # (B, B)
-        log_qz = torch.logsumexp(log_w + log_q.sum(2), dim=1)  # (B,)
-        log_marginals = torch.logsumexp(log_w.unsqueeze(2) + log_q, dim=1)  # (B, J)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}, expected one of {ESTIMATORS}")
+    log_w, log_norm = estimator_weights(log_q.shape[0], dataset_size, estimator, log_q.device, log_q.dtype)
+    joint, per_dim = log_q.sum(2), log_q  # (B, B), (B, B, J)
+    if log_w is not None:
+        joint, per_dim = joint + log_w, per_dim + log_w.unsqueeze(2)
+    log_qz = torch.logsumexp(joint, dim=1) - log_norm  # (B,)
+    log_marginals = torch.logsumexp(per_dim, dim=1) - log_norm  # (B, J)
     return log_qz, log_marginals.sum(1)
 
 
@@ -149,16 +155,9 @@ class _FusedAggregatePosterior(torch.autograd.Function):
 def fused_log_aggregate_posterior(posterior: DiagonalGaussian, z: torch.Tensor, dataset_size: int,
                                   estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(log q(z_i), sum_j log q(z_ij)), each (B,), as log_aggregate_posterior but without the (B, B, J) graph."""
-    batch = z.shape[0]
-    if estimator == "mws":
-        log_norm = math.log(dataset_size * batch)
-        log_qz, log_marginals = _FusedAggregatePosterior.apply(z, posterior.mean, posterior.logvar, None)
-        return log_qz - log_norm, log_marginals.sum(1) - z.shape[1] * log_norm
-    if estimator == "mss":
-        log_w = mss_log_weights(batch, dataset_size, z.device, z.dtype)  # (B, B)
-        log_qz, log_marginals = _FusedAggregatePosterior.apply(z, posterior.mean, posterior.logvar, log_w)
-        return log_qz, log_marginals.sum(1)
-    raise ValueError(f"unknown estimator {estimator!r}, expected one of {ESTIMATORS}")
+    log_w, log_norm = estimator_weights(z.shape[0], dataset_size, estimator, z.device, z.dtype)
+    log_qz, log_marginals = _FusedAggregatePosterior.apply(z, posterior.mean, posterior.logvar, log_w)  # (B,), (B, J)
+    return log_qz - log_norm, log_marginals.sum(1) - z.shape[1] * log_norm
 
 
 def decompose_kl(posterior: DiagonalGaussian, z: torch.Tensor, prior: LatentPrior, dataset_size: int,
