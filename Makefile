@@ -8,15 +8,16 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install data run run-vq train ui server test bench bench-quantizer bench-zoo report-vq clean
+.PHONY: install data run run-vq train ui server test bench bench-quantizer bench-zoo report-vq docs docs-serve clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,docs]'
 	touch $@
 
 # Fashion-MNIST: use local files when present; on Debian/Ubuntu without them, install the
@@ -43,7 +44,7 @@ run: install data
 train: install data
 	rm -rf $(RUN_DIR)
 	$(BIN)/vaeflow train $(CONFIG) --out $(RUN_DIR)
-	$(BIN)/vaeflow evaluate $(RUN_DIR)
+	$(BIN)/vaeflow evaluate --model $(RUN_DIR)
 	$(BIN)/vaeflow generate --model $(RUN_DIR) -n 64 --out $(RUN_DIR)/samples.png
 	$(BIN)/vaeflow interpolate --model $(RUN_DIR) --out $(RUN_DIR)/interpolation.png
 
@@ -77,5 +78,12 @@ run-vq: install data
 report-vq: install data
 	$(BIN)/vaeflow bench vq-quality --out bench/vqvae2.json
 
+# The docs site (MkDocs Material) into site/; `make docs-serve` serves it with live reload on :8000.
+docs: install
+	$(BIN)/mkdocs build --strict
+
+docs-serve: install
+	$(BIN)/mkdocs serve
+
 clean:
-	rm -rf runs .pytest_cache .vaeflow
+	rm -rf runs .pytest_cache .vaeflow site

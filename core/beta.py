@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from core.interfaces import Schedule
-from core.registry import Registry, get_registry
+from vaeflow.core.interfaces import Schedule
+from vaeflow.core.registry import Registry, get_registry
 
 
 def schedule_class(spec, registry: Registry | None = None) -> type[Schedule]:

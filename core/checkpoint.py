@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 
-from core.config import Config, config_hash, dump_yaml, read_yaml, validate
-from core.errors import CheckpointError, PluginError, VaeflowError
+from vaeflow.core.config import Config, config_hash, dump_yaml, read_yaml, validate
+from vaeflow.core.errors import CheckpointError, PluginError, VaeflowError
+from vaeflow.core.files import atomic_write, write_text  # noqa: F401 (re-exported: callers import them from here)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoints/last.pt"
 METRICS_FILE = "metrics.jsonl"
 PLUGINS_FILE = "plugins.json"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Atomically write a text file."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -88,7 +66,7 @@ def read_run_config(run_dir: str | Path) -> Config:
 def _upgrade(raw: dict, run_dir: Path) -> dict:
     """A run config written before model kinds were plugins (its plugins.json names no `kind`) carried every
     model field of every kind (vq defaults on a vae, say): drop the keys its kind does not declare."""
-    from core.registry import get_registry
+    from vaeflow.core.registry import get_registry
 
     plugins = run_dir / PLUGINS_FILE
     model = raw.get("model")
@@ -110,10 +88,10 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
 def plugins_used(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[str, dict[str, str]]:
     """{config field: {family, name, source, package, version, code_sha256}} for the model kind and every component
     the config selects (only those of `sections`, e.g. ("model",), when given). `code_sha256` hashes the plugin's
-    module source and what it imports from its own package and from core (core.registry.code_sha256)."""
-    from core.config import LIST_COMPONENTS, component_fields
-    from core.interfaces import TAGS
-    from core.registry import get_registry
+    module source and what it imports from its own package and from core (vaeflow.core.registry.code_sha256)."""
+    from vaeflow.core.config import LIST_COMPONENTS, component_fields
+    from vaeflow.core.interfaces import TAGS
+    from vaeflow.core.registry import get_registry
 
     registry = get_registry()
     chosen = [("model", "kind", "model", cfg.model.kind)]
@@ -134,7 +112,7 @@ def plugins_used(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[s
 
 def check_plugins(folder: Path) -> None:
     """Fail with the missing plugin and its package when a model needs components not installed here."""
-    from core.registry import get_registry
+    from vaeflow.core.registry import get_registry
 
     path = folder / PLUGINS_FILE
     if not path.is_file():
@@ -169,7 +147,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
 
     `device` may be "auto": CUDA when present, else CPU.
     """
-    from core.model import build_model  # local: model imports config, which this module also needs
+    from vaeflow.core.model import build_model  # local: model imports config, which this module also needs
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -212,7 +190,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def weights_metadata(cfg: Config) -> dict[str, str]:
     """Metadata stored in model.safetensors: one key of sorted JSON, so the file bytes are deterministic
     (safetensors writes its metadata map in hash order)."""
-    from core import __version__
+    from vaeflow import __version__
 
     info = {"config_hash": config_hash(cfg), "vaeflow_version": __version__, "format": "vaeflow-vae-1"}
     return {"vaeflow": json.dumps(info, sort_keys=True)}

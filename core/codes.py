@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from core.errors import ConfigError
+from vaeflow.core.errors import ConfigError
 
 
 @contextmanager

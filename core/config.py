@@ -20,9 +20,9 @@ from pydantic import (
     BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, create_model, model_validator,
 )
 
-from core.errors import ConfigError
-from core.interfaces import TAGS
-from core.registry import Registry, get_registry
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.interfaces import TAGS
+from vaeflow.core.registry import Registry, get_registry
 
 ENV_PREFIX = "VAEFLOW_"
 
@@ -297,7 +297,7 @@ def _model_member(registry: Registry, cls: type) -> type:
             fields[fname] = (Optional[t], Field(None, description=slot.description or None))
 
     def forms(section):
-        from core.model import form_mismatch  # core.model builds on this module
+        from vaeflow.core.model import form_mismatch  # vaeflow.core.model builds on this module
 
         for fname in cls.slots:
             spec = getattr(section, fname, None)
@@ -406,11 +406,37 @@ def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, Any]
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with errors that name the file and the line."""
+TEMPLATES_PACKAGE = "vaeflow.configs"  # configs/ in the repository, package data in the wheel
+
+
+def templates() -> dict[str, Path]:
+    """The starter configs shipped with vaeflow, by name (the file's stem): {"vae-shapes-tiny": path, ...}."""
+    from importlib.resources import files
+
+    folder = Path(str(files(TEMPLATES_PACKAGE)))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(path: str | Path) -> Path:
+    """The YAML file `path` names: an existing file, else a shipped template's name (with or without .yaml), else a
+    ConfigError that says what exists."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([(str(path), "file not found; pass an existing YAML file, e.g. configs/vae-shapes-tiny.yaml")])
+    if path.is_file():
+        return path
+    shipped = templates()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if len(path.parts) == 1 and name in shipped:
+        return shipped[name]
+    if path.is_dir():
+        raise ConfigError([(str(path), "is a directory; pass a YAML config file or a template name")])
+    raise ConfigError([(str(path), f"file not found, and no template has that name; pass a YAML file, or one of "
+                                   f"the templates: {', '.join(shipped)} (`vaeflow init --template NAME` copies "
+                                   f"one to edit)")])
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping (a file, or a shipped template by name) with errors that name the file and the line."""
+    path = config_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from core.config import Config
-from core.errors import DataError
-from core.interfaces import Dataset, to_unit_float
-from core.registry import Registry, get_registry
+from vaeflow.core.config import Config
+from vaeflow.core.errors import DataError
+from vaeflow.core.interfaces import Dataset, to_unit_float
+from vaeflow.core.registry import Registry, get_registry
 
 
 def open_dataset(cfg: Config, registry: Registry | None = None) -> Dataset:

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from core.beta import BetaSchedule
-from core.checkpoint import (
+from vaeflow.core.beta import BetaSchedule
+from vaeflow.core.checkpoint import (
     CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics, read_run_config, save_checkpoint,
     save_weights, weights_metadata, write_run_config, write_text,
 )
-from core.config import Config, config_hash
-from core.data import Batches
-from core.errors import CheckpointError, NonFiniteError
-from core.interfaces import Model
-from core.model import build_model
+from vaeflow.core.config import Config, config_hash
+from vaeflow.core.data import Batches
+from vaeflow.core.errors import CheckpointError, NonFiniteError
+from vaeflow.core.interfaces import Model
+from vaeflow.core.model import build_model
 
 ENGINE_TERMS = ("loss", "grad_norm")  # recorded every step with the model's terms and stats, checked at every sync
 log = logging.getLogger("vaeflow.train")
@@ -234,6 +234,7 @@ class Trainer:
                 else:  # resumed mid-epoch: replay this epoch's permutation
                     self.shuffle.set_state(self.epoch_shuffle_state)
                 perm = torch.randperm(self.data.n, generator=self.shuffle)  # (N,)
+                bar.set_description(f"epoch {self.epoch + 1}/{t.epochs}", refresh=False)
                 sums, n_seen, pending, first = 0, 0, [], self.step
                 epoch_start_step = self.step
                 loop_time, t0 = 0.0, time.perf_counter()

@@ -2,11 +2,11 @@
 
 Every hook receives a ``register`` callback, in the style of the llm project:
 the plugin calls ``register(cls)`` once per component it provides, where ``cls``
-subclasses the family's base class from :mod:`core.interfaces` and sets a
+subclasses the family's base class from :mod:`vaeflow.core.interfaces` and sets a
 class attribute ``name`` (the name a config selects it by) and a nested
 pydantic ``Options`` model with ``extra="forbid"``. ``register(cls, name="x")``
 registers under another name. The host validates every registration and
-rejects name clashes in one place (:mod:`core.registry`), so hooks return
+rejects name clashes in one place (:mod:`vaeflow.core.registry`), so hooks return
 nothing. Built-in components in ``plugins/`` use exactly these hooks, through
 the same ``vaeflow`` entry-point group that third-party packages use.
 """
@@ -83,9 +83,9 @@ def register_schedules(register: Register) -> None:
 
 @hookspec
 def register_stages(register: Register) -> None:
-    """Register pipeline stages (core.interfaces.Stage) that model kinds add by name in Model.stages."""
+    """Register pipeline stages (vaeflow.core.interfaces.Stage) that model kinds add by name in Model.stages."""
 
 
 @hookspec
 def register_metrics(register: Register) -> None:
-    """Register evaluation metrics (core.interfaces.Metric): the capabilities they need and their headline keys."""
+    """Register evaluation metrics (vaeflow.core.interfaces.Metric): the capabilities they need and their headline keys."""

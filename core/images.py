@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from core.checkpoint import atomic_write
-from core.errors import VaeflowError
+from vaeflow.core.checkpoint import atomic_write
+from vaeflow.core.errors import VaeflowError
 
 
 def check_image_path(out: Path) -> Path:

@@ -285,7 +285,7 @@ class Noise(Component):
 class RenderContext:
     """What a renderer gets: the trained model, held-out images, where to write, and a seed."""
 
-    model: nn.Module  # a core.interfaces.Model (see its capabilities: latent vectors or code grids), in eval mode
+    model: nn.Module  # a vaeflow.core.interfaces.Model (see its capabilities: latent vectors or code grids), in eval mode
     images: torch.Tensor  # held-out images (N, C, H, W) in [0, 1], on the CPU
     out_dir: Path  # the renderer writes its files under this folder (atomically)
     seed: int = 0  # seeds every random choice: which images, which samples
@@ -430,7 +430,7 @@ class Model(Component, nn.Module):
     A subclass sets `name`, `Options` (its own fields under `model:`), `slots` (model.<field> -> Slot),
     `capabilities`, optionally `scheduled` (the loss term train.beta weights), and implements `build`,
     `forward` (-> Objective) and `reconstruct`, plus what its capabilities promise (metrics, renderers,
-    the pyfunc model and core.codes rely on these; core.testing.check_model checks them):
+    the pyfunc model and vaeflow.core.codes rely on these; vaeflow.core.testing.check_model checks them):
 
     - every model: `likelihood` (a Likelihood);
     - continuous: `latent_dim`, `posterior(x)` (with `.mode()`, `.rsample()`), `decode(z)`, `interpolate`,
@@ -504,9 +504,9 @@ class Model(Component, nn.Module):
 class StageContext:
     """What a stage's `run` gets from the pipeline: the config, its output folder, its MLflow run and loggers.
 
-    The pipeline (pipelines.pipeline) fills the callables in; a stage never imports MLflow or Prefect itself."""
+    The pipeline (vaeflow.pipelines.pipeline) fills the callables in; a stage never imports MLflow or Prefect itself."""
 
-    cfg: Any  # the run's core.config.Config, as the stage runs it (no progress bar on a worker)
+    cfg: Any  # the run's vaeflow.core.config.Config, as the stage runs it (no progress bar on a worker)
     folder: Path  # workspace/<stage folder>/<key digest>: the stage writes its outputs here, atomically
     log: Any  # a logging.Logger whose lines show in the Prefect UI
     run_id: str  # the stage's MLflow run
@@ -560,7 +560,7 @@ class Stage(Component):
 
     @classmethod
     def check(cls, cfg, source: str) -> None:
-        """Raise core.errors.ConfigError when the config cannot run this stage (before any run starts)."""
+        """Raise vaeflow.core.errors.ConfigError when the config cannot run this stage (before any run starts)."""
 
     @classmethod
     def skipped(cls, cfg) -> str | None:
@@ -590,9 +590,9 @@ class Stage(Component):
 class MetricContext:
     """What a metric gets: the model in eval mode, the test split, the eval section and the known factors."""
 
-    model: nn.Module  # a core.interfaces.Model
+    model: nn.Module  # a vaeflow.core.interfaces.Model
     images: torch.Tensor  # test images (N, C, H, W) in [0, 1] (cut to eval.max_examples), on the CPU
-    config: Any  # core.config.EvalConfig
+    config: Any  # vaeflow.core.config.EvalConfig
     factors: torch.Tensor | None = None  # known generative factors (N, K) of the images, if the dataset has them
     factor_names: tuple = ()
     factor_discrete: tuple = ()
@@ -628,7 +628,7 @@ FAMILIES: dict[str, type[Component]] = {
     cls.FAMILY: cls for cls in (Encoder, Decoder, Quantizer, Likelihood, Prior, Dataset, Noise, Renderer,
                                 LatentPrior, Model, Schedule, Stage, Metric)
 }
-HOOKS: dict[str, str] = {  # family -> hook name in core.hookspecs
+HOOKS: dict[str, str] = {  # family -> hook name in vaeflow.core.hookspecs
     "encoder": "register_encoders",
     "decoder": "register_decoders",
     "quantizer": "register_quantizers",

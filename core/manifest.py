@@ -14,12 +14,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from core.checkpoint import atomic_write, write_text
-from core.config import Config, canonical_json
-from core.data import open_dataset, pad
-from core.errors import DataError
-from core.interfaces import file_sha256
-from core.registry import Registry
+from vaeflow.core.checkpoint import atomic_write, write_text
+from vaeflow.core.config import Config, canonical_json
+from vaeflow.core.data import open_dataset, pad
+from vaeflow.core.errors import DataError
+from vaeflow.core.interfaces import file_sha256
+from vaeflow.core.registry import Registry
 
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "splits.safetensors"

@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from core.config import EvalConfig
-from core.errors import PluginError
-from core.interfaces import Capabilities, MetricContext, Model
-from core.registry import Entry, Registry, get_registry
+from vaeflow.core.config import EvalConfig
+from vaeflow.core.errors import PluginError
+from vaeflow.core.interfaces import Capabilities, MetricContext, Model
+from vaeflow.core.registry import Entry, Registry, get_registry
 
 LN2 = math.log(2.0)
 COMMON_KEYS = ("examples", "dims")  # what evaluate itself adds: the number of test images, pixels per image

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from core.beta import schedule_class
-from core.config import Config
-from core.errors import ConfigError
-from core.interfaces import Model, Shape, form_of
-from core.registry import Registry, get_registry
+from vaeflow.core.beta import schedule_class
+from vaeflow.core.config import Config
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.interfaces import Model, Shape, form_of
+from vaeflow.core.registry import Registry, get_registry
 
 
 def data_shape(cfg: Config, registry: Registry | None = None) -> Shape:

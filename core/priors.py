@@ -17,11 +17,11 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from core.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_text
-from core.config import PriorConfig
-from core.errors import CheckpointError, ConfigError, DataError, NonFiniteError
-from core.interfaces import Prior, file_sha256
-from core.registry import Registry, get_registry
+from vaeflow.core.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_text
+from vaeflow.core.config import PriorConfig
+from vaeflow.core.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from vaeflow.core.interfaces import Prior, file_sha256
+from vaeflow.core.registry import Registry, get_registry
 
 CODES_FILE, CODES_MANIFEST = "codes.safetensors", "codes.json"
 PRIOR_WEIGHTS, PRIOR_INFO, PRIOR_CHECKPOINT = "prior.safetensors", "prior.json", "checkpoints/last.pt"

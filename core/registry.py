@@ -10,27 +10,21 @@ the others still load.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import importlib
-import importlib.util
-import importlib.metadata as md
 import os
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pluggy
 
-from core import hookspecs
-from core.errors import PluginError
-from core.interfaces import FAMILIES, HOOKS, TAGS, Component
+from vaeflow.core import hookspecs
+from vaeflow.core.errors import PluginError
+from vaeflow.core.sources import ENTRY_POINT_GROUP, ENV_PLUGINS, module_files, plugin_modules  # noqa: F401
+from vaeflow.core.interfaces import FAMILIES, HOOKS, TAGS, Component
 
-ENTRY_POINT_GROUP = "vaeflow"
-ENV_PLUGINS = "VAEFLOW_PLUGINS"
 
 
 class NameClash(PluginError):
@@ -53,58 +47,7 @@ class Entry:
         return code_sha256(self.cls.__module__)
 
 
-_AST_LOCK = threading.Lock()
-CODE_ROOTS = ("core",)  # besides the plugin's own top-level package, imports of these count as its code
-
-
-def module_files(module: str, roots: set[str]) -> list[Path]:
-    """The source files of `module` and, transitively, of every module it imports whose top-level package is in
-    `roots`, found by parsing the imports (nothing is executed)."""
-    files, seen, todo = [], set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError, AttributeError):  # an attribute, not a module (from x import Class)
-            continue
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        path = Path(spec.origin)
-        files.append(path)
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for level, base, names in _imports(path):
-            if level:  # relative: from . import x, from ..y import z
-                parent = package.rsplit(".", level - 1)[0] if level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            if base.split(".")[0] in roots:
-                todo += [base] + [f"{base}.{n}" for n in names]
-    return sorted(set(files))
-
-
-_IMPORTS: dict[Path, tuple[tuple[int, int], list]] = {}  # path -> ((mtime_ns, size), its imports)
-
-
-def _imports(path: Path) -> list[tuple[int, str, tuple[str, ...]]]:
-    """[(relative level, module, imported names)] of a source file's import statements (`import a.b` is
-    (0, "a.b", ())), parsed again only when the file's mtime or size changes: stage keys ask often."""
-    stat = path.stat()
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    cached = _IMPORTS.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    with _AST_LOCK:  # CPython 3.11's parser is not thread-safe (SystemError: AST constructor recursion depth
-        tree = ast.parse(path.read_bytes())  # mismatch) and stage keys are computed in parallel task threads
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(0, a.name, ()) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            found.append((node.level, node.module or "", tuple(a.name for a in node.names)))
-    _IMPORTS[path] = (stamp, found)
-    return found
+CODE_ROOTS = ("vaeflow.core",)  # besides the plugin's own top-level package, imports of these count as its code
 
 
 def code_sha256(module: str) -> str:
@@ -142,7 +85,7 @@ class Registry:
         """Validate and record one registration; a clash names both sources."""
         base = FAMILIES[family]
         if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise PluginError(f"{source}: {family} {cls!r} must subclass core.interfaces.{base.__name__}")
+            raise PluginError(f"{source}: {family} {cls!r} must subclass vaeflow.core.interfaces.{base.__name__}")
         name = name or getattr(cls, "name", None)
         if not name or not isinstance(name, str):
             raise PluginError(f"{source}: {family} {cls.__name__} has no string `name`")
@@ -159,7 +102,7 @@ class Registry:
 
     def as_json(self) -> dict[str, list[dict[str, str]]]:
         """{family: [{"name", "source"}, ...]} for `vaeflow plugins --json`."""
-        from core.interfaces import form_of
+        from vaeflow.core.interfaces import form_of
 
         def describe(e: Entry) -> dict:
             out = {"name": e.name, "source": e.source}
@@ -190,14 +133,17 @@ def _check_model(cls: Any, name: str, source: str) -> None:
 
 def _plugin_modules() -> list[tuple[str, str, str, str | None, Any]]:
     """(plugin name, source, package, version, loader) for each entry point and VAEFLOW_PLUGINS module."""
-    found = []
-    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.dist.name if e.dist else "", e.name)):
-        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
-        package = ep.dist.name if ep.dist else ep.value.split(":")[0]
-        found.append((ep.name, f"{dist} ({ep.value})", package, ep.dist.version if ep.dist else None, ep.load))
-    for mod in filter(None, (m.strip() for m in os.environ.get(ENV_PLUGINS, "").split(","))):
-        found.append((mod, f"{ENV_PLUGINS}:{mod}", mod, None, lambda m=mod: importlib.import_module(m)))
-    return found
+    return [(name, source, package, version, lambda t=target: _load(t))
+            for name, source, package, version, target in plugin_modules()]
+
+
+def _load(target: str) -> Any:
+    """Import an entry point's target, "module" or "module:attribute.path" (as EntryPoint.load does)."""
+    module, _, attrs = target.partition(":")
+    obj = importlib.import_module(module.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
 
 
 def discover() -> Registry:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.checkpoint import save_weights, write_text
-from core.errors import CheckpointError, DataError, VaeflowError
-from core.interfaces import to_unit_float
+from vaeflow.core.checkpoint import save_weights, write_text
+from vaeflow.core.errors import CheckpointError, DataError, VaeflowError
+from vaeflow.core.interfaces import to_unit_float
 
 FEATURES_WEIGHTS = "features.safetensors"
 FEATURES_INFO = "features.json"
@@ -141,7 +141,7 @@ def load_feature_net(path_dir: str | Path, device: str | torch.device = "cpu") -
     for path in (info_path, weights):
         if not path.is_file():
             raise CheckpointError(f"no {path.name} in {path_dir}; train and save a feature network first "
-                                  f"(core.sample_quality.train_feature_net, then save_feature_net)")
+                                  f"(vaeflow.core.sample_quality.train_feature_net, then save_feature_net)")
     try:
         info = json.loads(info_path.read_text())
         net = FeatureNet(info["in_shape"], info["n_classes"], info["feature_dim"], info["channels"])
@@ -282,7 +282,7 @@ def inception_extractor(weights_path: str | Path | None = None,
 
     `weights_path` defaults to torch-fidelity's download cache under torch.hub.get_dir()/checkpoints.
     """
-    hint = ("the offline feature network (core.sample_quality.train_feature_net) is the default and needs "
+    hint = ("the offline feature network (vaeflow.core.sample_quality.train_feature_net) is the default and needs "
             "neither")
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

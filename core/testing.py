@@ -1,6 +1,6 @@
 """A conformance kit for vaeflow plugins: checks a plugin package calls from its own pytest.
 
-    from core import testing
+    from vaeflow.core import testing
     from my_package import MyEncoder
 
     def test_my_encoder_conforms():
@@ -44,21 +44,21 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from core.checkpoint import WEIGHTS_FILE
-from core.codes import sample_images
-from core.config import Config, EvalConfig, apply_sets, canonical_json, load_config, validate
-from core.data import known_factors, load_split
-from core.distributions import DiagonalGaussian
-from core.engine import Trainer
-from core.errors import ConfigError, PluginError
-from core.interfaces import (
+from vaeflow.core.checkpoint import WEIGHTS_FILE
+from vaeflow.core.codes import sample_images
+from vaeflow.core.config import Config, EvalConfig, apply_sets, canonical_json, load_config, validate
+from vaeflow.core.data import known_factors, load_split
+from vaeflow.core.distributions import DiagonalGaussian
+from vaeflow.core.engine import Trainer
+from vaeflow.core.errors import ConfigError, PluginError
+from vaeflow.core.interfaces import (
     FEATURE_MAP, Capabilities, Component, Dataset, MetricContext, Objective, QuantizerOutput, RenderContext,
     StageContext, form_of,
 )
-from core.metrics import COMMON_KEYS
-from core.model import build_model, data_shape
-from core.priors import build_prior
-from core.registry import get_registry
+from vaeflow.core.metrics import COMMON_KEYS
+from vaeflow.core.model import build_model, data_shape
+from vaeflow.core.priors import build_prior
+from vaeflow.core.registry import get_registry
 
 SEED = 0  # the default seed of every check; the round trip builds its second instance with SEED + 1
 UNKNOWN_KEY = "conformance_unknown_key"  # an option key no plugin has: must be rejected
@@ -254,7 +254,7 @@ def _expect_module(who: str, check: str, obj: Any) -> None:
     __tracebackhide__ = True
     if not isinstance(obj, nn.Module):
         _fail(who, check, f"the instance is a {type(obj).__name__}, expected a torch.nn.Module "
-                          f"(subclass the family's base class in core.interfaces)")
+                          f"(subclass the family's base class in vaeflow.core.interfaces)")
 
 
 def _expect_trainable(who: str, check: str, module: nn.Module, what: str) -> None:
@@ -330,16 +330,16 @@ def check_options(cls: type) -> None:
     who, check = _who(cls), "options"
     opts = getattr(cls, "Options", None)
     if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
-        _fail(who, check, f"Options is {opts!r}, expected a pydantic model (subclass core.interfaces.Options)")
+        _fail(who, check, f"Options is {opts!r}, expected a pydantic model (subclass vaeflow.core.interfaces.Options)")
     try:
         opts.model_validate({UNKNOWN_KEY: 1})
     except ValidationError as exc:
         if not any(e["type"] == "extra_forbidden" and tuple(e["loc"]) == (UNKNOWN_KEY,) for e in exc.errors()):
             _fail(who, check, f"the unknown key {UNKNOWN_KEY!r} was not rejected as extra_forbidden (errors: "
-                              f"{[e['type'] for e in exc.errors()]}); subclass core.interfaces.Options, or set "
+                              f"{[e['type'] for e in exc.errors()]}); subclass vaeflow.core.interfaces.Options, or set "
                               f"model_config = ConfigDict(extra='forbid'), so a typo in a config is an error")
     else:
-        _fail(who, check, f"the unknown key {UNKNOWN_KEY!r} was accepted; subclass core.interfaces.Options, or set "
+        _fail(who, check, f"the unknown key {UNKNOWN_KEY!r} was accepted; subclass vaeflow.core.interfaces.Options, or set "
                           f"model_config = ConfigDict(extra='forbid'), so a typo in a config is an error")
     problems = _options_problems(opts)
     if problems:
@@ -389,7 +389,7 @@ def _form(cls: type, options: Any, family: str) -> tuple[str, bool, BaseModel]:
     who, form = _who(cls), form_of(cls)
     if form is None:
         base = family.capitalize()
-        _fail(who, f"{family} form", f"the class is not a core.interfaces.{base} or Grid{base} subclass")
+        _fail(who, f"{family} form", f"the class is not a vaeflow.core.interfaces.{base} or Grid{base} subclass")
     return who, form == FEATURE_MAP, _options(cls, options)
 
 
@@ -522,7 +522,7 @@ def _expect_quantizer_output(who: str, check: str, out: Any, z_shape: tuple, k: 
     """QuantizerOutput with quantized (B, D, h, w), indices (B, h, w) in [0, K), finite scalar losses and stats."""
     __tracebackhide__ = True
     if not isinstance(out, QuantizerOutput):
-        _fail(who, check, f"forward returned {type(out).__name__}, expected core.interfaces.QuantizerOutput")
+        _fail(who, check, f"forward returned {type(out).__name__}, expected vaeflow.core.interfaces.QuantizerOutput")
     b, _, h, w = z_shape
     _expect_tensor(who, check, "quantized", out.quantized, z_shape, floating=True, finite=True)
     _expect_codes(who, check, "indices", out.indices, (b, h, w), k)
@@ -661,7 +661,7 @@ def check_code_prior(cls: type, options: Any = None, codebook_size: int = 8, gri
     cond_m = conditions(m)  # (m, hc, wc) or None
     draws = [_in_eval(prior, lambda: _call(who, check, "sample(n, condition, temperature, top_k, generator)",
                                            lambda: prior.sample(m, cond_m, 1.0, None, _generator(seed))))
-             for _ in range(2)]  # positional, as core.codes.sample_codes calls it
+             for _ in range(2)]  # positional, as vaeflow.core.codes.sample_codes calls it
     _expect_codes(who, check, f"sample({m}, ...)", draws[0], (m, h, w), k)
     _expect_close(who, check, "a second sample with the same generator seed", draws[1], draws[0],
                   hint="; draw from the `generator` argument, not the global RNG")
@@ -835,7 +835,7 @@ def check_dataset(cls: type, options: Any = None) -> None:
     who, options = _who(cls), _options(cls, options)
     ds = _call(who, "construction", "the constructor", lambda: cls(options))
     if not isinstance(ds, Dataset):
-        _fail(who, "construction", f"the instance is a {type(ds).__name__}, expected a core.interfaces.Dataset")
+        _fail(who, "construction", f"the instance is a {type(ds).__name__}, expected a vaeflow.core.interfaces.Dataset")
     shape = _call(who, "shape", "the shape property", lambda: ds.shape)
     if not (isinstance(shape, tuple) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
         _fail(who, "shape", f"shape is {shape!r}, expected a tuple (C, H, W) of positive ints")
@@ -908,7 +908,7 @@ def _small_config(cfg, steps: int, batch_size: int, sets: tuple | list):
 
 
 def _level_info(model) -> dict:
-    """{level: {grid, codebook_size, condition}} of a discrete model, as core.priors.build_prior takes it."""
+    """{level: {grid, codebook_size, condition}} of a discrete model, as vaeflow.core.priors.build_prior takes it."""
     return {lv: {"grid": list(model.grids[lv]), "codebook_size": model.codebook_sizes[lv],
                  "condition": model.condition_of(lv)} for lv in model.levels}
 
@@ -928,7 +928,7 @@ def _check_objective(who: str, cls: type, out: Any) -> None:
     __tracebackhide__ = True
     check = "objective"
     if not isinstance(out, Objective):
-        _fail(who, check, f"forward(x) returned {type(out).__name__}, expected core.interfaces.Objective")
+        _fail(who, check, f"forward(x) returned {type(out).__name__}, expected vaeflow.core.interfaces.Objective")
     if not isinstance(out.terms, dict) or not out.terms:
         _fail(who, check, f"Objective.terms is {out.terms!r}, expected a non-empty dict of scalar loss terms")
     for name, term in out.terms.items():
@@ -1012,7 +1012,7 @@ def _check_discrete(who: str, cls: type, model, cfg, x: torch.Tensor, param_shap
     priors = _code_priors(model, cfg) if model.capabilities.sampling else {}
     if priors and set(priors) == set(levels):
         n = 2
-        images = _call(who, "sampling", "core.codes.sample_images with the config's code priors",
+        images = _call(who, "sampling", "vaeflow.core.codes.sample_images with the config's code priors",
                        lambda: sample_images(model, priors, n, seed=0))
         _expect_tensor(who, "sampling", f"{n} images sampled through the code priors", images, (n, *x.shape[1:]),
                        floating=True, finite=True)
@@ -1029,7 +1029,7 @@ def check_model(config: Any, steps: int = 2, batch: int = 4, batch_size: int = 1
     check_options(cls)
     caps = cls.capabilities
     if not isinstance(caps, Capabilities):
-        _fail(who, "capabilities", f"capabilities is {caps!r}, expected a core.interfaces.Capabilities")
+        _fail(who, "capabilities", f"capabilities is {caps!r}, expected a vaeflow.core.interfaces.Capabilities")
     if caps.log_likelihood not in (None, "bound", "exact"):
         _fail(who, "capabilities", f"log_likelihood is {caps.log_likelihood!r}, expected None, 'bound' or 'exact'")
     shape = data_shape(cfg)  # (C, H, W)
@@ -1075,7 +1075,7 @@ def check_model(config: Any, steps: int = 2, batch: int = 4, batch_size: int = 1
 
     check = "training"
     with tempfile.TemporaryDirectory(prefix="vaeflow-conformance-") as tmp:
-        trainer = _call(who, check, "core.engine.Trainer(cfg, run_dir)", lambda: Trainer(cfg, tmp))
+        trainer = _call(who, check, "vaeflow.core.engine.Trainer(cfg, run_dir)", lambda: Trainer(cfg, tmp))
         result = _call(who, check, f"Trainer.fit() for {steps} steps", trainer.fit)
         if result.steps != trainer.total_steps:
             _fail(who, check, f"training stopped after {result.steps} steps, expected {trainer.total_steps}")
@@ -1334,7 +1334,7 @@ def _check_stage_declarations(who: str, cls: type) -> None:
 
 
 def _check_key_parts(who: str, cls: type, stages: list, cfg, inputs: dict) -> None:
-    """key_parts(cfg, inputs) of every instance is a list that core.config.canonical_json hashes, the same on a
+    """key_parts(cfg, inputs) of every instance is a list that vaeflow.core.config.canonical_json hashes, the same on a
     second call and on a second expansion."""
     __tracebackhide__ = True
     check = "key_parts"
@@ -1348,7 +1348,7 @@ def _check_key_parts(who: str, cls: type, stages: list, cfg, inputs: dict) -> No
         try:
             text = canonical_json(list(parts))
         except (TypeError, ValueError) as exc:
-            _fail(who, check, f"{what} returned {parts!r}, which core.config.canonical_json cannot hash "
+            _fail(who, check, f"{what} returned {parts!r}, which vaeflow.core.config.canonical_json cannot hash "
                               f"({type(exc).__name__}: {exc}); return JSON data: str, numbers, bools, None, lists "
                               f"and dicts with str keys (str(path), tensor.tolist(), model_dump(mode='json'))")
         again = [canonical_json(list(_call(who, check, f"{what}, called again", lambda s=s: s.key_parts(cfg, inputs))))
@@ -1384,7 +1384,7 @@ def _check_stage_result(who: str, check: str, stage, result: Any, folder: Path) 
     sha = result.get("sha256")
     if not (sha is None or isinstance(sha, str)):
         _fail(who, check, f"result['sha256'] is {sha!r}, expected a str (the identity of what the stage produced, "
-                          f"e.g. core.interfaces.file_sha256 of its main output) or None")
+                          f"e.g. vaeflow.core.interfaces.file_sha256 of its main output) or None")
     identity = _call(who, check, "identity(result)", lambda: stage.identity(result))
     problem = _json_problem(identity)
     if problem:
@@ -1399,9 +1399,9 @@ def check_stage(cls: type, config: Any = None, inputs: dict | None = None) -> No
     """A pipeline stage's declarations, expansion and cache key for a config and, given `inputs`, a run.
 
     Statically: the options; `inputs`, `optional`, `sections`, `reads` and `code` are tuples of str, `sections` and
-    `code` name config sections (core.config.Config.model_fields) and so does the first part of each `reads` entry;
+    `code` name config sections (vaeflow.core.config.Config.model_fields) and so does the first part of each `reads` entry;
     check(cfg) and skipped(cfg) run; expand(cfg) returns instances of cls with unique ids; key_parts(cfg, inputs) is
-    JSON data that core.config.canonical_json hashes, the same on every call. key_parts runs with `inputs`, or with
+    JSON data that vaeflow.core.config.canonical_json hashes, the same on every call. key_parts runs with `inputs`, or with
     {} for a stage that needs no inputs (a stage's key may read its inputs' results).
 
     `inputs` ({stage name: result}, the results of the stages it needs, e.g. from a real prepare_data and train;
@@ -1423,7 +1423,7 @@ def check_stage(cls: type, config: Any = None, inputs: dict | None = None) -> No
                          f"on") from exc
     except Exception as exc:
         raise AssertionError(f"{who} failed the check(cfg) check: check(cfg, source) raised {type(exc).__name__}: "
-                             f"{exc}; a config the stage cannot run is a core.errors.ConfigError") from exc
+                             f"{exc}; a config the stage cannot run is a vaeflow.core.errors.ConfigError") from exc
     reason = _call(who, "skipped", "skipped(cfg)", lambda: cls.skipped(cfg))
     if not (reason is None or isinstance(reason, str)):
         _fail(who, "skipped", f"skipped(cfg) returned {reason!r}, expected None (it runs) or a str saying why not")
@@ -1499,7 +1499,7 @@ def check_plugin(family: str, name: str, **kwargs: Any) -> None:
             raise ValueError(f"check_plugin('model', {name!r}) was given a config of kind {cfg.model.kind!r}")
         return check_model(cfg, **kwargs)
     if not issubclass(cls, Component):  # pragma: no cover - the registry enforces the base classes
-        _fail(_who(cls), "registration", "the class does not subclass core.interfaces.Component")
+        _fail(_who(cls), "registration", "the class does not subclass vaeflow.core.interfaces.Component")
     return CHECKS[family](cls, **kwargs)
 
 

@@ -1,5 +1,5 @@
-"""`python -m pipelines` runs the vaeflow CLI."""
+"""`python -m vaeflow.pipelines` runs the vaeflow CLI."""
 
-from pipelines.cli import main
+from vaeflow.pipelines.cli import main
 
 main()

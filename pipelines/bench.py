@@ -4,7 +4,7 @@ All three are measured in one process on the same data and the same model shape 
 784-400-20 with a Bernoulli likelihood, batch 128), interleaved repeat by repeat so that machine
 noise hits them alike; the report holds the medians, their ratios and every raw value.
 
-- engine: the `vaeflow train` code path, ``core.engine.Trainer(cfg, run_dir).fit()``, whose
+- engine: the `vaeflow train` code path, ``vaeflow.core.engine.Trainer(cfg, run_dir).fit()``, whose
   ``TrainResult.img_per_s`` times the step loop only (data loading and checkpoints are outside it).
 - reference: the loop of pytorch/examples/vae/main.py with its CPU DataLoader settings
   (num_workers=0): one image at a time through PIL and ToTensor, BCE(sum) + KLD, Adam.
@@ -31,11 +31,11 @@ from torch import nn, optim
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from core.checkpoint import write_text
-from core.config import Config, validate
-from core.data import open_dataset
-from core.engine import Trainer
-from core.errors import VaeflowError
+from vaeflow.core.checkpoint import write_text
+from vaeflow.core.config import Config, config_path, validate
+from vaeflow.core.data import open_dataset
+from vaeflow.core.engine import Trainer
+from vaeflow.core.errors import VaeflowError
 
 BATCH_SIZE = 128
 SIDE = 28  # images are 1 x 28 x 28
@@ -67,7 +67,7 @@ def training_flops_per_image(model: nn.Module) -> int:
 # --- data ------------------------------------------------------------------------------------
 def fashion_mnist_available() -> bool:
     """True when the four Fashion-MNIST IDX files (plain or .gz) are in a folder the dataset plugin searches."""
-    from plugins.datasets import IDX_FILES, FashionMNIST
+    from vaeflow.plugins.datasets import IDX_FILES, FashionMNIST
 
     names = [name for pair in IDX_FILES.values() for name in pair]
     folders = FashionMNIST(FashionMNIST.Options()).search_folders()
@@ -299,7 +299,7 @@ def _config_summary(cfg: Config, dataset: dict, steps: int, warmup: int, repeats
         "warmup": f"one unrecorded {warmup}-step run of the engine and of the reference before the repeats",
         "repeats": f"{repeats}, interleaved: engine, reference, matmul",
         "engine": {
-            "path": "core.engine.Trainer(cfg, run_dir).fit() (what `vaeflow train` runs), fresh per repeat",
+            "path": "vaeflow.core.engine.Trainer(cfg, run_dir).fit() (what `vaeflow train` runs), fresh per repeat",
             "timed": "TrainResult.img_per_s: the step loop of the last (only) epoch",
             "optimizer": f"AdamW(lr={LR}, weight_decay={cfg.train.weight_decay})",
             "run_config": cfg.model_dump(mode="json"),
@@ -403,7 +403,7 @@ def bench_pipeline(out: Path, config: Path, epochs: int, repeats: int) -> dict:
     import os
 
     vaeflow = str(Path(sys.executable).parent / "vaeflow")
-    config = Path(config).resolve()
+    config = config_path(config).resolve()  # a file, or a shipped template by name
     sets = [f"train.epochs={epochs}", "train.progress=false"]
     set_args = [a for s in sets for a in ("--set", s)]
     walls: dict[str, list[float]] = {"bare": [], "temporary_server": [], "running_server": []}

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from core.checkpoint import write_text
+from vaeflow.core.checkpoint import write_text
 
 BUDGET = ["data.dataset.n_train=10000", "data.dataset.n_test=2000", "train.epochs=10", "eval.max_examples=2000",
           "eval.iwae_k=10", "train.progress=false"]
@@ -19,7 +19,7 @@ BUDGET = ["data.dataset.n_train=10000", "data.dataset.n_test=2000", "train.epoch
 
 def bench_disentanglement(out: str | Path, config: str | Path, betas: list[float]) -> dict:
     """Run the pipeline once per β with the same budget; collect the disentanglement scores and traversals."""
-    from pipelines.pipeline import pipeline
+    from vaeflow.pipelines.pipeline import pipeline
 
     out = Path(out)
     rows = []

@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import write_text
-from plugins.quantizers import EMAVQ, VQ
+from vaeflow.core.checkpoint import write_text
+from vaeflow.plugins.quantizers import EMAVQ, VQ
 
 SEED = 0
 BROADCAST_REPEATS = 2  # the (N, K, D) reference takes seconds a call at the default sizes

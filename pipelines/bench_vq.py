@@ -19,15 +19,15 @@ import shutil
 import time
 from pathlib import Path
 
-from core.checkpoint import read_metrics, write_text
-from core.config import load_config
+from vaeflow.core.checkpoint import read_metrics, write_text
+from vaeflow.core.config import load_config
 
 USAGE_BAR, PRIOR_BAR = 0.8, 0.6
 
 
 def bench_vq_quality(out: str | Path, config: str | Path, baseline: str | Path) -> dict:
     """Run both pipelines, compare, write the JSON report and the sample grid next to it."""
-    from pipelines.pipeline import pipeline
+    from vaeflow.pipelines.pipeline import pipeline
 
     out = Path(out)
     cfg = load_config(config)
@@ -89,10 +89,10 @@ def cropped_mse(vq_run_dir: str, vae_data_folder: str) -> float:
     the baseline's image size (28x28 in 32x32), so zero padding does not flatter the comparison."""
     import torch
 
-    from core.checkpoint import load_model
-    from core.data import pad
-    from core.interfaces import to_unit_float
-    from core.manifest import load_prepared
+    from vaeflow.core.checkpoint import load_model
+    from vaeflow.core.data import pad
+    from vaeflow.core.interfaces import to_unit_float
+    from vaeflow.core.manifest import load_prepared
 
     model, cfg = load_model(vq_run_dir)
     baseline = to_unit_float(load_prepared(vae_data_folder)["test"])  # (N, C, h, w), the VAE's test images

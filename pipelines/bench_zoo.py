@@ -20,7 +20,7 @@ per test image, averaged over the test images. Both score the
 non-binarized x with the Bernoulli log-probability sum_d x_d log p_d + (1 - x_d) log(1 - p_d): vaeflow from the
 logits l (x l - softplus(l)), pythae as -BCE(sigmoid(l), x). These agree wherever float32 sigmoid(l) is not rounded to
 0 or 1 (|l| < ~16), where BCE clamps its log at -100. One estimator scores both sides on the whole test set:
-core.metrics.iwae_log_likelihood (the model's log_joint_terms), batched, on vaeflow's model and on the networks pythae
+vaeflow.core.metrics.iwae_log_likelihood (the model's log_joint_terms), batched, on vaeflow's model and on the networks pythae
 trained (their weights, and VAMP's pseudo-inputs, loaded into the vaeflow model of the same prior). pythae's own
 get_nll(data, n_samples, batch_size) scores one image at a time (about 37 ms an image at k = 1000 here, 6 min per
 run on 10,000 images), so it runs on the first --get-nll-examples test images of every pythae run and checks that
@@ -56,19 +56,18 @@ from typing import Callable
 
 import torch
 
-from core.checkpoint import write_text
-from core.config import Config, read_yaml, validate
-from core.data import known_factors, load_split
-from core.engine import Trainer
-from core.errors import VaeflowError
-from core.interfaces import MetricContext
-from core.metrics import iwae_log_likelihood
-from core.registry import get_registry
-from pipelines.bench import BATCH_SIZE, HIDDEN, LATENT_DIM, LR, PIXELS, fashion_mnist_available
-from pipelines.bench_quantizer import cpu_name
-from pipelines.pythae_worker import MLPDecoderNet, MLPEncoderNet, nll_batch_size
+from vaeflow.core.checkpoint import write_text
+from vaeflow.core.config import Config, config_path, read_yaml, validate
+from vaeflow.core.data import known_factors, load_split
+from vaeflow.core.engine import Trainer
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.interfaces import MetricContext
+from vaeflow.core.metrics import iwae_log_likelihood
+from vaeflow.core.registry import get_registry
+from vaeflow.pipelines.bench import BATCH_SIZE, HIDDEN, LATENT_DIM, LR, PIXELS, fashion_mnist_available
+from vaeflow.pipelines.bench_quantizer import cpu_name
+from vaeflow.pipelines.pythae_worker import MLPDecoderNet, MLPEncoderNet, nll_batch_size
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().with_name("pythae_worker.py")
 VENV_ENV = "VAEFLOW_BENCH_PYTHAE_VENV"  # overrides the pythae virtualenv's folder
 DEFAULT_VENV = Path("~/.cache/vaeflow/bench-pythae-venv")
@@ -80,7 +79,7 @@ CROSS_CHECK_Z = 4.0  # get_nll and vaeflow's estimator agree within this many Mo
 GET_NLL_EXAMPLES = 500  # test images pythae's own get_nll scores per run, the estimator check
 WARMUP_STEPS = 20  # one unrecorded vaeflow run before the measured ones: first-touch allocations, lazy inits
 TARGET_SPEEDUP = 1.5  # vaeflow img/s over pythae's, at least
-DIS_CONFIG = ROOT / "configs" / "vae-shapes-tiny.yaml"
+DIS_CONFIG = "vae-shapes-tiny"  # a shipped template (configs/vae-shapes-tiny.yaml in a clone)
 DIS_METRICS = ("mig", "sap", "dci_disentanglement")
 
 MLP = {"name": "mlp", "hidden": [HIDDEN], "activation": "relu"}
@@ -154,7 +153,7 @@ def missing_plugin(zoo: ZooModel) -> str | None:
 # --- the estimator and the statistics ---------------------------------------------------------------------------
 @torch.no_grad()
 def iwae_per_image(model, images: torch.Tensor, k: int, batch_size: int = NLL_BATCH) -> torch.Tensor:
-    """The IWAE bound with k samples of each image (N, C, H, W), by core.metrics.iwae_log_likelihood: (N,)."""
+    """The IWAE bound with k samples of each image (N, C, H, W), by vaeflow.core.metrics.iwae_log_likelihood: (N,)."""
     return torch.cat([iwae_log_likelihood(model, batch.to(model.device), k).cpu()
                       for batch in images.split(batch_size)])  # (N,)
 
@@ -220,7 +219,7 @@ def pythae_networks_in_vaeflow(weights: dict, seed: int, threads: int, n_train: 
     """The vaeflow model (eval mode) that holds the networks a pythae run trained (pythae_worker.trained_weights):
     the MLP VAE with the standard-normal prior, or with the VampPrior and pythae's pseudo-inputs when they came
     along. pythae's u_k = hardtanh(W e_k + b) is vaeflow's hardtanh(W'[k]) with W'[k] = W e_k + b."""
-    from core.model import build_model
+    from vaeflow.core.model import build_model
 
     vamp = "idle_weight" in weights
     model = build_model(zoo_config(ZOO["vamp" if vamp else "vae"], seed, 1, threads, n_train))
@@ -312,9 +311,9 @@ def run_pythae(python: Path, job: dict) -> dict:
 
 # --- the disentanglement table ------------------------------------------------------------------------------------
 def disentanglement_config(kind: str, seed: int, beta: float, epochs: int, n_train: int, n_test: int,
-                           threads: int, config: Path = DIS_CONFIG) -> Config:
+                           threads: int, config: str | Path = DIS_CONFIG) -> Config:
     """`config` (the tiny shapes VAE) as a beta-VAE or a beta-TCVAE (TC weight beta, alpha = gamma = 1, MWS)."""
-    raw = read_yaml(config)
+    raw = read_yaml(config_path(config))
     raw["data"]["dataset"].update({"n_train": n_train, "n_test": n_test})
     if kind == "beta-tcvae":
         raw["model"].update({"kind": "beta-tcvae", "alpha": 1.0, "gamma": 1.0, "estimator": "mws",
@@ -353,7 +352,7 @@ def bench_disentanglement(seeds: int, beta: float, epochs: int, n_train: int, n_
             print(f"disentanglement seed {seed} {kind}: {scores}", file=sys.stderr)
     rows = {kind: {m: spread([r[m] for r in runs[kind]]) for m in DIS_METRICS} for kind in kinds}
     return {
-        "dataset": {"name": "shapes", "n_train": n_train, "n_test": n_test}, "config": str(DIS_CONFIG.relative_to(ROOT)),
+        "dataset": {"name": "shapes", "n_train": n_train, "n_test": n_test}, "config": f"configs/{DIS_CONFIG}.yaml",
         "beta": beta, "epochs": epochs, "seeds": seeds,
         "beta_tcvae": {"alpha": 1.0, "gamma": 1.0, "estimator": "mws", "dataset_size": n_train},
         "rows": rows,
@@ -499,7 +498,7 @@ def cross_check_summary(checks: list[dict]) -> dict | None:
         "runs": checks, "max_abs_difference_in_standard_errors": max(zs) if zs else None,
         "all_agree": all(c["agree"] for c in checks), "agree_within_standard_errors": CROSS_CHECK_Z,
         "how": "pythae's trained networks (and VAMP's pseudo-inputs) loaded into the vaeflow model of the same prior; "
-               "core.metrics.iwae_log_likelihood on the first images of the test set vs pythae's model.get_nll on "
+               "vaeflow.core.metrics.iwae_log_likelihood on the first images of the test set vs pythae's model.get_nll on "
                "the same images with the same k",
     }
 
@@ -538,7 +537,7 @@ def _setup(epochs: int, seeds: int, k: int, n_train: int, n_test: int, n_get_nll
         "network_params": network_params(),
         "batch_size": BATCH_SIZE, "optimizer": f"vaeflow AdamW(lr={LR}, weight_decay=0) = Adam; pythae Adam(lr={LR})",
         "nll": "minus the IWAE bound with k samples, mean over the test images, by one estimator on both sides: "
-               "core.metrics.iwae_log_likelihood on vaeflow's model and on pythae's trained networks loaded into "
+               "vaeflow.core.metrics.iwae_log_likelihood on vaeflow's model and on pythae's trained networks loaded into "
                "the vaeflow model of the same prior; pythae's own model.get_nll (batch_size a divisor of k so "
                "exactly k samples are drawn) on the first get_nll_test_images images of each pythae run checks it",
         "likelihood_on_continuous_x": "both score sum_d x_d log p_d + (1 - x_d) log(1 - p_d) on x in [0, 1]; equal "

@@ -6,21 +6,41 @@ import functools
 import json
 import shlex
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from core.errors import VaeflowError
+from vaeflow.core.errors import VaeflowError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and ship variational autoencoders.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate configs and print their JSON schema.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save measured ratios.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 
+def _print_version(value: bool) -> None:
+    """--version: print vaeflow's version and exit."""
+    if value:
+        from vaeflow import __version__
+
+        typer.echo(f"vaeflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="print vaeflow's version and exit")] = False):
+    """Train, evaluate and ship variational autoencoders."""
+
+
 SetOption = Annotated[list[str], typer.Option("--set", help="override a config field, e.g. --set train.epochs=3")]
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file, or a template name (see `vaeflow init --list`)")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="the model to read: a run directory, or a registered "
+                                                                "model models:/NAME@ALIAS or models:/NAME/VERSION")]
+SeedOption = Annotated[int, typer.Option(help="random seed of the draws, for a reproducible picture")]
 
 
 def user_errors(fn):
@@ -40,8 +60,59 @@ def user_errors(fn):
     return wrapper
 
 
+def _templates() -> dict[str, Path]:
+    """The shipped starter configs by name, found without importing torch (vaeflow.configs is package data)."""
+    from importlib.resources import files
+
+    return {p.stem: p for p in sorted(Path(str(files("vaeflow.configs"))).glob("*.yaml"))}
+
+
+Template = Enum("Template", {name: name for name in _templates()}, type=str)  # --help lists the names
+DEFAULT_TEMPLATE = "vae-shapes-tiny"
+
+
+def _summary(path: Path) -> str:
+    """The leading comment of a template, as one line."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    return " ".join(lines)
+
+
+@app.command()
+@user_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="folder to write the config into, created when missing")] = Path("."),
+    template: Annotated[Template, typer.Option("--template", "-t", help="the starter config to copy")] = DEFAULT_TEMPLATE,
+    list_: Annotated[bool, typer.Option("--list", help="list the templates with what each trains, and exit")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite the file when it exists")] = False,
+):
+    """Write a starter config to DIRECTORY/TEMPLATE.yaml, to edit and then `vaeflow run` (see --list)."""
+    shipped = _templates()
+    if list_:
+        for name, path in shipped.items():
+            typer.echo(f"{name:<24}{_summary(path)}")
+        return
+    name = Template(template).value
+    target = directory / f"{name}.yaml"
+    if target.exists() and not force:
+        raise VaeflowError(f"{target} exists; pass --force to overwrite it, or another DIRECTORY")
+    if directory.exists() and not directory.is_dir():
+        raise VaeflowError(f"{directory} is a file, not a folder; pass the folder to write {name}.yaml into")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(shipped[name].read_text())
+        tmp.replace(target)  # whole or nothing
+    except OSError as exc:
+        raise VaeflowError(f"cannot write {target}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {target}\nnext: vaeflow config validate {target}\n      vaeflow run {target}")
+
+
 def _report_failures() -> None:
-    from core.registry import get_registry
+    from vaeflow.core.registry import get_registry
 
     for plugin, reason in get_registry().failures:
         typer.echo(f"warning: plugin {plugin!r} did not load: {reason}", err=True)
@@ -51,32 +122,80 @@ def _report_failures() -> None:
 @user_errors
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="print {family: [{name, source}]} as JSON")] = False):
     """List every registered component by family, with its source and options."""
-    from core.registry import get_registry
+    listing = _plugin_listing()
+    for plugin, reason in listing["failures"]:
+        typer.echo(f"warning: plugin {plugin!r} did not load: {reason}", err=True)
+    typer.echo(json.dumps(listing["json"], indent=2) if as_json else listing["text"])
+
+
+PLUGIN_LISTING_FILE = "plugins-listing.json"
+
+
+def _plugin_listing() -> dict:
+    """{"text", "json", "failures"} of `vaeflow plugins`. Loading every plugin imports torch (seconds), so a cold
+    command answers from a cache under the user cache folder when nothing it depends on changed: the interpreter,
+    the installed distributions (by their folders' mtimes), VAEFLOW_PLUGINS, and every source file behind the
+    plugins and this listing (by mtime and size). A process that already imported the registry (tests, a notebook)
+    lists it directly, so what it registered in-process shows."""
+    from vaeflow.core.files import write_text
+    from vaeflow.core.sources import environment_stamp, file_stamps, plugin_files
+
+    cache = _cache_dir() / PLUGIN_LISTING_FILE
+    environment = environment_stamp()
+    cold = "vaeflow.core.registry" not in sys.modules  # a process that imported it may have registered more
+    if cold:
+        try:
+            entry = json.loads(cache.read_text())
+            if entry["environment"] == environment and entry["files"] == file_stamps(
+                    [Path(row[0]) for row in entry["files"]]):
+                return entry["listing"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no cache, an unreadable one, or another version's: list afresh
+    stamps = file_stamps(plugin_files(Path(__file__)))  # before loading, so an edit made meanwhile misses next time
+    from vaeflow.core.registry import get_registry
 
     registry = get_registry()
-    _report_failures()
-    if as_json:
-        typer.echo(json.dumps(registry.as_json(), indent=2))
-        return
+    listing = {"text": "\n".join(_listing_lines(registry)), "json": registry.as_json(),
+               "failures": [list(f) for f in registry.failures]}
+    try:
+        if cold:
+            write_text(cache, json.dumps({"environment": environment, "files": stamps, "listing": listing}))
+    except OSError:
+        pass  # a read-only home: list without a cache
+    return listing
+
+
+def _cache_dir() -> Path:
+    """$VAEFLOW_CACHE_DIR, else $XDG_CACHE_HOME/vaeflow, else ~/.cache/vaeflow."""
+    import os
+
+    if os.environ.get("VAEFLOW_CACHE_DIR"):
+        return Path(os.environ["VAEFLOW_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vaeflow"
+
+
+def _listing_lines(registry) -> list[str]:
+    """The human listing: each family, its components with source, options and shapes."""
+    lines = []
     for family, entries in registry.entries.items():
-        typer.echo(f"{family}s:")
+        lines.append(f"{family}s:")
         if not entries:
-            typer.echo("  (none)")
+            lines.append("  (none)")
         for name, entry in sorted(entries.items()):
             opts = ", ".join(
                 f"{k}={f.get_default(call_default_factory=True)!r}" if not f.is_required() else f"{k} (required)"
                 for k, f in entry.cls.Options.model_fields.items()
             )
-            typer.echo(f"  {name:<18} {entry.source}")
+            lines.append(f"  {name:<18} {entry.source}")
             if opts:
-                typer.echo(f"  {'':<18} options: {opts}")
-            for line in _shape_lines(entry):
-                typer.echo(f"  {'':<18} {line}")
+                lines.append(f"  {'':<18} options: {opts}")
+            lines += [f"  {'':<18} {line}" for line in _shape_lines(entry)]
+    return lines
 
 
 def _shape_lines(entry) -> list[str]:
     """What an encoder produces or a decoder consumes; a model kind's capabilities and the components it needs."""
-    from core.interfaces import form_of
+    from vaeflow.core.interfaces import form_of
 
     form = form_of(entry.cls)
     if form is not None:
@@ -101,10 +220,10 @@ def _shape_lines(entry) -> list[str]:
 
 @config_app.command("validate")
 @user_errors
-def config_validate(file: Path, set_: SetOption = []):
+def config_validate(file: ConfigArg, set_: SetOption = []):
     """Exit 0 when FILE (with overrides) is valid, including shapes; else list each problem and exit 2."""
-    from core.config import config_hash, load_config
-    from core.model import build_model
+    from vaeflow.core.config import config_hash, load_config
+    from vaeflow.core.model import build_model
 
     _report_failures()
     cfg = load_config(file, set_)
@@ -116,7 +235,7 @@ def config_validate(file: Path, set_: SetOption = []):
 @user_errors
 def config_schema():
     """Print the JSON schema of the config, with every discovered plugin's options."""
-    from core.config import config_model
+    from vaeflow.core.config import config_model
 
     typer.echo(json.dumps(config_model().model_json_schema(), indent=2))
 
@@ -124,17 +243,19 @@ def config_schema():
 @app.command()
 @user_errors
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file, or a template name (see `vaeflow init "
+                                                          "--list`)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="run directory to create")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory exactly")] = None,
     set_: SetOption = [],
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="DDP processes on this machine (via torchrun)")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON line, for scripts")] = False,
 ):
     """Train a model: `vaeflow train CONFIG --out RUN_DIR` or `vaeflow train --resume RUN_DIR`."""
     import os
 
-    from core import engine
-    from core.config import load_config
+    from vaeflow.core import engine
+    from vaeflow.core.config import load_config
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_torchrun(nproc))
@@ -151,9 +272,16 @@ def train(
         result = engine.train(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    typer.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs, "steps": result.steps,
-                           "img_per_s": round(result.img_per_s, 1),
-                           **{k: v for k, v in result.final.items() if k not in TRAIN_BOOKKEEPING}}))
+    terms = {k: v for k, v in result.final.items() if k not in TRAIN_BOOKKEEPING}
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs, "steps": result.steps,
+                               "img_per_s": round(result.img_per_s, 1), **terms}))
+        return
+    typer.echo(f"trained {result.epochs} epoch{'s' if result.epochs != 1 else ''} ({result.steps} steps, "
+               f"{result.img_per_s:,.0f} img/s in the last epoch) into {result.run_dir}")
+    typer.echo("last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in terms.items()))
+    typer.echo(f"next: vaeflow evaluate --model {result.run_dir}")
 
 
 TRAIN_BOOKKEEPING = ("epoch", "step", "img_per_s", "seconds", "lr", "beta", "capacity")  # the rest: loss and the kind's terms
@@ -171,7 +299,7 @@ def _torchrun(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipelines", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "vaeflow.pipelines", *args]
     return subprocess.run(cmd).returncode
 
 
@@ -180,11 +308,11 @@ def _resolve(model: str) -> str:
     fetched for it (a VQ model's priors too) belongs to the same version; other sources unchanged."""
     if not model.startswith(("models:/", "runs:/")):
         return model
-    from pipelines.tracking import get_client
+    from vaeflow.pipelines.tracking import get_client
 
     client = get_client()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store here
     if model.startswith("models:/"):
-        from pipelines.registry import resolve_version
+        from vaeflow.pipelines.registry import resolve_version
 
         name, version = resolve_version(client, model)
         return f"models:/{name}/{version}"
@@ -192,8 +320,8 @@ def _resolve(model: str) -> str:
 
 
 def _load(model: str, sets: list[str]):
-    from core import load_model
-    from core.config import apply_sets
+    from vaeflow.core import load_model
+    from vaeflow.core.config import apply_sets
 
     net, cfg = load_model(_resolve(model), device="auto")
     return net, apply_sets(cfg, sets)
@@ -202,20 +330,37 @@ def _load(model: str, sets: list[str]):
 @app.command()
 @user_errors
 def evaluate(
-    run_dir: Path,
-    out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default RUN_DIR/eval.json)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="the model to read: a run directory, or a "
+                                                                       "registered model models:/NAME@ALIAS or "
+                                                                       "models:/NAME/VERSION")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON file of the metrics (default: RUN_DIR/eval.json "
+                                                              "for a run directory, eval-NAME-vVERSION.json here for "
+                                                              "a registered model)")] = None,
     set_: SetOption = [],
+    run_dir: Annotated[Optional[str], typer.Argument(hidden=True, help="deprecated: use --model RUN_DIR")] = None,
 ):
     """Compute the test-split metrics that apply to the model (metric plugins: ELBO and IWAE bounds, MSE/PSNR,
     active units, codebook health, disentanglement) and print their headlines."""
-    from core.checkpoint import write_text
-    from core.data import known_factors, load_split
-    from core.metrics import evaluate as run_eval
-    from core.metrics import headline_keys
+    from vaeflow.core.checkpoint import write_text
+    from vaeflow.core.data import known_factors, load_split
+    from vaeflow.core.metrics import evaluate as run_eval
+    from vaeflow.core.metrics import headline_keys
 
-    net, cfg = _load(str(run_dir), set_)
+    if run_dir is not None:
+        if model is not None:
+            raise VaeflowError("give the model once: --model RUN_DIR (the positional RUN_DIR is deprecated)")
+        typer.echo("warning: `vaeflow evaluate RUN_DIR` is deprecated; use `vaeflow evaluate --model RUN_DIR`", err=True)
+        model = run_dir
+    if model is None:
+        raise VaeflowError("give the model to evaluate: --model RUN_DIR or --model models:/NAME@ALIAS")
+    source = _resolve(model)
+    if source.startswith("models:/"):
+        name, version = source.removeprefix("models:/").split("/")
+        path = out or Path(f"eval-{name}-v{version}.json")
+    else:
+        path = out or Path(model) / "eval.json"
+    net, cfg = _load(source, set_)
     metrics = run_eval(net, load_split(cfg, "test"), cfg.eval, **known_factors(cfg))
-    path = out or Path(run_dir) / "eval.json"
     write_text(path, json.dumps(metrics, indent=2))
     for key in headline_keys(net.capabilities):  # what the metrics that apply to this model declare
         if key in metrics:
@@ -226,17 +371,20 @@ def evaluate(
 @app.command()
 @user_errors
 def generate(
-    model: Annotated[str, typer.Option("--model", help="run directory or models:/NAME@alias")],
+    model: ModelOption,
     n: Annotated[int, typer.Option("-n", min=1, help="number of samples")] = 64,
-    out: Annotated[Path, typer.Option("--out")] = Path("samples.png"),
-    seed: int = 0,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    out: Annotated[Path, typer.Option("--out", help="PNG file of the sample grid")] = Path("samples.png"),
+    seed: SeedOption = 0,
+    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature T: scales the latent prior's "
+                                                             "spread (z ~ N(0, T^2 I) under the standard normal) or "
+                                                             "divides VQ code logits by T; 1 samples the model "
+                                                             "itself")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="VQ: sample among the k likeliest codes")] = None,
     prior: Annotated[list[str], typer.Option("--prior", help="VQ from a run dir: a prior folder per level, top first")] = [],
     set_: SetOption = [],
 ):
     """Sample and save a grid: z ~ N(0, I) for a VAE; for a VQ-VAE(-2), codes from its priors, top then bottom."""
-    from pipelines.render import check_image_path, samples, save_grid, square_rows
+    from vaeflow.pipelines.render import check_image_path, samples, save_grid, square_rows
 
     check_image_path(out)  # before any work
     model = _resolve(model)
@@ -247,8 +395,8 @@ def generate(
         samples(net, n, seed, out, temperature)
         typer.echo(f"wrote {n} samples to {out}")
         return
-    from core.codes import sample_images
-    from pipelines.registry import load_generator
+    from vaeflow.core.codes import sample_images
+    from vaeflow.pipelines.registry import load_generator
 
     if temperature <= 0:
         raise VaeflowError("--temperature must be > 0 for sampling codes")
@@ -260,7 +408,7 @@ def generate(
 @app.command()
 @user_errors
 def render(
-    model: Annotated[str, typer.Option("--model", help="run directory or models:/NAME@alias")],
+    model: ModelOption,
     out: Annotated[Path, typer.Option("--out", help="folder for the images (one sub-folder per renderer)")] = Path("render"),
     kind: Annotated[list[str], typer.Option("--kind", help="renderer to run (repeatable): traversal, phase, "
                                              "interpolation, discrete; default: every configured one that applies")] = [],
@@ -268,14 +416,14 @@ def render(
     set_: SetOption = [],
 ):
     """Render latent traversals, phase diagrams, interpolations (and discrete traversals for VQ) of a trained model."""
-    from core.data import load_split
-    from pipelines.render import render_all
+    from vaeflow.core.data import load_split
+    from vaeflow.pipelines.render import render_all
 
     model = _resolve(model)
     net, cfg = _load(model, set_)
     priors = {}
     if net.capabilities.discrete and (not kind or "discrete" in kind):
-        from pipelines.registry import load_generator
+        from vaeflow.pipelines.registry import load_generator
 
         net, _, priors = load_generator(model, prior or None)
     paths = render_all(net, cfg, load_split(cfg, "test")[: cfg.render.max_examples], out, priors, kind or None)
@@ -287,39 +435,57 @@ def render(
 @app.command()
 @user_errors
 def interpolate(
-    model: Annotated[str, typer.Option("--model", help="run directory or models:/NAME@alias")],
+    model: ModelOption,
     pairs: Annotated[int, typer.Option(min=1, help="rows: pairs of test images")] = 8,
     steps: Annotated[int, typer.Option(min=2, help="columns: points from one image to the other")] = 10,
-    out: Annotated[Path, typer.Option("--out")] = Path("interpolation.png"),
-    seed: int = 0,
+    out: Annotated[Path, typer.Option("--out", help="PNG file of the interpolation grid")] = Path("interpolation.png"),
+    seed: SeedOption = 0,
     set_: SetOption = [],
 ):
-    """Interpolate between the posterior means of pairs of test images and save a grid (option 2)."""
-    from core.data import load_split
-    from pipelines.render import interpolations
+    """Interpolate linearly between the posterior means of pairs of test images, decode, and save a grid."""
+    from vaeflow.core.data import load_split
+    from vaeflow.pipelines.render import interpolations
 
     net, cfg = _load(model, set_)
     interpolations(net, load_split(cfg, "test"), pairs, steps, seed, out)
     typer.echo(f"wrote {pairs} interpolations of {steps} steps to {out}")
 
 
+def _complete_stage(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of --until/--force: the stage ids of the config given on the command line."""
+    try:
+        from vaeflow.core.config import load_config
+        from vaeflow.pipelines.pipeline import stage_graph
+
+        # while the option's value is being completed, click has not assigned the positional: it is left in args
+        config = ctx.params.get("config") or next(a for a in ctx.args if not a.startswith("-"))
+        graph = stage_graph(load_config(config, ctx.params.get("set_") or []))
+        return [s.id for s in graph.stages if s.id.startswith(incomplete)]
+    except Exception:  # no config yet, or a bad one: nothing to offer
+        return []
+
+
 @app.command()
 @user_errors
 def run(
-    config: Path,
+    config: ConfigArg,
     set_: SetOption = [],
     until: Annotated[Optional[str], typer.Option(
-        help="run only this stage and the stages it needs (see `vaeflow stages CONFIG`); default: every stage")] = None,
+        help="run only this stage and the stages it needs (see `vaeflow stages CONFIG`); default: every stage",
+        autocompletion=_complete_stage)] = None,
     force: Annotated[list[str], typer.Option(
         "--force", help="re-run this stage (repeatable) and every stage that depends on it, whatever the cache "
-                        "holds; a bare --force re-runs every stage")] = [],
+                        "holds; a bare --force re-runs every stage",
+        autocompletion=_complete_stage)] = [],
+    as_json: Annotated[bool, typer.Option("--json", help="print the result (stage statuses, folders, MLflow run, "
+                                                         "registered version) as one JSON line, for scripts")] = False,
 ):
     """Run the pipeline through Prefect: the stage graph of the config's model kind, tracked in MLflow."""
-    from core.config import load_config
-    from core.model import build_model
-    from pipelines.pipeline import pipeline, plan
-    from pipelines.processes import sigterm_as_interrupt, temporary_server
-    from pipelines.tracking import tracking_uri, ui_hint
+    from vaeflow.core.config import load_config
+    from vaeflow.core.model import build_model
+    from vaeflow.pipelines.pipeline import pipeline, plan
+    from vaeflow.pipelines.processes import sigterm_as_interrupt, temporary_server
+    from vaeflow.pipelines.tracking import tracking_uri, ui_hint
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
     plan(cfg, until, force, str(config))  # unknown stages, missing priors: exit 2 here
@@ -334,8 +500,13 @@ def run(
         typer.echo(f"interrupted; its MLflow runs are marked KILLED. Run `{again}` again to continue: finished "
                    "stages come back cached and training resumes from its last checkpoint", err=True)
         raise typer.Exit(130) from None
-    typer.echo(json.dumps(result, indent=2))
-    typer.echo("\nstages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo("stages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
+    for key, label in (("run_dir", "trained model"), ("eval", "evaluation")):
+        if key in result:
+            typer.echo(f"{label}: {result[key]}")
     typer.echo(f"MLflow run {result['mlflow_run_id']} in {tracking_uri()}; UI: {ui_hint()}")
     if "model" not in result:
         return
@@ -348,13 +519,13 @@ def run(
 @app.command()
 @user_errors
 def stages(
-    config: Path,
+    config: ConfigArg,
     set_: SetOption = [],
     markdown: Annotated[bool, typer.Option("--markdown", help="a mermaid diagram and the what-runs-again table")] = False,
 ):
     """Show the config's stage graph: each stage, what it needs, and what its cache key covers."""
-    from core.config import load_config
-    from pipelines.pipeline import describe, stage_graph
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.pipeline import describe, stage_graph
 
     cfg = load_config(config, set_)
     if markdown:
@@ -370,7 +541,7 @@ def stages(
 @app.command()
 @user_errors
 def serve(
-    config: Path,
+    config: ConfigArg,
     set_: SetOption = [],
     cron: Annotated[list[str], typer.Option("--cron", help="cron schedule for the pipeline (repeatable)")] = [],
     interval: Annotated[list[int], typer.Option("--interval", min=1, help="interval schedule in seconds (repeatable)")] = [],
@@ -381,8 +552,8 @@ def serve(
     """Register the pipeline's deployments (vaeflow_pipeline/NAME, and NAME-STAGE for each stage of the config's
     graph) and run their flow runs in this process until Ctrl-C (needs PREFECT_API_URL). For several worker
     processes, use `vaeflow deploy`."""
-    from core.config import load_config
-    from pipelines.deployments import require_api, schedules_from, serve_deployments
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.deployments import require_api, schedules_from, serve_deployments
 
     cfg = load_config(config, set_)
     require_api("serve")
@@ -393,7 +564,7 @@ def serve(
 @app.command()
 @user_errors
 def deploy(
-    config: Path,
+    config: ConfigArg,
     pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (type process; created when missing)")],
     set_: SetOption = [],
     cron: Annotated[list[str], typer.Option("--cron", help="cron schedule for the pipeline (repeatable)")] = [],
@@ -410,8 +581,8 @@ def deploy(
     work pool, for any number of `prefect worker start --pool POOL` processes to run (needs PREFECT_API_URL)."""
     import os
 
-    from core.config import load_config
-    from pipelines.deployments import (check_runnable, deploy_summary, deploy_to_pool, ensure_process_pool,
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.deployments import (check_runnable, deploy_summary, deploy_to_pool, ensure_process_pool,
                                        parse_env, require_api, schedules_from, worker_env)
 
     cfg = load_config(config, set_)
@@ -433,10 +604,10 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 @user_errors
-def models_list(as_json: Annotated[bool, typer.Option("--json")] = False):
+def models_list(as_json: Annotated[bool, typer.Option("--json", help="print the list as JSON, for scripts")] = False):
     """Registered models: versions, aliases and key metrics."""
-    from pipelines.registry import list_models
-    from pipelines.tracking import get_client
+    from vaeflow.pipelines.registry import list_models
+    from vaeflow.pipelines.tracking import get_client
 
     rows = list_models(get_client())
     if as_json:
@@ -451,10 +622,12 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False):
 
 @models_app.command("promote")
 @user_errors
-def models_promote(name: str, version: int, alias: Annotated[str, typer.Option(help="alias to set")] = "champion"):
+def models_promote(name: Annotated[str, typer.Argument(help="registered model name")],
+                   version: Annotated[int, typer.Argument(help="the version the alias will point at")],
+                   alias: Annotated[str, typer.Option(help="alias to set")] = "champion"):
     """Point an alias (default: champion) at a model version."""
-    from pipelines.registry import promote
-    from pipelines.tracking import get_client
+    from vaeflow.pipelines.registry import promote
+    from vaeflow.pipelines.tracking import get_client
 
     promote(get_client(), name, version, alias)
     typer.echo(f"{name}@{alias} -> version {version}")
@@ -464,12 +637,12 @@ def models_promote(name: str, version: int, alias: Annotated[str, typer.Option(h
 @user_errors
 def bench_pipeline(
     out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/pipeline.json"),
-    config: Annotated[Path, typer.Option(help="the training job")] = Path("configs/vae-fashion-mnist.yaml"),
+    config: Annotated[Path, typer.Option(help="the training job: a YAML file or a template name")] = Path("vae-fashion-mnist"),
     epochs: Annotated[int, typer.Option(min=1, help="epochs of the job (4 is about 60 s on 2 cores)")] = 4,
     repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats of bare vs pipeline")] = 1,
 ):
     """Pipeline overhead vs a bare `vaeflow train`, and the wall time of a cached re-run."""
-    from pipelines.bench import bench_pipeline as run_bench
+    from vaeflow.pipelines.bench import bench_pipeline as run_bench
 
     typer.echo(json.dumps(run_bench(out=out, config=config, epochs=epochs, repeats=repeats), indent=2))
 
@@ -483,7 +656,7 @@ def bench_train(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads")] = 2,
 ):
     """Engine vs a pytorch/examples-style loop vs the fp32 matmul roofline, side by side."""
-    from pipelines.bench import bench_train as run
+    from vaeflow.pipelines.bench import bench_train as run
 
     result = run(out=out, repeats=repeats, steps=steps, threads=threads)
     typer.echo(json.dumps(result, indent=2))
@@ -499,7 +672,7 @@ def bench_quantizer(
     repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats")] = 5,
 ):
     """vq and vq-ema forward+backward vs the bare distance matmul + argmin, and vs broadcasting."""
-    from pipelines.bench_quantizer import bench_quantizer as run, print_summary
+    from vaeflow.pipelines.bench_quantizer import bench_quantizer as run, print_summary
 
     print_summary(run(out=out, n=n, k=k, d=d, repeats=repeats))
 
@@ -508,11 +681,11 @@ def bench_quantizer(
 @user_errors
 def bench_vq_quality(
     out: Annotated[Path, typer.Option("--out", help="JSON report; the sample grid is written next to it")] = Path("bench/vqvae2.json"),
-    config: Annotated[Path, typer.Option(help="the VQ-VAE-2 config")] = Path("configs/vqvae2-fashion-mnist.yaml"),
-    baseline: Annotated[Path, typer.Option(help="the continuous VAE, trained for as many epochs")] = Path("configs/vae-fashion-mnist.yaml"),
+    config: Annotated[Path, typer.Option(help="the VQ-VAE-2 config: a YAML file or a template name")] = Path("vqvae2-fashion-mnist"),
+    baseline: Annotated[Path, typer.Option(help="the continuous VAE, trained for as many epochs: a YAML file or a template name")] = Path("vae-fashion-mnist"),
 ):
     """VQ-VAE-2 pipeline vs the conv VAE at the same epochs: code usage, test MSE, top-prior NLL, samples."""
-    from pipelines.bench_vq import bench_vq_quality as run, print_summary
+    from vaeflow.pipelines.bench_vq import bench_vq_quality as run, print_summary
 
     print_summary(run(out=out, config=config, baseline=baseline))
 
@@ -521,13 +694,25 @@ def bench_vq_quality(
 @user_errors
 def bench_disentanglement(
     out: Annotated[Path, typer.Option("--out", help="JSON report; traversal grids are written next to it")] = Path("bench/disentanglement.json"),
-    config: Annotated[Path, typer.Option(help="the VAE config on a dataset with known factors")] = Path("configs/vae-shapes-tiny.yaml"),
+    config: Annotated[Path, typer.Option(help="the VAE config on a dataset with known factors: a YAML file or a template name")] = Path("vae-shapes-tiny"),
     beta: Annotated[list[float], typer.Option("--beta", help="β values (repeatable)")] = [1.0, 4.0, 8.0],
 ):
     """β-VAE at several β with the same budget: MIG, SAP, DCI per β, and a traversal grid for each."""
-    from pipelines.bench_disentangle import bench_disentanglement as run, print_summary
+    from vaeflow.pipelines.bench_disentangle import bench_disentanglement as run, print_summary
 
     print_summary(run(out=out, config=config, betas=beta))
+
+
+@bench_app.command("startup")
+@user_errors
+def bench_startup(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/startup.json"),
+    repeats: Annotated[int, typer.Option(min=1, help="runs of each command, interleaved")] = 5,
+):
+    """Start-to-exit time of the CLI's light commands, and whether each imports torch, mlflow or prefect."""
+    from vaeflow.pipelines.bench_startup import bench_startup as run, print_summary
+
+    print_summary(run(out=out, repeats=repeats))
 
 
 @bench_app.command("zoo")
@@ -553,7 +738,7 @@ def bench_zoo(
     dis_n_test: Annotated[int, typer.Option(min=1, help="shapes test images scored")] = 2_000,
 ):
     """vaeflow's zoo vs pythae: test NLL, img/s per model and side; beta-TCVAE vs beta-VAE MIG, SAP, DCI on shapes."""
-    from pipelines.bench_zoo import bench_zoo as run
+    from vaeflow.pipelines.bench_zoo import bench_zoo as run
 
     names = [name.strip() for item in models for name in item.split(",") if name.strip()]
     run(out=out, seeds=seeds, epochs=epochs, nll_k=nll_k, nll_examples=nll_examples, models=names or None, venv=venv,

@@ -2,7 +2,7 @@
 processes (NCCL on GPUs, gloo on CPU), as `vaeflow train --nproc` does. Rank 0 alone logs to the stage's MLflow
 run and writes the run folder; every rank's output comes back as the stage's Prefect log lines.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m pipelines.ddp JOB.json   # one rank
+    python -m torch.distributed.run --standalone --nproc_per_node N -m vaeflow.pipelines.ddp JOB.json   # one rank
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.config import Config, canonical_json
+from vaeflow.core.config import Config, canonical_json
 
 JOB_FILE = "ddp-job.json"
 
@@ -36,8 +36,8 @@ def threads_per_rank(cfg: Config) -> int:
 
 def train_ddp(cfg: Config, run_dir: Path, data_folder: str, resume: bool, run_id: str, log) -> None:
     """Train run_dir with cfg.train.nproc torchrun processes; their output goes to `log` line by line."""
-    from core.errors import VaeflowError
-    from pipelines.tracking import tracking_uri
+    from vaeflow.core.errors import VaeflowError
+    from vaeflow.pipelines.tracking import tracking_uri
 
     run_dir.mkdir(parents=True, exist_ok=True)
     job = {"config": json.loads(canonical_json(cfg)), "run_dir": str(run_dir), "data": data_folder,
@@ -45,7 +45,7 @@ def train_ddp(cfg: Config, run_dir: Path, data_folder: str, resume: bool, run_id
     (run_dir / JOB_FILE).write_text(json.dumps(job))
     n = cfg.train.nproc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "pipelines.ddp", str(run_dir / JOB_FILE)]
+           "-m", "vaeflow.pipelines.ddp", str(run_dir / JOB_FILE)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(cfg)), "PYTHONUNBUFFERED": "1"}
     log.info("training with %d data-parallel processes (torchrun, %d threads each)", n, threads_per_rank(cfg))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -62,11 +62,11 @@ def main(job_file: str) -> None:
     """One rank: the engine on the prepared split; rank 0 logs to MLflow and prints an epoch line."""
     from mlflow.tracking import MlflowClient
 
-    from core.config import validate
-    from core.engine import Trainer
-    from core.manifest import load_prepared
-    from pipelines.pipeline import EpochLog, constant_terms
-    from pipelines.tracking import MetricsLogger
+    from vaeflow.core.config import validate
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.manifest import load_prepared
+    from vaeflow.pipelines.pipeline import EpochLog, constant_terms
+    from vaeflow.pipelines.tracking import MetricsLogger
 
     die_with_parent()
     job = json.loads(Path(job_file).read_text())

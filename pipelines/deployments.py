@@ -10,7 +10,7 @@ what they say:
   Prefect UI's custom-run form shows it ready to edit.
 The description and a tag (`config:runtime` / `config:pinned`) say which.
 
-The parameter form is built from the discovered config model (core.config.config_model), not from the flow's
+The parameter form is built from the discovered config model (vaeflow.core.config.config_model), not from the flow's
 static signature: each plugin section is a union selected by `name` whose branches carry that plugin's own
 options, and sections that do not apply to the deployment's model kind are left out (form_schema).
 """
@@ -24,9 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-from core.config import Config, ScheduleConfig
-from core.interfaces import TAGS
-from core.errors import VaeflowError
+from vaeflow.core.config import Config, ScheduleConfig
+from vaeflow.core.interfaces import TAGS
+from vaeflow.core.errors import VaeflowError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ and core/: the deployments' source
 PIPELINE_ENTRYPOINT = "pipelines/pipeline.py:pipeline"
@@ -139,7 +139,7 @@ def _gc_definitions(schema: dict) -> None:
 
 def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
     """The deployment's parameter schema (Prefect's `parameter_openapi_schema`), from the flow's signature with its
-    `config` parameter typed by the discovered config model (core.config.config_model):
+    `config` parameter typed by the discovered config model (vaeflow.core.config.config_model):
 
     - `model` is a union selected by `kind`: a tab per registered model kind with the same kind of latents as the
       config's (continuous or code grids), each with that kind's options and slots;
@@ -152,8 +152,8 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
     Prefect's server validates every flow run's parameters against it (jsonschema), so form_value(cfg) must pass."""
     from prefect.utilities.callables import generate_parameter_schema, parameter_docstrings
 
-    from core.config import config_model
-    from core.registry import get_registry
+    from vaeflow.core.config import config_model
+    from vaeflow.core.registry import get_registry
 
     registry = registry or get_registry()
     signature = inspect.signature(flow_fn, eval_str=True)
@@ -262,7 +262,7 @@ def form_schema(flow_fn, cfg: Config, pinned: bool, registry=None) -> dict:
                       or "the model kind (a tab each), then its options and components")
 
     # the other plugin unions: data.dataset, prior levels, render.renderers
-    from core.config import STATIC_COMPONENT_FIELDS, code_levels
+    from vaeflow.core.config import STATIC_COMPONENT_FIELDS, code_levels
 
     others = {**STATIC_COMPONENT_FIELDS, **{("prior", level): "prior" for level in code_levels(registry)}}
     for (sec, fname), family in others.items():
@@ -291,7 +291,7 @@ def check_form(schema: dict, parameters: dict) -> None:
 def deployable_stages(cfg: Config) -> list[str]:
     """The stages a deployment can stop at, from the config's stage graph: every stage, an expanded one (e.g.
     train_prior, one per code level) by its name."""
-    from pipelines.pipeline import stage_graph
+    from vaeflow.pipelines.pipeline import stage_graph
 
     graph = stage_graph(cfg)
     return list(dict.fromkeys(s.name for s in graph.stages))
@@ -301,7 +301,7 @@ def deployment_specs(config_path: Path, overrides: list[str], cfg: Config, sched
                      pin: bool = False, name: str = "vaeflow") -> list[dict]:
     """What each deployment registers: the pipeline flow, its entrypoint, the deployment name (NAME for the whole
     pipeline, NAME-STAGE for a stage and what it needs), parameters, schema, description, tags, schedules."""
-    from pipelines.pipeline import FLOW_NAME, pipeline
+    from vaeflow.pipelines.pipeline import FLOW_NAME, pipeline
 
     config_path = Path(config_path).resolve()
     mode = "pinned" if pin else "runtime"
@@ -341,7 +341,7 @@ def _with_form(deployment, spec: dict):
 def build_deployments(config_path: Path, overrides: list[str], schedules: list[ScheduleConfig], name: str,
                       pin: bool = False, cfg: Config | None = None) -> list:
     """RunnerDeployments for `prefect.serve` (the flows run in the serving process)."""
-    from core.config import load_config
+    from vaeflow.core.config import load_config
 
     cfg = cfg or load_config(config_path, overrides)
     return [_with_form(spec["flow"].to_deployment(name=spec["name"], parameters=spec["parameters"],
@@ -463,8 +463,8 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 def check_runnable(cfg: Config, source: str) -> None:
     """Fail at deploy time, exit 2, on what every run would fail on (shapes, a VQ config without priors)."""
-    from core.model import build_model
-    from pipelines.pipeline import plan
+    from vaeflow.core.model import build_model
+    from vaeflow.pipelines.pipeline import plan
 
     plan(cfg, source=source)
     build_model(cfg)

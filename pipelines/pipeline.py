@@ -26,11 +26,11 @@ from typing import Iterator, Optional
 from prefect import flow, get_run_logger, task
 from prefect.states import State
 
-from core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
-from core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
-from core.errors import ConfigError, VaeflowError
-from core.interfaces import Stage, StageContext, file_sha256
-from pipelines.processes import failpoint
+from vaeflow.core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
+from vaeflow.core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
+from vaeflow.core.errors import ConfigError, VaeflowError
+from vaeflow.core.interfaces import Stage, StageContext, file_sha256
+from vaeflow.pipelines.processes import failpoint
 
 FLOW_NAME = "vaeflow_pipeline"
 MODEL_INPUT = "train"  # the input naming the trained model: train's result, or a later stage's that refines it
@@ -48,8 +48,8 @@ def _cfg(config: str) -> Config:
 def code_identity(cfg: Config, *sections: str, renderers: bool = False) -> list[list]:
     """[family, name, package, version, code_sha256] of each plugin the config selects in `sections` (and of the
     configured renderers): in a stage key, an edited plugin (installed or editable) re-runs the stage."""
-    from core.checkpoint import plugins_used
-    from core.registry import get_registry
+    from vaeflow.core.checkpoint import plugins_used
+    from vaeflow.core.registry import get_registry
 
     found = [[i["family"], i["name"], i["package"], i["version"], i["code_sha256"]]
              for i in plugins_used(cfg, sections).values()]
@@ -106,7 +106,7 @@ def watched(cfg: Config) -> Config:
 
 def constant_terms(cfg: Config) -> set[str]:
     """Engine record keys that stay constant in this run (already params): lr without a schedule, a constant beta."""
-    from core.beta import schedule_class
+    from vaeflow.core.beta import schedule_class
 
     constant = set()
     if cfg.train.lr_schedule == "constant" and not cfg.train.warmup_steps:
@@ -128,14 +128,14 @@ class PrepareData(Stage):
 
     def key_parts(self, cfg: Config, inputs: dict) -> list:
         """The sha256 of every source file: a changed file invalidates the cache."""
-        from core.manifest import source_files
+        from vaeflow.core.manifest import source_files
 
         return [f["sha256"] for f in source_files(cfg)]
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Prepare the splits into the workspace's data folder (keyed by the manifest hash, shared by every key)."""
-        from core.manifest import MANIFEST_FILE, prepare
-        from pipelines.workspace import workspace
+        from vaeflow.core.manifest import MANIFEST_FILE, prepare
+        from vaeflow.pipelines.workspace import workspace
 
         manifest, folder = prepare(ctx.cfg, workspace(ctx.cfg) / "data")
         ctx.log_params({f"data.split.{k}.n": str(v["n"]) for k, v in manifest["splits"].items()})
@@ -167,8 +167,8 @@ class Train(Stage):
     def key_parts(self, cfg: Config, inputs: dict) -> list:
         """The model section (less the options its kind marks watch-only), the train section (less bookkeeping
         options) and the model's architecture signature."""
-        from core.checkpoint import architecture_signature
-        from core.model import build_model, model_class
+        from vaeflow.core.checkpoint import architecture_signature
+        from vaeflow.core.model import build_model, model_class
 
         model_section = hashed_dump(cfg)["model"]
         for dotted in model_class(cfg).watch_only:  # e.g. a warning threshold: decides what is logged, not the weights
@@ -182,8 +182,8 @@ class Train(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Fit (or resume, or reuse finished weights), then log the final record, the curve and the weights."""
-        from core.engine import Trainer
-        from core.manifest import load_prepared
+        from vaeflow.core.engine import Trainer
+        from vaeflow.core.manifest import load_prepared
 
         data, run_dir = inputs["prepare_data"], ctx.folder
         if (run_dir / WEIGHTS_FILE).exists():
@@ -194,7 +194,7 @@ class Train(Stage):
                 ctx.log.info("resuming %s from its last checkpoint", run_dir)
             cfg = watched(read_run_config(run_dir) if resume else ctx.cfg)
             if cfg.train.nproc > 1:
-                from pipelines.ddp import train_ddp
+                from vaeflow.pipelines.ddp import train_ddp
 
                 train_ddp(cfg, run_dir, data["folder"], resume, ctx.run_id, ctx.log)
             else:
@@ -234,10 +234,10 @@ class TrainFeatures(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Train the classifier (unless trained), log its accuracy and register it as features-<dataset>."""
-        from core.data import open_dataset
-        from core.manifest import load_prepared
-        from core.sample_quality import FEATURES_INFO, FEATURES_WEIGHTS, save_feature_net, train_feature_net
-        from pipelines.registry import register_features
+        from vaeflow.core.data import open_dataset
+        from vaeflow.core.manifest import load_prepared
+        from vaeflow.core.sample_quality import FEATURES_INFO, FEATURES_WEIGHTS, save_feature_net, train_feature_net
+        from vaeflow.pipelines.registry import register_features
 
         cfg, data, folder = ctx.cfg, inputs["prepare_data"], ctx.folder
         q, dataset = cfg.quality, open_dataset(cfg)
@@ -259,7 +259,7 @@ class TrainFeatures(Stage):
     @classmethod
     def skipped(cls, cfg: Config) -> str | None:
         """Why the feature network is not trained for this config (None: it is)."""
-        from core.data import open_dataset
+        from vaeflow.core.data import open_dataset
 
         if not cfg.quality.enabled:
             return "quality.enabled is false"
@@ -270,7 +270,7 @@ class TrainFeatures(Stage):
 
 def code_priors(model, inputs: dict) -> dict:
     """{level: trained code prior} from the optional train_prior input (empty without one)."""
-    from core.priors import load_priors
+    from vaeflow.core.priors import load_priors
 
     return load_priors(model, inputs.get("train_prior") or {})
 
@@ -281,7 +281,7 @@ def draw_samples(model, priors: dict, n: int, cfg: Config, seed: int):
     import torch
 
     if priors:
-        from core.codes import sample_images
+        from vaeflow.core.codes import sample_images
 
         return sample_images(model, priors, n, cfg.prior.sample.temperature, cfg.prior.sample.top_k, seed).cpu()
     return model.generate(n, torch.Generator().manual_seed(seed)).cpu()
@@ -302,19 +302,19 @@ class Evaluate(Stage):
     def key_parts(self, cfg: Config, inputs: dict) -> list:
         """prior.sample (how samples are drawn) when the model has code grids, and the code of every metric plugin
         that applies to the model (an edited or a newly installed metric re-runs evaluate)."""
-        from core.metrics import applicable_metrics
+        from vaeflow.core.metrics import applicable_metrics
 
         metrics = [[e.name, e.package, e.version, e.code_sha256()] for e in applicable_metrics(cfg.model.capabilities)]
         return [cfg.prior.sample.model_dump(mode="json") if cfg.model.capabilities.discrete else None, metrics]
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """eval.json (written last and atomically), its metrics on MLflow; with code priors a reconstruction grid."""
-        from core.checkpoint import load_model, write_text
-        from core.data import known_factors
-        from core.interfaces import to_unit_float
-        from core.manifest import load_prepared
-        from core.metrics import evaluate as run_eval
-        from pipelines.render import reconstructions
+        from vaeflow.core.checkpoint import load_model, write_text
+        from vaeflow.core.data import known_factors
+        from vaeflow.core.interfaces import to_unit_float
+        from vaeflow.core.manifest import load_prepared
+        from vaeflow.core.metrics import evaluate as run_eval
+        from vaeflow.pipelines.render import reconstructions
 
         cfg, out, features = ctx.cfg, ctx.folder / "eval.json", inputs["train_features"]
         files = [out]
@@ -351,7 +351,7 @@ QUALITY_CONSTANTS = ("quality/samples", "quality/feature_net")  # sample quality
 def eval_constants() -> set[str]:
     """Evaluation outputs that are counts or settings, not measurements (MLflow params, not metrics): what the
     metric plugins declare as params, and the sample-quality settings."""
-    from core.metrics import param_keys
+    from vaeflow.core.metrics import param_keys
 
     return param_keys() | set(QUALITY_CONSTANTS)
 
@@ -359,8 +359,8 @@ def eval_constants() -> set[str]:
 def publish_metrics(ctx: StageContext, metrics: dict) -> None:
     """An evaluate stage's metrics: the measurements as MLflow metrics, the constants as params, eval.json as an
     artifact, and one Prefect log line per headline metric (those the model's metrics declare, and FID/KID)."""
-    from core.metrics import headline_keys
-    from pipelines.tracking import set_tags
+    from vaeflow.core.metrics import headline_keys
+    from vaeflow.pipelines.tracking import set_tags
 
     constants = {k: metrics[k] for k in eval_constants() if k in metrics}
     ctx.log_params({f"eval/{k}": str(v) for k, v in constants.items()})
@@ -384,8 +384,8 @@ def headline(metrics: dict) -> dict[str, float]:
 def sample_quality(fake, test, cfg: Config, features: dict, train=None) -> dict:
     """FID and KID of generated images (n, C, H, W) against as many test images, naming the feature network;
     plus the floor: as many real training images against the same test images."""
-    from core.interfaces import to_unit_float
-    from core.sample_quality import load_feature_net, quality_scores
+    from vaeflow.core.interfaces import to_unit_float
+    from vaeflow.core.sample_quality import load_feature_net, quality_scores
 
     q = cfg.quality
     n = len(fake)
@@ -417,10 +417,10 @@ class Render(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Every image under the stage folder, logged under images/ on its MLflow run."""
-        from core.checkpoint import load_model
-        from core.interfaces import to_unit_float
-        from core.manifest import load_prepared
-        from pipelines import render as grids
+        from vaeflow.core.checkpoint import load_model
+        from vaeflow.core.interfaces import to_unit_float
+        from vaeflow.core.manifest import load_prepared
+        from vaeflow.pipelines import render as grids
 
         cfg, folder = ctx.cfg, ctx.folder
         model, _ = load_model(inputs["train"]["run_dir"], device="auto")
@@ -454,8 +454,8 @@ class Register(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """The registered (or reused) version, with its aliases set last."""
-        from pipelines.registry import register as register_model
-        from pipelines.registry import register_prior
+        from vaeflow.pipelines.registry import register as register_model
+        from vaeflow.pipelines.registry import register_prior
 
         cfg, data, trained = ctx.cfg, inputs["prepare_data"], inputs["train"]
         metrics = json.loads(Path(inputs["evaluate"]["path"]).read_text())
@@ -485,7 +485,7 @@ def log_registered(ctx: StageContext, info: dict) -> None:
     """A Prefect log line and link artifact for a registered version."""
     from prefect.artifacts import create_link_artifact
 
-    from pipelines.tracking import model_version_url
+    from vaeflow.pipelines.tracking import model_version_url
 
     url = model_version_url(info["name"], info["version"])
     how = "reused" if info.get("reused") else "registered"
@@ -501,7 +501,7 @@ def _loss_curve(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from core.checkpoint import atomic_write
+    from vaeflow.core.checkpoint import atomic_write
 
     records = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -521,8 +521,8 @@ class Graph:
 
     def __init__(self, cfg: Config):
         """Expand every stage class for this config and resolve each one's inputs to stage ids."""
-        from core.model import model_class
-        from core.registry import get_registry
+        from vaeflow.core.model import model_class
+        from vaeflow.core.registry import get_registry
 
         registry = get_registry()
         kind = model_class(cfg)
@@ -653,7 +653,7 @@ def describe(cfg: Config) -> str:
 # --- one Prefect task runs any stage --------------------------------------------------------------
 def _stage_key(context, params) -> str:
     """Prefect's cache_key_fn: the stage key, scoped to this workspace and tracking store (never another's)."""
-    from pipelines.workspace import scope
+    from vaeflow.pipelines.workspace import scope
 
     cfg = _cfg(params["config"])
     graph = stage_graph(cfg)
@@ -682,8 +682,8 @@ def stage_context(cfg: Config, run: dict, stage: Stage, key: str, fresh: bool) -
     run (ended by how the block ends), a Prefect link artifact to that run, and its folder (emptied when fresh)."""
     from prefect.artifacts import create_link_artifact
 
-    from pipelines.tracking import MetricsLogger, get_client, log_metrics, log_params, run_url, stage_run
-    from pipelines.workspace import stage_lock, workspace
+    from vaeflow.pipelines.tracking import MetricsLogger, get_client, log_metrics, log_params, run_url, stage_run
+    from vaeflow.pipelines.workspace import stage_lock, workspace
 
     client, log = get_client(), run_logger()
     folder = workspace(cfg) / (stage.folder or stage.name) / key.rsplit("-", 1)[1]
@@ -778,11 +778,11 @@ class Pipeline:
     def __init__(self, config_path: str, overrides: list[str] | None, until: str | None = None,
                  config: Config | dict | None = None, force: list[str] | tuple = ()):
         """Resolve the config and the stages, end runs of dead processes, and start the MLflow parent run."""
-        from core.engine import resolve_device
-        from pipelines.processes import end_with_parent
-        from pipelines.tracking import (experiment_id, flatten, get_client, log_params, reap_dead_runs, run_tags,
+        from vaeflow.core.engine import resolve_device
+        from vaeflow.pipelines.processes import end_with_parent
+        from vaeflow.pipelines.tracking import (experiment_id, flatten, get_client, log_params, reap_dead_runs, run_tags,
                                         start_run)
-        from pipelines.workspace import result_storage
+        from vaeflow.pipelines.workspace import result_storage
 
         end_with_parent()
         self.cfg = resolve_config(config_path, overrides, config)
@@ -870,7 +870,7 @@ class Pipeline:
     def close(self, out: dict, error: BaseException | None = None) -> None:
         """Tag the parent run with each stage's status, copy the headline metrics onto it, publish the Prefect
         summary, and end it FINISHED, KILLED (interrupted) or FAILED."""
-        from pipelines.tracking import end_failed, log_metrics, set_tags
+        from vaeflow.pipelines.tracking import end_failed, log_metrics, set_tags
 
         parent = self.run["parent_id"]
         tags = {f"stage.{k}": v for k, v in self.status.items()}
@@ -893,7 +893,7 @@ class Pipeline:
         from prefect.artifacts import create_markdown_artifact
         from prefect.context import FlowRunContext
 
-        from pipelines.tracking import model_version_url, run_url, tracking_uri
+        from vaeflow.pipelines.tracking import model_version_url, run_url, tracking_uri
 
         if FlowRunContext.get() is None:  # run_pipeline called directly, not as a flow: no flow run to attach it to
             return

@@ -6,7 +6,7 @@ action: die at once) or a SIGKILL skips that and orphans the server. So SIGTERM 
 KeyboardInterrupt (the stages end their MLflow runs KILLED and Python exits normally), and a small watchdog
 process stops the server when its owner is gone, however it died.
 
-    python -m pipelines.processes OWNER_PID SERVER_PID   # the watchdog (started by temporary_server)
+    python -m vaeflow.pipelines.processes OWNER_PID SERVER_PID   # the watchdog (started by temporary_server)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def temporary_server() -> Iterator[str | None]:
     server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     # Prefect stops the server at interpreter exit, after its log and event workers have flushed (atexit runs
     # last-registered first); the watchdog covers the deaths that skip atexit, and then exits by itself
-    subprocess.Popen([sys.executable, "-m", "pipelines.processes", str(os.getpid()), str(server.server_process.pid)],
+    subprocess.Popen([sys.executable, "-m", "vaeflow.pipelines.processes", str(os.getpid()), str(server.server_process.pid)],
                      start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
     yield server.api_url

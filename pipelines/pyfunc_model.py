@@ -20,7 +20,7 @@ class VaeflowPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         """Rebuild the model from the logged weights and config."""
-        from core.checkpoint import load_model
+        from vaeflow.core.checkpoint import load_model
 
         self.model, self.cfg = load_model(context.artifacts["model_dir"])
 
@@ -28,7 +28,7 @@ class VaeflowPyfunc(mlflow.pyfunc.PythonModel):
         """images (N, C, H, W) in [0, 1] -> reconstructions (N, C, H, W) or latents (N, J)."""
         import torch
 
-        from core.model import data_shape
+        from vaeflow.core.model import data_shape
 
         if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
             model_input = next(iter(model_input.values()))

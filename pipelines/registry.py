@@ -13,12 +13,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from core import __version__
-from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE, read_run_config
-from core.config import Config, config_hash
-from core.errors import VaeflowError
-from core.interfaces import file_sha256
-from pipelines.processes import failpoint
+from vaeflow import __version__
+from vaeflow.core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE, read_run_config
+from vaeflow.core.config import Config, config_hash
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.interfaces import file_sha256
+from vaeflow.pipelines.processes import failpoint
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -39,7 +39,7 @@ def signature(cfg: Config):
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from core.model import data_shape
+    from vaeflow.core.model import data_shape
 
     images = Schema([TensorSpec(np.dtype(np.float32), (-1, *data_shape(cfg)))])
     return ModelSignature(inputs=images, params=ParamSchema([ParamSpec("output", "string", "reconstruction")]))
@@ -49,7 +49,7 @@ def requirements(cfg: Config) -> list[str]:
     """The registered model's pip requirements: vaeflow, and each plugin distribution the model needs at its installed
     version, so that an MLflow environment restore (or `mlflow models serve`) installs them. A VAEFLOW_PLUGINS module
     has no distribution to pin; loading the model names it when it is missing."""
-    from core.checkpoint import plugins_used
+    from vaeflow.core.checkpoint import plugins_used
 
     pins = {"vaeflow": __version__}
     for info in plugins_used(cfg).values():
@@ -165,7 +165,7 @@ def register(client: MlflowClient, run_id: str, run_dir: Path, cfg: Config, metr
 
 def register_features(client: MlflowClient, run_id: str, folder: Path, name: str, info: dict) -> dict:
     """Register the offline feature network once per weights file (a cached re-run reuses its version)."""
-    from core.sample_quality import FEATURES_WEIGHTS
+    from vaeflow.core.sample_quality import FEATURES_WEIGHTS
 
     sha = file_sha256(folder / FEATURES_WEIGHTS)
     _ensure_registered_model(client, name)
@@ -188,7 +188,7 @@ def prior_model_name(name: str, level: str) -> str:
 def register_prior(client: MlflowClient, run_id: str, prior_dir: Path, stage1_name: str, stage1_version: int,
                    level: str) -> dict:
     """Register a trained prior with lineage tags naming the exact stage-1 version and codebook hash."""
-    from core.priors import PRIOR_INFO
+    from vaeflow.core.priors import PRIOR_INFO
 
     info = json.loads((prior_dir / PRIOR_INFO).read_text())
     name = prior_model_name(stage1_name, level)
@@ -255,13 +255,13 @@ def load_generator(source: str, priors: list[str] | None = None, device: str = "
     else from the given prior folders (top first); each prior is checked against the model.
 
     A models:/NAME@alias URI is resolved to one version first, so the model and its priors always match."""
-    from core.checkpoint import load_model
-    from core.priors import load_prior
+    from vaeflow.core.checkpoint import load_model
+    from vaeflow.core.priors import load_prior
 
     source = str(source)
     client = None
     if source.startswith(("models:/", "runs:/")):
-        from pipelines.tracking import get_client
+        from vaeflow.pipelines.tracking import get_client
 
         client = get_client()  # points MLflow at vaeflow's store before anything is fetched
         if source.startswith("models:/") and not priors:

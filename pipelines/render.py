@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from core.errors import VaeflowError
-from core.images import check_image_path, save_grid, square_rows  # noqa: F401 (the CLI imports them from here)
-from core.interfaces import Model
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.images import check_image_path, save_grid, square_rows  # noqa: F401 (the CLI imports them from here)
+from vaeflow.core.interfaces import Model
 
 
 def samples(model: Model, n: int, seed: int, out: Path, temperature: float = 1.0) -> Path:
@@ -39,9 +39,9 @@ def reconstructions(model: Model, test: torch.Tensor, n: int, out: Path) -> Path
 def render_all(model, cfg, images: torch.Tensor, out_dir: Path, priors: dict | None = None,
                names: list[str] | None = None) -> list[Path]:
     """Run the configured renderers that apply to this model kind (or only `names`), each into out_dir/NAME/."""
-    from core.interfaces import RenderContext
-    from core.model import component_options
-    from core.registry import get_registry
+    from vaeflow.core.interfaces import RenderContext
+    from vaeflow.core.model import component_options
+    from vaeflow.core.registry import get_registry
 
     registry, kind = get_registry(), model.capabilities.latents
     chosen = [(spec.name, component_options(registry.get("renderer", spec.name).cls, spec))

@@ -23,9 +23,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from core import __version__
-from core.config import Config, config_hash
-from core.checkpoint import plugins_used
+from vaeflow import __version__
+from vaeflow.core.config import Config, config_hash
+from vaeflow.core.checkpoint import plugins_used
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -137,7 +137,7 @@ def process_tags() -> dict[str, str]:
 
 def process_alive(pid: int, start: str) -> bool:
     """Whether the process that set these tags on this host still runs (a zombie does not: it died unreaped)."""
-    from pipelines.processes import alive
+    from vaeflow.pipelines.processes import alive
 
     return alive(pid) and (not start or _process_start(pid) in ("", start))
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from core.config import Config
+from vaeflow.core.config import Config
 
 RESULTS_DIR = "prefect-results"  # Prefect's cache records and stage results, per workspace
 LOCKS_DIR = "locks"
@@ -24,7 +24,7 @@ LOCKS_DIR = "locks"
 
 def workspace(cfg: Config) -> Path:
     """The absolute workspace folder: tracking.workspace, relative to VAEFLOW_HOME (else the current folder)."""
-    from pipelines.tracking import project_root
+    from vaeflow.pipelines.tracking import project_root
 
     ws = Path(cfg.tracking.workspace)
     return (ws if ws.is_absolute() else project_root() / ws).resolve()
@@ -32,7 +32,7 @@ def workspace(cfg: Config) -> Path:
 
 def store_identity() -> str:
     """The tracking store this process writes to (its URI)."""
-    from pipelines.tracking import tracking_uri
+    from vaeflow.pipelines.tracking import tracking_uri
 
     return tracking_uri().rstrip("/")
 

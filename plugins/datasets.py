@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from core.errors import DataError
-from core.hookspecs import hookimpl
-from core.interfaces import Dataset, Shape, file_sha256, to_unit_float
-from core.interfaces import Options as ComponentOptions
+from vaeflow.core.errors import DataError
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Dataset, Shape, file_sha256, to_unit_float
+from vaeflow.core.interfaces import Options as ComponentOptions
 
 ENV_DATA_DIR = "VAEFLOW_DATA_DIR"
 

@@ -8,9 +8,9 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Decoder, GridDecoder, Options, Shape
-from plugins.layers import Activation, activation, conv_grid, mlp, residual_stack, stride_stages
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Decoder, GridDecoder, Options, Shape
+from vaeflow.plugins.layers import Activation, activation, conv_grid, mlp, residual_stack, stride_stages
 
 
 class MLPDecoder(Decoder):

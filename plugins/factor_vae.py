@@ -21,7 +21,7 @@ z_a is the first half of the batch's z and z_b the second half (they share the m
 paper draws z_b from a second minibatch. D outputs one logit s instead of the paper's two softmax logits
 (l_0, l_1): the same family of classifiers, with s = l_0 - l_1.
 
-Where vaeflow's interface stops: the engine (core.engine) builds ONE optimizer over model.parameters() and takes
+Where vaeflow's interface stops: the engine (vaeflow.core.engine) builds ONE optimizer over model.parameters() and takes
 ONE step per batch on the weighted sum of Objective.terms, and a model can declare neither its own optimizer,
 parameter groups or hyperparameters, nor a second update per step, nor a second minibatch. The gradients are
 separated by construction (each parameter receives only its own objective's gradient), so one summed backward
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
-from core.hookspecs import hookimpl
-from core.interfaces import Objective, Shape
-from plugins.layers import Activation, mlp
-from plugins.models import VAE, ContinuousOptions
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Objective, Shape
+from vaeflow.plugins.layers import Activation, mlp
+from vaeflow.plugins.models import VAE, ContinuousOptions
 
 
 class FactorVAEOptions(ContinuousOptions):

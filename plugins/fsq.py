@@ -31,9 +31,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Options, Quantizer, QuantizerOutput
-from plugins.quantizers import StraightThrough, code_counts, perplexity
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, Quantizer, QuantizerOutput
+from vaeflow.plugins.quantizers import StraightThrough, code_counts, perplexity
 
 EPS = 1e-3  # appendix A.1: keeps the bound strictly inside its outer codes
 

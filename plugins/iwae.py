@@ -11,7 +11,7 @@ L_1 is the ELBO, and log p(x) >= L_{k+1} >= L_k (Theorem 1): more samples, a tig
 only changes what training maximizes.
 
 There is no KL term for train.beta to weight: beta has no meaning in L_k (`scheduled = None`), so any train.beta
-other than the constant 1 is a config error (core.model). The Monte Carlo ELBO of the same draws, the mean of
+other than the constant 1 is a config error (vaeflow.core.model). The Monte Carlo ELBO of the same draws, the mean of
 log w_i, is logged as the detached stat `neg_elbo`, so the gap L_k - ELBO is visible during training.
 """
 
@@ -22,9 +22,9 @@ import math
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Objective, Shape
-from plugins.models import VAE, ContinuousOptions
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Objective, Shape
+from vaeflow.plugins.models import VAE, ContinuousOptions
 
 
 class IWAEOptions(ContinuousOptions):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from core.distributions import DiagonalGaussian, standard_normal_log_prob
-from core.hookspecs import hookimpl
-from core.interfaces import LatentPrior, Options
+from vaeflow.core.distributions import DiagonalGaussian, standard_normal_log_prob
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import LatentPrior, Options
 
 
 class StandardNormal(LatentPrior):

@@ -8,7 +8,7 @@ import torch
 
 from torch import nn
 
-from core.interfaces import Shape
+from vaeflow.core.interfaces import Shape
 
 Activation = Literal["relu", "silu", "gelu", "leaky_relu", "elu"]
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU}

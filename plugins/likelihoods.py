@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Likelihood, Options, Shape
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Likelihood, Options, Shape
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

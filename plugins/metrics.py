@@ -1,4 +1,4 @@
-"""Built-in evaluation metrics, run by core.metrics.evaluate on the test split of every model they apply to.
+"""Built-in evaluation metrics, run by vaeflow.core.metrics.evaluate on the test split of every model they apply to.
 
 - `latent` (latent vectors): reconstruction error of the posterior mode, active units (Burda et al. 2016, sec. 5.2),
   and, when the model bounds log p(x), the negative ELBO (Kingma & Welling 2014) and the IWAE bound (Burda et al.
@@ -6,7 +6,7 @@
 - `codebook` (code grids): reconstruction through encode_codes/decode_codes and per-level codebook health: usage,
   dead codes, perplexity (van den Oord et al. 2017; Razavi et al. 2019).
 - `disentanglement` (latent vectors, on a split with known factors): MIG (Chen et al. 2018), SAP (Kumar et al.
-  2018) and DCI (Eastwood & Williams 2018) of the posterior means (see core.disentanglement).
+  2018) and DCI (Eastwood & Williams 2018) of the posterior means (see vaeflow.core.disentanglement).
 
 A third-party metric registers the same way, through `register_metrics`.
 """
@@ -17,10 +17,10 @@ import math
 
 import torch
 
-from core.disentanglement import disentanglement_scores
-from core.hookspecs import hookimpl
-from core.interfaces import Metric, MetricContext, Options
-from core.metrics import LN2, bits_per_dim, iwae_log_likelihood
+from vaeflow.core.disentanglement import disentanglement_scores
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Metric, MetricContext, Options
+from vaeflow.core.metrics import LN2, bits_per_dim, iwae_log_likelihood
 
 
 def psnr(mse: float) -> float:
@@ -135,7 +135,7 @@ class Codebook(Metric):
 
 class Disentanglement(Metric):
     """MIG, SAP and DCI of the posterior means against the split's known factors, under `disentanglement/` keys
-    (see core.disentanglement.disentanglement_scores); nothing without factors or with eval.disentanglement off.
+    (see vaeflow.core.disentanglement.disentanglement_scores); nothing without factors or with eval.disentanglement off.
 
     When the scores cannot be computed (e.g. too few examples for a held-out split) the only key is
     `disentanglement_error`, saying why, and the other metrics stand."""

@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from core.hookspecs import hookimpl
-from core.interfaces import Capabilities, Objective
-from plugins.models import AE, VAE, ContinuousOptions
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Capabilities, Objective
+from vaeflow.plugins.models import AE, VAE, ContinuousOptions
 
 Kernel = Literal["imq", "rbf"]
 

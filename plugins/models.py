@@ -27,11 +27,11 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from core.codes import eval_mode
-from core.distributions import DiagonalGaussian, PointPosterior
-from core.errors import ConfigError
-from core.hookspecs import hookimpl
-from core.interfaces import (
+from vaeflow.core.codes import eval_mode
+from vaeflow.core.distributions import DiagonalGaussian, PointPosterior
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import (
     FEATURE_MAP, VECTOR, Capabilities, Model, Objective, Options, QuantizerOutput, Shape, Slot,
 )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Noise, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Noise, Options
 
 
 class GaussianNoise(Noise):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Options, Prior
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, Prior
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Options, Quantizer, QuantizerOutput
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, Quantizer, QuantizerOutput
 
 CHUNK_BYTES = 1 << 22  # CPU: 4 MiB of distances per chunk (2048 rows at K = 512), cache-sized and reused
 

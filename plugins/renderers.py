@@ -30,11 +30,11 @@ from pydantic import Field, PositiveFloat
 from torch import nn
 from torchvision.utils import make_grid
 
-from core.checkpoint import atomic_write, write_text
-from core.errors import VaeflowError
-from core.hookspecs import hookimpl
-from core.interfaces import Options, RenderContext, Renderer
-from core.codes import sample_codes
+from vaeflow.core.checkpoint import atomic_write, write_text
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, RenderContext, Renderer
+from vaeflow.core.codes import sample_codes
 
 PADDING = 2  # pixels between tiles of every grid
 RED = (1.0, 0.0, 0.0)  # the frame of an inactive dimension's row

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Options, Schedule
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, Schedule
 
 
 class Constant(Schedule):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.config import config_hash
-from core.errors import ConfigError
-from core.hookspecs import hookimpl
-from core.interfaces import Stage, StageContext
+from vaeflow.core.config import config_hash
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Stage, StageContext
 
 PRIOR_TRAIN_FIELDS_EXCLUDED = {"sample", "log_every"}  # not in a level's key (nor the other levels' specs)
 
@@ -31,10 +31,10 @@ class ExtractCodes(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Encode both splits to codes; log how many codes each level uses."""
-        from core.checkpoint import load_model
-        from core.interfaces import to_unit_float
-        from core.manifest import load_prepared
-        from core.priors import CODES_FILE, CODES_MANIFEST, write_codes
+        from vaeflow.core.checkpoint import load_model
+        from vaeflow.core.interfaces import to_unit_float
+        from vaeflow.core.manifest import load_prepared
+        from vaeflow.core.priors import CODES_FILE, CODES_MANIFEST, write_codes
 
         data, trained = inputs["prepare_data"], inputs["train"]
         model, model_cfg = load_model(trained["run_dir"], device="auto")
@@ -73,8 +73,8 @@ class TrainPrior(Stage):
     @classmethod
     def check(cls, cfg, source: str) -> None:
         """A prior spec for every level of the model, and none for a level it lacks."""
-        from core.config import code_levels
-        from core.registry import get_registry
+        from vaeflow.core.config import code_levels
+        from vaeflow.core.registry import get_registry
 
         missing = [level for level in cfg.model.levels if getattr(cfg.prior, level) is None]
         if missing:
@@ -88,10 +88,10 @@ class TrainPrior(Stage):
 
     def key_parts(self, cfg, inputs: dict) -> list:
         """This level's prior spec, the prior training options, the prior's architecture and its plugin's code."""
-        from core.checkpoint import architecture_signature
-        from core.config import code_levels
-        from core.priors import CODES_MANIFEST, build_prior
-        from core.registry import get_registry
+        from vaeflow.core.checkpoint import architecture_signature
+        from vaeflow.core.config import code_levels
+        from vaeflow.core.priors import CODES_MANIFEST, build_prior
+        from vaeflow.core.registry import get_registry
 
         level, registry = self.param, get_registry()
         spec = getattr(cfg.prior, level).model_dump(mode="json")
@@ -102,9 +102,9 @@ class TrainPrior(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Train (or resume) this level's prior and report its held-out bits per code."""
-        from core.engine import resolve_device
-        from core.priors import PRIOR_INFO, PRIOR_WEIGHTS, load_codes
-        from core.priors import train_prior as fit_prior
+        from vaeflow.core.engine import resolve_device
+        from vaeflow.core.priors import PRIOR_INFO, PRIOR_WEIGHTS, load_codes
+        from vaeflow.core.priors import train_prior as fit_prior
 
         level, cfg, run_dir = self.param, ctx.cfg, ctx.folder
         manifest, tensors = load_codes(inputs["extract_codes"]["folder"])
@@ -141,10 +141,10 @@ class Sample(Stage):
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """prior.sample.n samples in a square grid, samples.png."""
-        from core.checkpoint import load_model
-        from core.codes import sample_images
-        from core.images import save_grid, square_rows
-        from core.priors import load_priors
+        from vaeflow.core.checkpoint import load_model
+        from vaeflow.core.codes import sample_images
+        from vaeflow.core.images import save_grid, square_rows
+        from vaeflow.core.priors import load_priors
 
         s = ctx.cfg.prior.sample
         model, _ = load_model(inputs["train"]["run_dir"], device="auto")

@@ -40,14 +40,14 @@ import torch
 from torch.autograd.function import once_differentiable
 from pydantic import Field
 
-from core.data import open_dataset
-from core.distributions import LOG_2PI, DiagonalGaussian
-from core.errors import ConfigError, DataError
-from core.hookspecs import hookimpl
-from core.interfaces import LatentPrior, Objective, Shape
-from core.model import component_options
-from core.registry import get_registry
-from plugins.models import VAE, ContinuousOptions
+from vaeflow.core.data import open_dataset
+from vaeflow.core.distributions import LOG_2PI, DiagonalGaussian
+from vaeflow.core.errors import ConfigError, DataError
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import LatentPrior, Objective, Shape
+from vaeflow.core.model import component_options
+from vaeflow.core.registry import get_registry
+from vaeflow.plugins.models import VAE, ContinuousOptions
 
 ESTIMATORS = ("mws", "mss")
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from core.distributions import DiagonalGaussian
-from core.hookspecs import hookimpl
-from core.interfaces import LatentPrior, Options
+from vaeflow.core.distributions import DiagonalGaussian
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import LatentPrior, Options
 
 
 def unbound_error() -> RuntimeError:

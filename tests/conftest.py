@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.registry import reset_registry
+from vaeflow.core.registry import reset_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "vae-shapes-tiny.yaml"
@@ -22,6 +23,7 @@ def _isolated_env(tmp_path_factory):
     for var in [v for v in os.environ if v.startswith("VAEFLOW_")]:
         del os.environ[var]
     os.environ["VAEFLOW_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    os.environ["VAEFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("vaeflow-cache"))  # the plugin listing cache
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                       PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
@@ -40,7 +42,7 @@ def local_plugins(tmp_path, monkeypatch):
     written: list[str] = []
 
     def load(modules: dict[str, str]):
-        from core.registry import get_registry
+        from vaeflow.core.registry import get_registry
 
         for name, source in modules.items():
             (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
@@ -124,3 +126,18 @@ def prefect_pg_server(prefect_pg_db, tmp_path_factory):
 
     with prefect_server(prefect_pg_db, tmp_path_factory.mktemp("prefect-pg-server")) as api:
         yield api
+
+
+def run_result(output: str) -> dict:
+    """The result of `vaeflow run --json`: its one JSON line (the last line starting with '{'; Prefect's own log
+    lines may come after it when stderr is merged in)."""
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON result line in the output:\n{output[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def run_stages(output: str) -> dict[str, str]:
+    """{stage: status} from the human summary of `vaeflow run` (its `stages: a ran, b cached` line)."""
+    line = next((line for line in output.splitlines() if line.startswith("stages: ")), None)
+    assert line is not None, f"no stages line in the output:\n{output[-3000:]}"
+    return dict(item.rsplit(" ", 1) for item in line.removeprefix("stages: ").split(", "))

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import validate
-from core.errors import VaeflowError
-from core.model import build_model
-from pipelines import bench
+from vaeflow.core.config import validate
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.model import build_model
+from vaeflow.pipelines import bench
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_pipeline_bench_reports_consistent_ratios(tmp_path):
     """`vaeflow bench pipeline` on the tiny config: the JSON matches its own raw values (no speed asserted)."""
     import statistics
 
-    from pipelines.bench import bench_pipeline
+    from vaeflow.pipelines.bench import bench_pipeline
 
     from conftest import TINY
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.bench_quantizer import IMPLEMENTATIONS, bench_quantizer, grid_shape, print_summary
+from vaeflow.pipelines.bench_quantizer import IMPLEMENTATIONS, bench_quantizer, grid_shape, print_summary
 
 
 @pytest.fixture(scope="module")

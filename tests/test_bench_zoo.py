@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import VaeflowError
-from core.model import build_model
-from pipelines import bench_zoo
-from pipelines.bench_zoo import ZOO, ZooModel
-from pipelines.pythae_worker import MLPDecoderNet, MLPEncoderNet, nll_batch_size
-from plugins.latent_priors import StandardNormal
-from plugins.likelihoods import Bernoulli, Gaussian
-from plugins.models import VAE
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.model import build_model
+from vaeflow.pipelines import bench_zoo
+from vaeflow.pipelines.bench_zoo import ZOO, ZooModel
+from vaeflow.pipelines.pythae_worker import MLPDecoderNet, MLPEncoderNet, nll_batch_size
+from vaeflow.plugins.latent_priors import StandardNormal
+from vaeflow.plugins.likelihoods import Bernoulli, Gaussian
+from vaeflow.plugins.models import VAE
 
 # 784-400-(20, 20) and 20-400-784, weights and biases, counted by hand
 MLP_PARAMS = (784 * 400 + 400) + 2 * (400 * 20 + 20) + (20 * 400 + 400) + (400 * 784 + 784)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core.beta import BetaSchedule, schedule_class
-from core.config import config_model
-from core.registry import get_registry
+from vaeflow.core.beta import BetaSchedule, schedule_class
+from vaeflow.core.config import config_model
+from vaeflow.core.registry import get_registry
 
 
 def train(beta: dict | None = None):
@@ -155,9 +155,9 @@ def test_schedules_are_plugins_selected_by_their_tag():
 @pytest.mark.parametrize("beta, field", [("{value: 4.0}", "train.beta.value"),
                                          ("{schedule: linear, value: 1.0, warmup_steps: 10}", "train.beta")])
 def test_a_kind_without_a_weighted_term_refuses_a_beta_it_would_ignore(beta, field):
-    from core.config import apply_sets, load_config
-    from core.errors import ConfigError
-    from core.model import build_model
+    from vaeflow.core.config import apply_sets, load_config
+    from vaeflow.core.errors import ConfigError
+    from vaeflow.core.model import build_model
 
     tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "vae-shapes-tiny.yaml")
     for kind in ("ae", "iwae"):  # neither has a KL term for beta to weight

@@ -8,7 +8,7 @@ no test calls it).
 
 The stack must run what the native team setup runs: the MLflow and Prefect server commands are
 compared with the ones tests/servers.py starts (read from its source, not imported), the workers'
-environment with what `vaeflow deploy` (pipelines.deployments.worker_env) writes into the deployments,
+environment with what `vaeflow deploy` (vaeflow.pipelines.deployments.worker_env) writes into the deployments,
 and the deploy command in docker/README.md with the workers' pools and workspace.
 """
 
@@ -461,7 +461,7 @@ def worker_environment(services, worker: str) -> dict[str, str]:
 
 def workspace_mount(services, worker: str) -> str:
     """VAEFLOW_HOME/<tracking.workspace default>: where the pipeline's workspace is in the worker."""
-    from core.config import TrackingConfig
+    from vaeflow.core.config import TrackingConfig
 
     return posixpath.normpath(posixpath.join(env(services[worker])["VAEFLOW_HOME"],
                                              TrackingConfig.model_fields["workspace"].default))
@@ -472,7 +472,7 @@ def test_worker_environment_is_what_vaeflow_deploy_writes(services, worker):
     """`vaeflow deploy` run in a worker container puts worker_env(--workspace, that container's environment) into the
     deployments' job variables; each variable must equal the worker's own, so that a deployed run and a
     `docker compose run worker vaeflow run ...` see the same settings."""
-    from pipelines.deployments import worker_env
+    from vaeflow.pipelines.deployments import worker_env
 
     e = worker_environment(services, worker)
     assert e["VAEFLOW_HOME"] == dockerfile_workdir() == "/app", "the workspace root is the image's code folder"
@@ -680,7 +680,7 @@ def test_image_runs_vaeflow_from_its_workdir():
     # the source and the configs reach the image
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    from pipelines.deployments import PIPELINE_ENTRYPOINT
+    from vaeflow.pipelines.deployments import PIPELINE_ENTRYPOINT
 
     # the one pipeline flow's file, the entrypoint every deployment names
     needed = ["pyproject.toml", "README.md", "configs/vae-fashion-mnist.yaml", PIPELINE_ENTRYPOINT.split(":")[0]]
@@ -796,9 +796,9 @@ def test_readme_deploy_commands_fit_the_workers(services):
     """Each documented `vaeflow deploy` runs in a one-off container of a worker service without a fixed hostname,
     names a pool that a worker listens on, a config shipped in the image, and the workers' VAEFLOW_HOME as
     --workspace; the documented `prefect deployment run`s name deployments those commands create."""
-    from core.config import load_config
-    from pipelines.deployments import deployable_stages, deployment_specs
-    from pipelines.pipeline import FLOW_NAME
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.deployments import deployable_stages, deployment_specs
+    from vaeflow.pipelines.pipeline import FLOW_NAME
 
     deploys = _readme_commands("vaeflow deploy")
     assert deploys, "docker/README.md documents no `docker compose ... vaeflow deploy`"

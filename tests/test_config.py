@@ -9,10 +9,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from core.config import config_hash, config_model, env_overrides, load_config, validate
-from core.errors import ConfigError
-from core.model import build_model
-from pipelines.cli import app
+from vaeflow.core.config import config_hash, config_model, env_overrides, load_config, validate
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.model import build_model
+from vaeflow.pipelines.cli import app
 
 from conftest import ROOT, TINY
 
@@ -176,7 +176,7 @@ def test_config_model_is_built_from_the_registry():
 
 def test_code_priors_do_not_change_the_hashes_of_models_without_code_grids():
     """The prior section only applies to models with code grids; another kind's fields are not in the model at all."""
-    from core.config import config_hash, load_config
+    from vaeflow.core.config import config_hash, load_config
 
     base = load_config(TINY)
     other = load_config(TINY, ["prior.epochs=3"])

@@ -1,4 +1,4 @@
-"""The plugin conformance kit (core.testing): every registered plugin passes it, and broken toy plugins fail it with
+"""The plugin conformance kit (vaeflow.core.testing): every registered plugin passes it, and broken toy plugins fail it with
 a message that names the plugin and the check."""
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from core import testing
-from core.config import apply_sets, load_config
-from core.interfaces import (
+from vaeflow.core import testing
+from vaeflow.core.config import apply_sets, load_config
+from vaeflow.core.interfaces import (
     FEATURE_MAP, Dataset, Encoder, GridDecoder, Likelihood, Metric, Noise, Options, Prior, QuantizerOutput, Renderer,
     Stage, form_of,
 )
-from core.registry import discover, get_registry
-from plugins.datasets import IDX_FILES
-from plugins.encoders import MLPEncoder
-from plugins.latent_priors import StandardNormal
-from plugins.likelihoods import Gaussian
-from plugins.models import VAE
-from plugins.quantizers import VQ
+from vaeflow.core.registry import discover, get_registry
+from vaeflow.plugins.datasets import IDX_FILES
+from vaeflow.plugins.encoders import MLPEncoder
+from vaeflow.plugins.latent_priors import StandardNormal
+from vaeflow.plugins.likelihoods import Gaussian
+from vaeflow.plugins.models import VAE
+from vaeflow.plugins.quantizers import VQ
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "vae-shapes-tiny.yaml"
@@ -129,7 +129,7 @@ def test_schedule_conforms(name):
 
 
 def test_the_schedule_check_catches_a_constant_schedule_that_is_not():
-    from core.interfaces import Options as BaseOptions, Schedule
+    from vaeflow.core.interfaces import Options as BaseOptions, Schedule
 
     class Drifting(Schedule):
         name = "drifting"
@@ -211,8 +211,8 @@ def test_renderer_conforms(name):
 
 
 def test_renderer_check_takes_a_given_model():
-    from core.data import load_split
-    from core.model import build_model
+    from vaeflow.core.data import load_split
+    from vaeflow.core.model import build_model
 
     cfg = load_config(TINY)
     model = build_model(cfg)
@@ -225,8 +225,8 @@ def test_metric_conforms(name):
 
 
 def test_metric_check_takes_a_given_model():
-    from core.data import load_split
-    from core.model import build_model
+    from vaeflow.core.data import load_split
+    from vaeflow.core.model import build_model
 
     cfg = apply_sets(load_config(TINY), ["model.kind=ae"])
     model = build_model(cfg)
@@ -254,10 +254,10 @@ def test_stage_conforms(name):
 def test_the_vq_stages_run_through_the_stage_check(tmp_path):
     """extract_codes, then train_prior (one per level) on its result, then sample: each checked with the real
     results of the stages before it (a tiny VQ-VAE-2, 2 training steps)."""
-    from core.checkpoint import WEIGHTS_FILE
-    from core.engine import Trainer
-    from core.interfaces import file_sha256
-    from core.manifest import MANIFEST_FILE, load_prepared, prepare
+    from vaeflow.core.checkpoint import WEIGHTS_FILE
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.interfaces import file_sha256
+    from vaeflow.core.manifest import MANIFEST_FILE, load_prepared, prepare
 
     cfg = apply_sets(load_config(VQ_TINY), ["train.max_steps=2", "train.progress=false", "data.dataset.n_train=128",
                                             "data.dataset.n_test=16", "prior.batch_size=32", "prior.sample.n=2"])
@@ -641,7 +641,7 @@ BROKEN = [  # (check, toy, kwargs, what the message must say besides the plugin'
     (testing.check_stage, BareStringInputsStage, {}, r"inputs check: inputs is 'train', expected a tuple of non-empty "
                                                      r"str.*\('x',\)"),
     (testing.check_stage, PathKeyStage, {}, r"key_parts check: key_parts\(cfg, inputs\) of path-key returned "
-                                            r"\[PosixPath\('weights.safetensors'\)\], which core.config.canonical_json "
+                                            r"\[PosixPath\('weights.safetensors'\)\], which vaeflow.core.config.canonical_json "
                                             r"cannot hash"),
     (testing.check_stage, ClockKeyStage, {}, r"key_parts check: key_parts\(cfg, inputs\) of clock-key is not "
                                              r"deterministic"),
@@ -676,7 +676,7 @@ class NaNVAE(VAE):
 def test_the_kit_fails_a_model_whose_objective_is_nan(monkeypatch):
     registry = discover()
     registry.add("model", NaNVAE, None, "tests/test_conformance.py", "tests")
-    monkeypatch.setattr("core.registry._REGISTRY", registry)  # build_model and the config see the toy kind
+    monkeypatch.setattr("vaeflow.core.registry._REGISTRY", registry)  # build_model and the config see the toy kind
     config = apply_sets(load_config(TINY), ["model.kind=nan-vae"])
     with pytest.raises(AssertionError, match=r"model 'nan-vae' \(.*NaNVAE\) failed the objective check: "
                                              r"terms\['reconstruction'\] has 1 non-finite value\(s\)"):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from core.checkpoint import CHECKPOINT_FILE
-from conftest import TINY, VAEFLOW
+from vaeflow.core.checkpoint import CHECKPOINT_FILE
+from conftest import TINY, VAEFLOW, run_result
 from test_serve import store, wait_for
 
 # 32 steps per epoch with checkpoints every 2: long enough to be killed mid-train, seconds to finish
@@ -27,7 +27,7 @@ FLOW = "vaeflow_pipeline"  # the pipeline flow; with --until STAGE its MLflow pa
 
 def args(*sets: str, until: str | None = None) -> list[str]:
     """`vaeflow run` of the tiny config: the whole pipeline, or with `until` that stage and what it needs."""
-    return [VAEFLOW, "run", str(TINY), *[a for s in (*SETS, *sets) for a in ("--set", s)],
+    return [VAEFLOW, "run", str(TINY), "--json", *[a for s in (*SETS, *sets) for a in ("--set", s)],
             *(["--until", until] if until else [])]
 
 
@@ -131,10 +131,10 @@ def project(tmp_path):
 
 
 def test_kill_9_mid_train_leaves_nothing_running_and_the_rerun_resumes(project):
-    from core.checkpoint import WEIGHTS_FILE
-    from core.config import load_config
-    from core.engine import Trainer
-    from core.manifest import load_prepared
+    from vaeflow.core.checkpoint import WEIGHTS_FILE
+    from vaeflow.core.config import load_config
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.manifest import load_prepared
 
     proc = start(project, "tracking.model_name=killed-in-train", until="train")
     ckpt = mid_train(proc, project)
@@ -231,7 +231,7 @@ def test_two_identical_runs_at_once_train_once(project):
     texts = [finish(first), finish(second)]
     for proc, text in zip((first, second), texts):
         assert proc.returncode == 0, text[-3000:]
-    results = [json.loads(text[text.index("{"): text.index("\nstages:")]) for text in texts]
+    results = [run_result(text) for text in texts]
     assert results[0]["run_dir"] == results[1]["run_dir"]
     records = [json.loads(line) for line in (Path(results[0]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]  # each epoch once: one process trained, the other waited
@@ -244,7 +244,7 @@ def test_two_identical_runs_at_once_train_once(project):
 
 def test_the_start_up_timeout_is_in_force_before_prefect_reads_it():
     """Prefect reads its settings at import; vaeflow's default must already be set by then."""
-    code = ("import pipelines.pipeline; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
+    code = ("import vaeflow.pipelines.pipeline; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
             "print(s.value())")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.errors import DataError
-from plugins import datasets
-from plugins.datasets import MNIST, FashionMNIST, ImageFolder, Shapes
+from vaeflow.core.errors import DataError
+from vaeflow.plugins import datasets
+from vaeflow.plugins.datasets import MNIST, FashionMNIST, ImageFolder, Shapes
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = [

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics
-from core.config import load_config
-from core.engine import train
+from vaeflow.core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics
+from vaeflow.core.config import load_config
+from vaeflow.core.engine import train
 
-from conftest import TINY, VAEFLOW
+from conftest import TINY, VAEFLOW, run_result
 
 # A deterministic autoencoder: no sampling noise, so the only difference between the runs is
 # DDP's gradient all-reduce over two half-batches versus one process on the whole batch.
@@ -33,7 +33,7 @@ def test_two_ddp_processes_match_one_process_on_the_global_batch(tmp_path):
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     # and both moved away from the shared initialization, so the comparison is not vacuous
-    from core.model import build_model
+    from vaeflow.core.model import build_model
 
     torch.manual_seed(0)
     init = build_model(load_config(TINY, SETS)).state_dict()
@@ -45,7 +45,7 @@ def test_two_ddp_processes_match_one_process_on_the_global_batch(tmp_path):
 
 
 def test_ranks_partition_every_global_batch():
-    from core.data import Batches
+    from vaeflow.core.data import Batches
 
     cfg = load_config(TINY, SETS + ["data.dataset.n_train=100", "train.batch_size=32"])
     images = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1)  # image i holds the value i
@@ -67,8 +67,8 @@ def test_pipeline_train_stage_runs_data_parallel_with_rank_0_logging(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from core.engine import Trainer
-    from core.manifest import load_prepared
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.manifest import load_prepared
 
     project = tmp_path / "project"
     project.mkdir()
@@ -76,10 +76,10 @@ def test_pipeline_train_stage_runs_data_parallel_with_rank_0_logging(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
     sets = SETS + ["train.nproc=2", "tracking.model_name=ddp"]
-    proc = subprocess.run([VAEFLOW, "run", str(TINY), *[a for s in sets for a in ("--set", s)], "--until", "train"],
+    proc = subprocess.run([VAEFLOW, "run", str(TINY), *[a for s in sets for a in ("--set", s)], "--until", "train", "--json"],
                           cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    out = json.loads(proc.stdout[proc.stdout.index("{"): proc.stdout.index("\nstages:")])
+    out = run_result(proc.stdout)
     run_dir = Path(out["run_dir"])
     reference = tmp_path / "single"
     Trainer(load_config(TINY, SETS), reference, train_images=load_prepared(out["data"]["folder"])["train"]).fit()

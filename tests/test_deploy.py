@@ -70,7 +70,7 @@ def branches(schema: dict, node: dict) -> dict[str, dict]:
 def check_form(schema: dict, vq: bool) -> None:
     """The parameter form of a deployment: plugin unions with their options, human titles, no internal wording,
     only the sections of its model family."""
-    from core.registry import get_registry
+    from vaeflow.core.registry import get_registry
 
     text = json.dumps(schema)
     for words in FORBIDDEN:
@@ -139,9 +139,9 @@ def check_form(schema: dict, vq: bool) -> None:
 def test_form_accepts_the_resolved_config_and_edits_and_rejects_typos(config):
     from prefect.utilities.schema_tools.validation import ValidationError, validate
 
-    from core.config import ScheduleConfig, load_config
-    from pipelines.deployments import deployment_specs, form_value
-    from pipelines.pipeline import pipeline
+    from vaeflow.core.config import ScheduleConfig, load_config
+    from vaeflow.pipelines.deployments import deployment_specs, form_value
+    from vaeflow.pipelines.pipeline import pipeline
 
     cfg = load_config(config)
     vq = cfg.model.kind.startswith("vq")
@@ -180,7 +180,7 @@ def test_form_accepts_the_resolved_config_and_edits_and_rejects_typos(config):
 
 
 def test_worker_env_carries_the_workspace_store_and_settings(tmp_path):
-    from pipelines.deployments import worker_env
+    from vaeflow.pipelines.deployments import worker_env
 
     env = worker_env(tmp_path / "ws", {"EXTRA": "1"},
                      environ={"VAEFLOW_DATA_DIR": "/data", "VAEFLOW_TRAIN__EPOCHS": "2", "HOME": "/root"})
@@ -232,8 +232,8 @@ def test_deploy_runs_on_two_workers_and_reads_the_config_at_run_time(prefect_pg_
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from core.config import load_config
-    from pipelines.deployments import form_value
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.deployments import form_value
 
     api, tag = prefect_pg_server, uuid.uuid4().hex[:8]
     pool, model_name, name = f"vaeflow-{tag}", f"deployed-{tag}", f"tiny-{tag}"  # the server is shared by the session
@@ -362,10 +362,10 @@ def test_worker_killed_mid_training_crashes_its_run_and_a_resubmission_resumes(p
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, read_metrics
-    from core.config import load_config
-    from core.engine import Trainer
-    from core.manifest import load_prepared
+    from vaeflow.core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, read_metrics
+    from vaeflow.core.config import load_config
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.manifest import load_prepared
 
     api, tag = prefect_pg_server, uuid.uuid4().hex[:8]
     pool, name = f"vaeflow-kill-{tag}", f"kill-{tag}"

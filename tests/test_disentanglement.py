@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.disentanglement import (
+from vaeflow.core.disentanglement import (
     dci,
     discrete_entropy,
     discrete_mutual_information,
@@ -66,7 +66,7 @@ def hadamard(d: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def shapes_factors() -> torch.Tensor:
     """The real `shapes` test-split factors (2000, 5): shape id, scale, rotation, x, y."""
-    from plugins.datasets import Shapes
+    from vaeflow.plugins.datasets import Shapes
 
     return Shapes(Shapes.Options(n_train=10, n_test=2000)).factors("test")
 

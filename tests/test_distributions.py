@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from core.distributions import DiagonalGaussian, PointPosterior, standard_normal_log_prob
+from vaeflow.core.distributions import DiagonalGaussian, PointPosterior, standard_normal_log_prob
 
 
 def _params(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

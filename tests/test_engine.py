@@ -14,15 +14,15 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from core import load_model
-from core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics
-from core.config import load_config
-from core.data import load_split
-from core.engine import Trainer, train
-from core.errors import CheckpointError, NonFiniteError
-from core.metrics import evaluate
-from core.model import build_model
-from pipelines.cli import app
+from vaeflow.core import load_model
+from vaeflow.core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics
+from vaeflow.core.config import load_config
+from vaeflow.core.data import load_split
+from vaeflow.core.engine import Trainer, train
+from vaeflow.core.errors import CheckpointError, NonFiniteError
+from vaeflow.core.metrics import evaluate
+from vaeflow.core.model import build_model
+from vaeflow.pipelines.cli import app
 
 from conftest import TINY, VAEFLOW, CrashAt
 
@@ -72,7 +72,7 @@ def test_checkpoint_records_mid_epoch_position_and_rejects_another_config(tmp_pa
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (21, 2, 5)
     assert set(state) >= {"model", "optimizer", "scheduler", "beta", "rng", "config", "config_hash"}
     assert state["beta"] == {"step": 21}
-    from core.checkpoint import write_run_config
+    from vaeflow.core.checkpoint import write_run_config
 
     other = small("train.epochs=3", "train.lr=1e-4")
     write_run_config(tmp_path / "part", other)
@@ -105,8 +105,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 NAN_ENCODER = """
 import torch
-from core.hookspecs import hookimpl
-from plugins.encoders import ConvEncoder
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.plugins.encoders import ConvEncoder
 
 class NanAfter(ConvEncoder):
     name = "nan-after"
@@ -149,9 +149,9 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
     assert bad.exit_code == 2 and "corrupt" in bad.stderr and "Traceback" not in bad.output
     weights = run / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
-    bad = runner.invoke(app, ["evaluate", str(run)])
+    bad = runner.invoke(app, ["evaluate", "--model", str(run)])
     assert bad.exit_code == 2 and "corrupt" in bad.stderr
-    for args in (["evaluate", str(tmp_path / "missing")], ["generate", "--model", str(tmp_path / "x")],
+    for args in (["evaluate", "--model", str(tmp_path / "missing")], ["evaluate", str(tmp_path / "missing")], ["generate", "--model", str(tmp_path / "x")],
                  ["train"], ["train", "--resume", str(run), "--set", "train.epochs=3"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
@@ -205,3 +205,9 @@ def test_resume_after_a_torn_metrics_line_rewrites_the_epoch(tmp_path):
     for a, b in zip(read_metrics(run), full):  # the same loss terms as the uninterrupted run, timing aside
         assert {k: v for k, v in a.items() if k not in ("seconds", "img_per_s")} == \
                {k: v for k, v in b.items() if k not in ("seconds", "img_per_s")}
+
+
+def test_progress_bar_names_the_epoch(tmp_path, capsys):
+    train(small("train.epochs=2", "train.progress=true"), tmp_path / "run")
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "epoch 1/2" in bar and "epoch 2/2" in bar and "epoch 3/2" not in bar

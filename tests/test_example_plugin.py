@@ -21,6 +21,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from conftest import run_result
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "examples" / "plugin-package"
 CONFIG = ROOT / "configs" / "vae-shapes-tiny.yaml"
@@ -39,7 +41,7 @@ def _vaeflow_cmd() -> list[str]:
         if candidate and Path(candidate).is_file():
             return [str(candidate)]
     # no console script: same entry point, but note `-c` also puts the cwd on sys.path
-    return [sys.executable, "-c", "import sys; sys.argv[0] = 'vaeflow'; from pipelines.cli import main; main()"]
+    return [sys.executable, "-c", "import sys; sys.argv[0] = 'vaeflow'; from vaeflow.pipelines.cli import main; main()"]
 
 
 def _env(tmp: Path, pythonpath: Path | None = None, plugins: str | None = None) -> dict[str, str]:
@@ -97,7 +99,8 @@ def test_installed_plugin_is_listed_with_its_distribution(site, tmp_path):
 
 def test_train_with_installed_plugin(site, tmp_path):
     run = tmp_path / "run"
-    proc = vaeflow("train", str(CONFIG), "--out", str(run), *SMALL_RUN, env=_env(tmp_path, pythonpath=site), cwd=tmp_path)
+    proc = vaeflow("train", str(CONFIG), "--out", str(run), *SMALL_RUN, "--json", env=_env(tmp_path, pythonpath=site),
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["epochs"] == 1
 
@@ -133,8 +136,8 @@ def test_vaeflow_plugins_env_var_loads_a_local_module(tmp_path):
         from pydantic import Field
         from torch import nn
 
-        from core.hookspecs import hookimpl
-        from core.interfaces import Encoder, Options
+        from vaeflow.core.hookspecs import hookimpl
+        from vaeflow.core.interfaces import Encoder, Options
 
 
         class LinearEncoder(Encoder):
@@ -198,9 +201,9 @@ RAE_SETS = ["model.kind=rae", "model.latent_weight=0.5", "model.decoder_weight=0
 def test_rae_objective_is_its_three_terms_and_the_engine_sums_them_with_their_weights(local_plugins, tmp_path):
     """The example model kind in process (loaded through VAEFLOW_PLUGINS from its source file): each term checked
     against a hand computation, and the engine's loss is the weighted sum the model asked for."""
-    from core.config import load_config
-    from core.engine import Trainer
-    from core.model import build_model
+    from vaeflow.core.config import load_config
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.model import build_model
 
     local_plugins({"vf_example_rae": (PACKAGE / "vaeflow_example" / "rae.py").read_text()})
     cfg = load_config(CONFIG, [*RAE_SETS, "train.progress=false", "data.dataset.n_train=64", "train.batch_size=16"])
@@ -230,9 +233,9 @@ def test_the_rae_adds_fit_gmm_after_train_and_its_options_key_only_that_stage(lo
     """In process, without running anything: the kind's stage sits after train and refines the model, so the stages
     after it read its result as `train`; model.ex_post is in fit_gmm's key and not in train's, --force fit_gmm re-runs
     fit_gmm and the stages that load its model, and a kind without ex-post options cannot run the stage."""
-    from core.config import apply_sets, load_config
-    from core.errors import ConfigError
-    from pipelines.pipeline import plan, stage_graph, what_runs_again
+    from vaeflow.core.config import apply_sets, load_config
+    from vaeflow.core.errors import ConfigError
+    from vaeflow.pipelines.pipeline import plan, stage_graph, what_runs_again
 
     local_plugins({"vf_example_rae": (PACKAGE / "vaeflow_example" / "rae.py").read_text(),
                    "vf_example_gmm": (PACKAGE / "vaeflow_example" / "gmm.py").read_text()})
@@ -281,10 +284,10 @@ def test_the_rae_adds_fit_gmm_after_train_and_its_options_key_only_that_stage(lo
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> dict:
     """`vaeflow run CONFIG ARGS...`: the pipeline's result (stage statuses, folders), or a failed assertion."""
-    proc = subprocess.run([*_vaeflow_cmd(), "run", str(CONFIG), *args], env=env, cwd=cwd, capture_output=True,
+    proc = subprocess.run([*_vaeflow_cmd(), "run", str(CONFIG), "--json", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(proc.stdout[proc.stdout.index("{"): proc.stdout.index("\nstages:")])
+    return run_result(proc.stdout)
 
 
 def _gmm(folder: str) -> dict[str, torch.Tensor]:
@@ -312,12 +315,12 @@ def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path,
     from safetensors.torch import load_file
     from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
-    from core import load_model
-    from core.interfaces import file_sha256, to_unit_float
-    from core.manifest import load_prepared
-    from core.registry import reset_registry
-    from core.sample_quality import FEATURES_INFO, load_feature_net, quality_scores
-    from pipelines.render import samples as render_samples
+    from vaeflow.core import load_model
+    from vaeflow.core.interfaces import file_sha256, to_unit_float
+    from vaeflow.core.manifest import load_prepared
+    from vaeflow.core.registry import reset_registry
+    from vaeflow.core.sample_quality import FEATURES_INFO, load_feature_net, quality_scores
+    from vaeflow.pipelines.render import samples as render_samples
 
     env = {**_env(tmp_path, pythonpath=site), "VAEFLOW_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
@@ -441,7 +444,7 @@ def test_an_installed_model_kind_runs_through_the_whole_pipeline(site, tmp_path,
 
 
 def test_the_package_runs_the_conformance_kit_in_its_own_pytest(site, tmp_path):
-    """examples/plugin-package/tests/ uses core.testing as a plugin author would, against the installed package."""
+    """examples/plugin-package/tests/ uses vaeflow.core.testing as a plugin author would, against the installed package."""
     tests = tmp_path / "tests"
     shutil.copytree(PACKAGE / "tests", tests)
     env = _env(tmp_path, pythonpath=site)

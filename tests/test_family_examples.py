@@ -1,11 +1,11 @@
 """examples/families/: one short plugin module per component family. Each is loaded the way a user loads it
-(VAEFLOW_PLUGINS, the folder on sys.path) and run through its family's conformance check (core.testing); the metric
-runs inside core.metrics.evaluate, the stage on a tiny trained model; and the README shows each file verbatim."""
+(VAEFLOW_PLUGINS, the folder on sys.path) and run through its family's conformance check (vaeflow.core.testing); the metric
+runs inside vaeflow.core.metrics.evaluate, the stage on a tiny trained model. The docs pages include each file itself
+(tests/test_docs.py checks that)."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +13,18 @@ import pytest
 import scipy.stats
 import torch
 
-from core import testing
-from core.config import EvalConfig, validate
-from core.registry import get_registry
+from vaeflow.core import testing
+from vaeflow.core.config import EvalConfig, validate
+from vaeflow.core.registry import get_registry
 
 from conftest import ROOT
 
 EXAMPLES = ROOT / "examples" / "families"
-README = ROOT / "README.md"
-HEADING = "### One example per family"
 STAGE_TINY = {**testing.TINY_MODELS["continuous"],
               "model": {**testing.TINY_MODELS["continuous"]["model"], "kind": "vae-stats"},
               "train": {"epochs": 2, "batch_size": 16, "progress": False, "device": "cpu", "compile": False}}
 
-# (module, family, registered name, keyword arguments of core.testing.check_plugin)
+# (module, family, registered name, keyword arguments of vaeflow.core.testing.check_plugin)
 CASES = [
     ("decoder_example", "decoder", "spatial-broadcast", {"out_shape": (3, 16, 12)}),
     ("likelihood_example", "likelihood", "laplace", {"shape": (3, 8, 8)}),
@@ -96,9 +94,9 @@ def test_the_examples_train_together_in_models(load_examples):
 
 
 def test_the_metric_example_runs_in_evaluate_for_models_with_latent_vectors_only(load_examples):
-    from core.data import load_split
-    from core.metrics import evaluate
-    from core.model import build_model
+    from vaeflow.core.data import load_split
+    from vaeflow.core.metrics import evaluate
+    from vaeflow.core.model import build_model
 
     load_examples("metric_example")
     eval_cfg = EvalConfig(batch_size=16, iwae_k=2)
@@ -121,12 +119,12 @@ def test_the_metric_example_runs_in_evaluate_for_models_with_latent_vectors_only
 def test_the_stage_example_runs_after_train_and_writes_the_posterior_mean_statistics(load_examples, tmp_path):
     """prepare_data and train for real (a tiny VAE, 8 steps), the stage through the kit, and its JSON against the
     posterior means computed here from the encoder's output ([mean | log-variance]) and numpy."""
-    from core.checkpoint import WEIGHTS_FILE, load_model
-    from core.data import load_split
-    from core.engine import Trainer
-    from core.interfaces import file_sha256
-    from core.manifest import MANIFEST_FILE, load_prepared, prepare
-    from pipelines.pipeline import stage_graph
+    from vaeflow.core.checkpoint import WEIGHTS_FILE, load_model
+    from vaeflow.core.data import load_split
+    from vaeflow.core.engine import Trainer
+    from vaeflow.core.interfaces import file_sha256
+    from vaeflow.core.manifest import MANIFEST_FILE, load_prepared, prepare
+    from vaeflow.pipelines.pipeline import stage_graph
 
     load_examples("stage_example")
     cfg = validate(STAGE_TINY)
@@ -154,31 +152,3 @@ def test_the_stage_example_runs_after_train_and_writes_the_posterior_mean_statis
     np.testing.assert_allclose(stats["mean"], means.mean(0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(stats["variance"], means.var(0, ddof=1), rtol=1e-9, atol=1e-12)
     assert np.ptp(stats["variance"]) > 0  # trained units differ: not a vacuous comparison
-
-
-# --- the README shows every example verbatim ---------------------------------------------------------
-def section_blocks(markdown: str) -> dict[str, str]:
-    """{file name: code} of the python blocks under HEADING, each opening with a '# examples/families/<file>' line
-    that names the file whose whole text follows."""
-    assert f"\n{HEADING}\n" in markdown, f"README.md has no {HEADING!r} section (its text is in /tmp/families.md)"
-    lines, fenced = [], False
-    for line in markdown.split(f"\n{HEADING}\n", 1)[1].split("\n"):  # up to the next heading of its level or above
-        fenced ^= line.startswith("```")
-        if not fenced and re.match(r"#{1,3} ", line):
-            break
-        lines.append(line)
-    section, blocks = "\n".join(lines), {}
-    for code in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL):
-        first, _, rest = code.partition("\n")
-        match = re.fullmatch(r"# examples/families/(\w+\.py)", first)
-        assert match, f"a python block under {HEADING!r} opens with {first!r}, not '# examples/families/<file>.py'"
-        blocks[match.group(1)] = rest
-    return blocks
-
-
-def test_the_readme_shows_each_example_file_verbatim():
-    blocks = section_blocks(README.read_text())
-    files = {p.name: p.read_text() for p in sorted(EXAMPLES.glob("*.py"))}
-    assert sorted(blocks) == sorted(files), "the README's blocks and examples/families/ name different files"
-    for name, text in files.items():
-        assert blocks[name] == text, f"README.md's block for {name} differs from examples/families/{name}"

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from plugins import likelihoods
-from core.interfaces import Likelihood
-from plugins.likelihoods import Bernoulli, Gaussian, GaussianLearned, gaussian_log_prob
+from vaeflow.plugins import likelihoods
+from vaeflow.core.interfaces import Likelihood
+from vaeflow.plugins.likelihoods import Bernoulli, Gaussian, GaussianLearned, gaussian_log_prob
 
 SHAPE = (2, 2, 3)  # (C, H, W)
 

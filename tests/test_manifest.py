@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
-from core.data import load_split
-from core.errors import DataError
-from core.interfaces import file_sha256
-from core.manifest import MANIFEST_FILE, TENSORS_FILE, load_prepared, prepare
+from vaeflow.core.config import load_config
+from vaeflow.core.data import load_split
+from vaeflow.core.errors import DataError
+from vaeflow.core.interfaces import file_sha256
+from vaeflow.core.manifest import MANIFEST_FILE, TENSORS_FILE, load_prepared, prepare
 
 from conftest import TINY
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from core.config import EvalConfig
-from core.interfaces import Decoder, Encoder, Options
-from core.metrics import bits_per_dim, evaluate, iwae_log_likelihood
-from plugins.latent_priors import StandardNormal
-from plugins.models import AE, VAE
-from plugins.likelihoods import Bernoulli, Gaussian
+from vaeflow.core.config import EvalConfig
+from vaeflow.core.interfaces import Decoder, Encoder, Options
+from vaeflow.core.metrics import bits_per_dim, evaluate, iwae_log_likelihood
+from vaeflow.plugins.latent_priors import StandardNormal
+from vaeflow.plugins.models import AE, VAE
+from vaeflow.plugins.likelihoods import Bernoulli, Gaussian
 
 IMG = (1, 4, 4)
 
@@ -388,7 +388,7 @@ def test_evaluate_perfect_autoencoder_has_zero_mse():
 
 # ------------------------------------------------------------------------ metrics as plugins (family "metric")
 def test_evaluate_scores_disentanglement_of_the_posterior_means_only_with_factors(images):
-    from core.disentanglement import disentanglement_scores
+    from vaeflow.core.disentanglement import disentanglement_scores
 
     model = bernoulli_vae(3, seed=17)
     g = torch.Generator().manual_seed(18)
@@ -415,17 +415,17 @@ def test_evaluate_scores_disentanglement_of_the_posterior_means_only_with_factor
 
 def tiny_vqvae2():
     """An untrained vqvae2 from the conformance kit's tiny config (levels top and bottom, 16 codes each)."""
-    from core.config import validate
-    from core.model import build_model
-    from core.testing import TINY_MODELS
+    from vaeflow.core.config import validate
+    from vaeflow.core.model import build_model
+    from vaeflow.core.testing import TINY_MODELS
 
     torch.manual_seed(19)
     return build_model(validate(TINY_MODELS["discrete"]))
 
 
 def test_headline_and_param_keys_follow_capabilities():
-    from core.metrics import headline_keys, param_keys
-    from plugins.models import VQVAE
+    from vaeflow.core.metrics import headline_keys, param_keys
+    from vaeflow.plugins.models import VQVAE
 
     vae, vq = headline_keys(VAE.capabilities), headline_keys(VQVAE.capabilities)
     assert "neg_elbo_nats" in vae and "iwae_nll_bits_per_dim" in vae and "disentanglement/mig" in vae
@@ -454,8 +454,8 @@ def test_evaluate_of_a_code_grid_model_is_the_codebook_metric():
 
 THIRD_PARTY_METRICS = """
 import torch
-from core.hookspecs import hookimpl
-from core.interfaces import Metric, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Metric, Options
 
 
 class Draw(Metric):
@@ -496,7 +496,7 @@ def register_metrics(register):
 
 
 def test_a_third_party_metric_runs_only_where_the_capabilities_meet_its_needs(local_plugins, images):
-    from core.metrics import headline_keys, param_keys
+    from vaeflow.core.metrics import headline_keys, param_keys
 
     vae, ae = bernoulli_vae(3, seed=21), bernoulli_vae(3, seed=21, kind="ae")
     cfg = EvalConfig(iwae_k=7, batch_size=64, max_examples=120, seed=3)
@@ -524,11 +524,11 @@ def test_a_third_party_metric_runs_only_where_the_capabilities_meet_its_needs(lo
 
 
 def test_two_metrics_returning_one_key_is_an_error_naming_both(local_plugins, images):
-    from core.errors import PluginError
+    from vaeflow.core.errors import PluginError
 
     local_plugins({"toy_clash": """
-        from core.hookspecs import hookimpl
-        from core.interfaces import Metric, Options
+        from vaeflow.core.hookspecs import hookimpl
+        from vaeflow.core.interfaces import Metric, Options
 
         class MyMSE(Metric):
             name = "my-mse"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import validate
-from core.errors import ConfigError
-from core.model import build_model
-from plugins.decoders import ConvDecoder, MLPDecoder
-from plugins.encoders import ConvEncoder, MLPEncoder
+from vaeflow.core.config import validate
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.model import build_model
+from vaeflow.plugins.decoders import ConvDecoder, MLPDecoder
+from vaeflow.plugins.encoders import ConvEncoder, MLPEncoder
 
 
 def cfg_for(size: int, channels=(16, 32), kind="vae", likelihood=None, noise=None, pad_to=None):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core import load_model
-from core.errors import PluginError
-from core.interfaces import file_sha256, to_unit_float
-from core.manifest import load_prepared
+from vaeflow.core import load_model
+from vaeflow.core.errors import PluginError
+from vaeflow.core.interfaces import file_sha256, to_unit_float
+from vaeflow.core.manifest import load_prepared
 
 from conftest import TINY, CrashAt
 
@@ -27,7 +27,7 @@ NAME = "vae-shapes-tiny"
 @pytest.fixture(scope="module")
 def runs(home):
     """Four pipeline runs: first, unchanged, eval changed, train.lr changed."""
-    from pipelines.pipeline import pipeline as vae_pipeline
+    from vaeflow.pipelines.pipeline import pipeline as vae_pipeline
 
     out = {}
     out["first"] = vae_pipeline(str(TINY), SETS)
@@ -43,7 +43,7 @@ def prepared_folder(runs, version) -> Path:
 
 
 def client():
-    from pipelines.tracking import get_client
+    from vaeflow.pipelines.tracking import get_client
 
     return get_client()
 
@@ -150,7 +150,7 @@ def test_pyfunc_and_core_load_model_from_the_registry(runs):
 
 
 def test_cli_models_list_promote_and_generate(runs, tmp_path):
-    from pipelines.cli import app
+    from vaeflow.pipelines.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["models", "promote", NAME, "1"])
@@ -177,8 +177,8 @@ def test_missing_plugin_names_its_package(runs, tmp_path):
 
 
 BOOM = """
-from core.hookspecs import hookimpl
-from plugins.encoders import ConvEncoder
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.plugins.encoders import ConvEncoder
 
 class Boom(ConvEncoder):
     name = "boom"
@@ -196,7 +196,7 @@ def register_encoders(register):
 def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins):
     from prefect.states import State
 
-    from pipelines.pipeline import pipeline as vae_pipeline
+    from vaeflow.pipelines.pipeline import pipeline as vae_pipeline
 
     local_plugins({"vf_boom": BOOM})
     sets = SETS + ["model.encoder={name: boom, channels: [16, 32], hidden: 128}"]
@@ -219,11 +219,11 @@ def test_failing_stage_fails_the_flow_and_marks_mlflow_runs(runs, local_plugins)
 
 
 def test_rerun_resumes_train_from_the_checkpoint_of_the_same_key(home):
-    from core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint
-    from core.config import load_config
-    from core.engine import Trainer
-    from pipelines.pipeline import run_pipeline, stage_key
-    from pipelines.workspace import workspace
+    from vaeflow.core.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint
+    from vaeflow.core.config import load_config
+    from vaeflow.core.engine import Trainer
+    from vaeflow.pipelines.pipeline import run_pipeline, stage_key
+    from vaeflow.pipelines.workspace import workspace
 
     sets = SETS + ["train.seed=7", "train.epochs=2", "train.checkpoint_every=3", "train.log_every=1",
                    "tracking.model_name=resumed"]
@@ -245,7 +245,7 @@ def test_get_client_follows_vaeflow_home_and_leaves_the_environment_alone(tmp_pa
     """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; left there, it would pin the process to the first store."""
     import os
 
-    from pipelines.tracking import get_client
+    from vaeflow.pipelines.tracking import get_client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uris = []
@@ -276,9 +276,9 @@ def test_samples_are_scored_in_the_registered_feature_networks_space(runs):
 
 def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
     """Same config, new plugin code with other parameters: the cached weights could not load, so the key changes."""
-    from core.config import load_config
-    from pipelines.pipeline import stage_key
-    from plugins.encoders import ConvEncoder
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.pipeline import stage_key
+    from vaeflow.plugins.encoders import ConvEncoder
 
     cfg, inputs = load_config(TINY, SETS), {"prepare_data": {"sha256": "m" * 64}}
     before = stage_key(cfg, "train", inputs)
@@ -294,8 +294,8 @@ def test_train_key_changes_when_a_plugins_architecture_changes(monkeypatch):
 
 
 EDITABLE = """
-from core.hookspecs import hookimpl
-from plugins.encoders import ConvEncoder
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.plugins.encoders import ConvEncoder
 
 class Scaled(ConvEncoder):
     name = "scaled"
@@ -311,7 +311,7 @@ def register_encoders(register):
 def test_editing_a_plugins_source_reruns_train_and_what_follows(home, local_plugins, tmp_path):
     """Same config, same parameter shapes, new code in the plugin's forward: train runs again (the key carries a
     hash of the plugin's source), while prepare_data, which does not run it, stays cached."""
-    from pipelines.pipeline import run_pipeline
+    from vaeflow.pipelines.pipeline import run_pipeline
 
     local_plugins({"vf_editable": EDITABLE.replace("SCALE", "1.0")})
     sets = SETS + ["model.encoder={name: scaled, channels: [16, 32], hidden: 128}", "tracking.model_name=edited"]
@@ -329,7 +329,7 @@ def test_cached_stages_never_cross_workspaces_or_stores(home, tmp_path, monkeypa
     workspace and store, and a cached stage whose MLflow run is gone from the store runs again."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pipeline import run_pipeline
+    from vaeflow.pipelines.pipeline import run_pipeline
 
     sets = SETS + ["tracking.model_name=scoped"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -367,7 +367,7 @@ def test_prefect_shows_the_work_logs_links_and_summary(home):
     """The flow run in Prefect carries epoch log lines, a link artifact per stage to its MLflow run, and a summary."""
     from prefect.client.orchestration import get_client as prefect_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
-    from pipelines.pipeline import pipeline as vae_pipeline
+    from vaeflow.pipelines.pipeline import pipeline as vae_pipeline
     from test_serve import wait_for
 
     sets = SETS + ["train.epochs=2", "tracking.model_name=shown"]
@@ -405,7 +405,7 @@ def test_prefect_shows_the_work_logs_links_and_summary(home):
 def test_force_reruns_a_stage_and_what_depends_on_it(runs):
     """--force evaluate: evaluate and register run again (register although its key is unchanged); the weights,
     the data and render stay cached; from the same weights evaluate writes the same numbers."""
-    from pipelines.pipeline import run_pipeline
+    from vaeflow.pipelines.pipeline import run_pipeline
 
     before = Path(runs["first"]["eval"]).read_text()
     forced = run_pipeline(str(TINY), SETS, force=["evaluate"])
@@ -420,8 +420,8 @@ def test_force_reruns_a_stage_and_what_depends_on_it(runs):
 def test_force_train_retrains_from_scratch_to_the_same_weights(home):
     """--force train removes the stage's folder (weights and checkpoint) and trains again: with the same seed the
     weights come out bit-identical, in the same folder."""
-    from core.checkpoint import WEIGHTS_FILE
-    from pipelines.pipeline import run_pipeline
+    from vaeflow.core.checkpoint import WEIGHTS_FILE
+    from vaeflow.pipelines.pipeline import run_pipeline
 
     sets = SETS + ["train.seed=11", "tracking.model_name=forced"]  # its own train key: not the fixture's weights
     first = run_pipeline(str(TINY), sets, until="train")

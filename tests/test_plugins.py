@@ -8,15 +8,15 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from core import hookspecs
-from core.errors import PluginError
-from core.interfaces import FAMILIES, HOOKS
-from core.registry import get_registry
-from pipelines.cli import app
+from vaeflow.core import hookspecs
+from vaeflow.core.errors import PluginError
+from vaeflow.core.interfaces import FAMILIES, HOOKS
+from vaeflow.core.registry import get_registry
+from vaeflow.pipelines.cli import app
 
 GOOD = """
-from core.hookspecs import hookimpl
-from core.interfaces import Noise, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Noise, Options
 
 class Flip(Noise):
     name = "flip"
@@ -35,7 +35,7 @@ def test_builtins_come_from_entry_points():
     assert {"bernoulli", "gaussian", "gaussian-learned"} <= set(reg.names("likelihood"))
     assert {"fashion-mnist", "mnist", "shapes", "image-folder"} <= set(reg.names("dataset"))
     assert reg.get("encoder", "mlp").source.startswith("vaeflow ")
-    assert "plugins.encoders" in reg.get("encoder", "mlp").source
+    assert "vaeflow.plugins.encoders" in reg.get("encoder", "mlp").source
     assert reg.failures == []
 
 
@@ -56,8 +56,8 @@ def test_local_module_via_env(local_plugins):
 
 def test_name_clash_names_both_sources(local_plugins):
     clash = """
-from core.hookspecs import hookimpl
-from plugins.encoders import MLPEncoder
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.plugins.encoders import MLPEncoder
 
 class Mine(MLPEncoder):
     name = "mlp"
@@ -69,20 +69,20 @@ def register_encoders(register):
     with pytest.raises(PluginError) as info:
         local_plugins({"vf_clash": clash})
     msg = str(info.value)
-    assert "'mlp'" in msg and "plugins.encoders" in msg and "VAEFLOW_PLUGINS:vf_clash" in msg
+    assert "'mlp'" in msg and "vaeflow.plugins.encoders" in msg and "VAEFLOW_PLUGINS:vf_clash" in msg
 
 
 BROKEN = {
     "import error": ("raise ImportError('needs libfoo')\n", "needs libfoo"),
     "misspelled hook": ("""
-from core.hookspecs import hookimpl
+from vaeflow.core.hookspecs import hookimpl
 
 @hookimpl
 def register_encoder(register):  # missing the final s
     pass
 """, "register_encoder"),
     "wrong base class": ("""
-from core.hookspecs import hookimpl
+from vaeflow.core.hookspecs import hookimpl
 
 class NotAnEncoder:
     name = "x"
@@ -90,7 +90,7 @@ class NotAnEncoder:
 @hookimpl
 def register_encoders(register):
     register(NotAnEncoder)
-""", "must subclass core.interfaces.Encoder"),
+""", "must subclass vaeflow.core.interfaces.Encoder"),
 }
 
 
@@ -105,8 +105,8 @@ def test_broken_plugin_is_reported_by_name_and_others_load(local_plugins, case):
 
 def test_option_called_name_and_wrong_api_version_are_rejected(local_plugins):
     named = """
-from core.hookspecs import hookimpl
-from core.interfaces import Noise, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Noise, Options
 
 class Named(Noise):
     name = "named"
@@ -163,17 +163,17 @@ def test_plugin_code_hash_follows_its_imports_and_sees_every_edit(tmp_path, monk
     import importlib
     import os
 
-    from core.registry import code_sha256, module_files
+    from vaeflow.core.registry import code_sha256, module_files
 
     pkg = tmp_path / "vf_hashpkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("import torch\nfrom . import b\nfrom core.errors import VaeflowError\n")
+    (pkg / "a.py").write_text("import torch\nfrom . import b\nfrom vaeflow.core.errors import VaeflowError\n")
     (pkg / "b.py").write_text("X = 1\n")
     (pkg / "c.py").write_text("Y = 2\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    names = lambda: {p.name for p in module_files("vf_hashpkg.a", {"vf_hashpkg", "core"})}  # noqa: E731
+    names = lambda: {p.name for p in module_files("vf_hashpkg.a", {"vf_hashpkg", "vaeflow.core"})}  # noqa: E731
     assert names() == {"__init__.py", "a.py", "b.py", "errors.py"}
     before = code_sha256("vf_hashpkg.a")
     (pkg / "b.py").write_text("X = 2\n")  # same size, new bytes

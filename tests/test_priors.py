@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from core.registry import get_registry
-from plugins.priors import GatedPixelCNN
+from vaeflow.core.registry import get_registry
+from vaeflow.plugins.priors import GatedPixelCNN
 
 
 def _prior(grid=(5, 6), k=7, condition=None, **options) -> GatedPixelCNN:

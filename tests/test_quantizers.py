@@ -13,9 +13,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import plugins.quantizers as quantizers
-from core.registry import get_registry
-from plugins.quantizers import EMAVQ, VQ
+import vaeflow.plugins.quantizers as quantizers
+from vaeflow.core.registry import get_registry
+from vaeflow.plugins.quantizers import EMAVQ, VQ
 
 from conftest import ROOT
 
@@ -333,7 +333,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import torch.distributed as dist
-    from plugins.quantizers import EMAVQ, VQ
+    from vaeflow.plugins.quantizers import EMAVQ, VQ
 
     rank, init_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import load_config
-from core.errors import VaeflowError
-from core.interfaces import RenderContext
-from core.model import build_model
-from core.priors import build_prior
-from core.registry import get_registry
-from plugins.datasets import Shapes
-from plugins.renderers import (
+from vaeflow.core.config import load_config
+from vaeflow.core.errors import VaeflowError
+from vaeflow.core.interfaces import RenderContext
+from vaeflow.core.model import build_model
+from vaeflow.core.priors import build_prior
+from vaeflow.core.registry import get_registry
+from vaeflow.plugins.datasets import Shapes
+from vaeflow.plugins.renderers import (
     PADDING, DiscreteRenderer, InterpolationRenderer, PhaseRenderer, TraversalRenderer, frequent_codes,
     interpolate_latent, interpolate_vectors, latent_stats, phase_images, pick, replacement_codes, resample_level,
     snap_to_codes, span_values, swap_codes, temperature_codes, traversal_images,

@@ -11,8 +11,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from core.errors import CheckpointError, VaeflowError
-from core.sample_quality import (FeatureNet, extract_features, fid_from_features, frechet_distance,
+from vaeflow.core.errors import CheckpointError, VaeflowError
+from vaeflow.core.sample_quality import (FeatureNet, extract_features, fid_from_features, frechet_distance,
                                  inception_extractor, kernel_distance, load_feature_net, quality_scores,
                                  save_feature_net, train_feature_net)
 
@@ -165,10 +165,10 @@ def test_inception_extractor_without_torch_fidelity_says_what_is_needed(monkeypa
 @pytest.fixture(scope="module")
 def shapes_scores(tmp_path_factory):
     """FID and KID of held-out real images, VAE reconstructions and uniform noise against real images."""
-    from core.checkpoint import load_model
-    from core.config import load_config
-    from core.engine import Trainer
-    from plugins.datasets import Shapes
+    from vaeflow.core.checkpoint import load_model
+    from vaeflow.core.config import load_config
+    from vaeflow.core.engine import Trainer
+    from vaeflow.plugins.datasets import Shapes
     from conftest import TINY
 
     ds = Shapes(Shapes.Options(image_size=32, n_train=3000, n_test=600))

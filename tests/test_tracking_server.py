@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core.interfaces import file_sha256
-from conftest import ROOT, TINY, VAEFLOW
+from vaeflow.core.interfaces import file_sha256
+from conftest import ROOT, TINY, VAEFLOW, run_result, run_stages
 
 VQ_TINY = ROOT / "configs" / "vqvae2-shapes-tiny.yaml"
 VAE_SETS = ["data.dataset.n_train=512", "data.dataset.n_test=64", "train.epochs=1", "eval.iwae_k=4",
@@ -42,7 +42,7 @@ def vaeflow(env: dict, *args: str, cwd: Path) -> str:
 
 
 def result_of(stdout: str) -> dict:
-    return json.loads(stdout[stdout.index("{"): stdout.index("\nstages:")])
+    return run_result(stdout)
 
 
 def sets(values: list[str]) -> list[str]:
@@ -58,8 +58,8 @@ def project(tmp_path_factory):
 def vae_run(mlflow_server, project):
     """The VAE pipeline run twice against the server: once for real, once all cached."""
     env = team_env(mlflow_server, project)
-    first = result_of(vaeflow(env, "run", str(TINY), *sets(VAE_SETS), cwd=project))
-    again = vaeflow(env, "run", str(TINY), *sets(VAE_SETS), cwd=project)
+    first = result_of(vaeflow(env, "run", str(TINY), "--json", *sets(VAE_SETS), cwd=project))
+    again = vaeflow(env, "run", str(TINY), *sets(VAE_SETS), cwd=project)  # the human summary
     return env, first, again
 
 
@@ -67,7 +67,7 @@ def test_vae_run_registers_on_the_server(mlflow_server, project, vae_run):
     env, first, again = vae_run
     c = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     assert first["stages"] == {stage: "ran" for stage in VAE_STAGES}
-    assert result_of(again)["stages"] == {stage: "cached" for stage in VAE_STAGES}
+    assert run_stages(again) == {stage: "cached" for stage in VAE_STAGES}
     assert {"mlflow_run_id", "stages", "data", "run_dir", "eval", "images", "model"} <= set(first)
     assert f"open {mlflow_server.uri}" in again  # the closing hint names the store actually used
     versions = c.search_model_versions("name='team-vae'")
@@ -102,7 +102,7 @@ def test_vae_run_registers_on_the_server(mlflow_server, project, vae_run):
 def test_pyfunc_predicts_from_a_fresh_process(mlflow_server, project, vae_run):
     env, first, _ = vae_run
     code = ("import mlflow, numpy as np, torch, json\n"
-            "from core import load_model\n"
+            "from vaeflow.core import load_model\n"
             "m = mlflow.pyfunc.load_model('models:/team-vae@champion')\n"
             "x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))\n"
             "y = m.predict(x.numpy())\n"
@@ -125,7 +125,7 @@ def test_generate_from_the_registry(mlflow_server, project, vae_run):
 
 def test_vq_pipeline_registers_priors_with_lineage_and_generates(mlflow_server, project):
     env = team_env(mlflow_server, project)
-    result = result_of(vaeflow(env, "run", str(VQ_TINY), *sets(VQ_SETS), cwd=project))
+    result = result_of(vaeflow(env, "run", str(VQ_TINY), "--json", *sets(VQ_SETS), cwd=project))
     c = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     # the VQ stage graph, the feature network skipped (quality.enabled false)
     assert result["stages"] == {**{stage: "ran" for stage in VQ_STAGES}, "train_features": "skipped"}

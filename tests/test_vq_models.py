@@ -9,15 +9,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from core.checkpoint import WEIGHTS_FILE, load_model, read_metrics
-from core.config import load_config
-from core.engine import Trainer
-from core.errors import ConfigError
-from core.metrics import evaluate_vq
-from core.model import build_model
-from core.priors import build_prior, prior_metrics, train_prior
-from core.codes import sample_codes, sample_images
-from plugins.models import vq_grids
+from vaeflow.core.checkpoint import WEIGHTS_FILE, load_model, read_metrics
+from vaeflow.core.config import load_config
+from vaeflow.core.engine import Trainer
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.metrics import evaluate_vq
+from vaeflow.core.model import build_model
+from vaeflow.core.priors import build_prior, prior_metrics, train_prior
+from vaeflow.core.codes import sample_codes, sample_images
+from vaeflow.plugins.models import vq_grids
 
 from conftest import ROOT, CrashAt
 
@@ -144,7 +144,7 @@ def test_ancestral_sampling_is_seeded_and_needs_every_level():
 def test_train_prior_learns_a_known_code_distribution(tmp_path):
     """Top codes uniform over {0, 1} at the first position and copied elsewhere: 1 bit per grid;
     bottom codes are the top codes upsampled: 0 bits given the top. The trained priors approach both."""
-    from core.config import PriorConfig
+    from vaeflow.core.config import PriorConfig
 
     g = torch.Generator().manual_seed(0)
     first = torch.randint(0, 2, (512, 1, 1), generator=g)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core import load_model
-from core.errors import CheckpointError
-from core.priors import PRIOR_INFO, load_codes, load_prior
+from vaeflow.core import load_model
+from vaeflow.core.errors import CheckpointError
+from vaeflow.core.priors import PRIOR_INFO, load_codes, load_prior
 
 from conftest import ROOT, VAEFLOW
 
@@ -24,7 +24,7 @@ NAME = "vqvae2-shapes-tiny"
 @pytest.fixture(scope="module")
 def runs(home):
     """Three runs: first, a top-prior change, a stage-1 (train.lr) change."""
-    from pipelines.pipeline import pipeline as vqvae2_pipeline
+    from vaeflow.pipelines.pipeline import pipeline as vqvae2_pipeline
 
     return {
         "first": vqvae2_pipeline(str(VQ_TINY), SETS),
@@ -34,7 +34,7 @@ def runs(home):
 
 
 def client():
-    from pipelines.tracking import get_client
+    from vaeflow.pipelines.tracking import get_client
 
     return get_client()
 
@@ -57,15 +57,15 @@ def test_codes_manifest_names_stage1_and_matches_the_model(runs):
     manifest, codes = load_codes(runs["first"]["codes"])
     model, _ = load_model(runs["first"]["run_dir"])
     trained_weights = Path(runs["first"]["run_dir"]) / "model.safetensors"
-    from core.interfaces import file_sha256
+    from vaeflow.core.interfaces import file_sha256
 
     assert manifest["stage1"]["weights_sha256"] == file_sha256(trained_weights)
     assert manifest["codebook_sha256"] == model.codebook_hash()
     assert manifest["levels"]["top"]["grid"] == [4, 4] and manifest["levels"]["bottom"]["grid"] == [8, 8]
     assert codes["train/top"].shape == (256, 4, 4) and codes["test/bottom"].shape == (32, 8, 8)
     # the stored codes are the model's codes of the prepared test images
-    from core.interfaces import to_unit_float
-    from core.manifest import load_prepared
+    from vaeflow.core.interfaces import to_unit_float
+    from vaeflow.core.manifest import load_prepared
 
     data = Path(runs["first"]["run_dir"]).parents[1] / "data" / manifest["stage1"]["data_manifest_hash"]
     test = to_unit_float(load_prepared(data)["test"])
@@ -109,8 +109,8 @@ def test_parent_run_and_codebook_health_metrics_in_mlflow(runs):
 
 
 def test_generate_from_the_registry_finds_priors_and_is_reproducible(runs, tmp_path):
-    from core.codes import sample_images
-    from pipelines.registry import load_generator
+    from vaeflow.core.codes import sample_images
+    from vaeflow.pipelines.registry import load_generator
 
     uri = f"models:/{NAME}@champion"
     model, cfg, priors = load_generator(uri)
@@ -149,11 +149,11 @@ def test_vq_model_never_falls_back_to_a_gaussian_prior(runs, home):
     result = CliRunner().invoke(_app(), ["generate", "--model", runs["first"]["run_dir"], "--out", str(home / "x.png")])
     assert result.exit_code == 2 and "--prior" in result.output and not (home / "x.png").exists()
     # a registered stage-1 model whose priors are not registered
-    from pipelines.registry import register
+    from vaeflow.pipelines.registry import register
 
     cfg_path = Path(runs["first"]["run_dir"]) / "config.yaml"
-    from core.checkpoint import read_run_config
-    from pipelines.tracking import experiment_id, start_run
+    from vaeflow.core.checkpoint import read_run_config
+    from vaeflow.pipelines.tracking import experiment_id, start_run
 
     cfg = read_run_config(cfg_path.parent).model_copy(deep=True)
     cfg.tracking.model_name = "vq-without-priors"
@@ -165,7 +165,7 @@ def test_vq_model_never_falls_back_to_a_gaussian_prior(runs, home):
 
 
 def test_cached_stage_with_deleted_outputs_runs_again(runs):
-    from pipelines.pipeline import pipeline as vqvae2_pipeline
+    from vaeflow.pipelines.pipeline import pipeline as vqvae2_pipeline
 
     prior_dir = Path(runs["first"]["priors"]["top"])
     shutil.rmtree(prior_dir)
@@ -178,7 +178,7 @@ def test_cached_stage_with_deleted_outputs_runs_again(runs):
 
 
 def _app():
-    from pipelines.cli import app
+    from vaeflow.pipelines.cli import app
 
     return app
 
@@ -224,7 +224,7 @@ def test_registered_vq_model_serves_reconstructions_and_codes_through_pyfunc(run
 
 
 def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
-    from pipelines.deployments import build_deployments
+    from vaeflow.pipelines.deployments import build_deployments
 
     deployments = build_deployments(VQ_TINY, SETS, [], "tiny")
     assert {d.flow_name for d in deployments} == {"vaeflow_pipeline"}
@@ -242,8 +242,8 @@ def test_serve_deploys_the_vq_pipeline_for_a_vq_config():
 
 def test_the_structured_config_parameter_runs_instead_of_the_yaml(runs, tmp_path):
     """What the UI form sends: a whole config; the YAML path only names the run."""
-    from core.config import load_config
-    from pipelines.pipeline import pipeline as vqvae2_pipeline
+    from vaeflow.core.config import load_config
+    from vaeflow.pipelines.pipeline import pipeline as vqvae2_pipeline
 
     config = load_config(VQ_TINY, SETS).model_dump(mode="json")
     again = vqvae2_pipeline(str(tmp_path / "not-read.yaml"), [], "train", config)
@@ -253,8 +253,8 @@ def test_the_structured_config_parameter_runs_instead_of_the_yaml(runs, tmp_path
 
 def test_prior_keys_cover_their_own_level_only(runs):
     """A change to one level's prior spec moves that level's key alone; new codes move both."""
-    from core.config import apply_sets, load_config
-    from pipelines.pipeline import stage_graph
+    from vaeflow.core.config import apply_sets, load_config
+    from vaeflow.pipelines.pipeline import stage_graph
 
     cfg = load_config(VQ_TINY, SETS)
     graph = stage_graph(cfg)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core import testing
-from core.config import apply_sets, load_config, validate
-from core.model import build_model
-from plugins.factor_vae import FactorVAE, discriminator_loss, halves, permute_dims
-from plugins.fsq import FSQ, bound, codes_to_indices, indices_to_codes, round_ste
+from vaeflow.core import testing
+from vaeflow.core.config import apply_sets, load_config, validate
+from vaeflow.core.model import build_model
+from vaeflow.plugins.factor_vae import FactorVAE, discriminator_loss, halves, permute_dims
+from vaeflow.plugins.fsq import FSQ, bound, codes_to_indices, indices_to_codes, round_ste
 
 from conftest import ROOT
 

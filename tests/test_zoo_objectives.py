@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from core.beta import BetaSchedule
-from core.config import validate
-from core.data import load_split
-from core.distributions import DiagonalGaussian
-from core.engine import Trainer
-from core.errors import ConfigError
-from core.interfaces import LatentPrior
-from core.model import build_model
-from plugins.iwae import IWAE
-from plugins.latent_priors import StandardNormal
-from plugins.likelihoods import Bernoulli
-from plugins.tcvae import (_FusedAggregatePosterior, decompose_kl, fused_log_aggregate_posterior, log_aggregate_posterior,
+from vaeflow.core.beta import BetaSchedule
+from vaeflow.core.config import validate
+from vaeflow.core.data import load_split
+from vaeflow.core.distributions import DiagonalGaussian
+from vaeflow.core.engine import Trainer
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.interfaces import LatentPrior
+from vaeflow.core.model import build_model
+from vaeflow.plugins.iwae import IWAE
+from vaeflow.plugins.latent_priors import StandardNormal
+from vaeflow.plugins.likelihoods import Bernoulli
+from vaeflow.plugins.tcvae import (_FusedAggregatePosterior, decompose_kl, fused_log_aggregate_posterior, log_aggregate_posterior,
                            mss_log_weights, pairwise_log_density)
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

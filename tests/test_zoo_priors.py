@@ -12,17 +12,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core import testing
-from core.config import apply_sets, load_config, validate
-from core.distributions import DiagonalGaussian, standard_normal_log_prob
-from core.errors import ConfigError
-from core.model import build_model
-from plugins.decoders import MLPDecoder
-from plugins.encoders import MLPEncoder
-from plugins.likelihoods import Bernoulli
-from plugins.mmd import mmd
-from plugins.models import AE, VAE
-from plugins.vamp import VampPrior
+from vaeflow.core import testing
+from vaeflow.core.config import apply_sets, load_config, validate
+from vaeflow.core.distributions import DiagonalGaussian, standard_normal_log_prob
+from vaeflow.core.errors import ConfigError
+from vaeflow.core.model import build_model
+from vaeflow.plugins.decoders import MLPDecoder
+from vaeflow.plugins.encoders import MLPEncoder
+from vaeflow.plugins.likelihoods import Bernoulli
+from vaeflow.plugins.mmd import mmd
+from vaeflow.plugins.models import AE, VAE
+from vaeflow.plugins.vamp import VampPrior
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "vae-shapes-tiny.yaml"

@@ -3,8 +3,8 @@ present with probability 1/S, generated from a seed, so the dataset has no files
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Dataset, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Dataset, Options
 
 
 class Bars(Dataset):

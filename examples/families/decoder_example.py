@@ -4,8 +4,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Decoder, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Decoder, Options
 
 
 class SpatialBroadcast(Decoder):

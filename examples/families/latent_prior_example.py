@@ -5,8 +5,8 @@ import math
 import torch
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import LatentPrior, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import LatentPrior, Options
 
 
 class LearnedGaussian(LatentPrior):

@@ -4,8 +4,8 @@ import math
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Likelihood, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Likelihood, Options
 
 
 class Laplace(Likelihood):

@@ -2,8 +2,8 @@
 test split. Near 0 for a Gaussian-looking aggregate posterior; large for a unit that fires on few images."""
 import torch
 
-from core.hookspecs import hookimpl
-from core.interfaces import Metric, Options
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Metric, Options
 
 
 class LatentKurtosis(Metric):

@@ -3,8 +3,8 @@ It is causal because the logits ignore the codes; a conditioning code grid is ig
 import torch
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Options, Prior
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, Prior
 
 
 class PositionalCategorical(Prior):

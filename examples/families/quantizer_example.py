@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Options, Quantizer, QuantizerOutput
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Options, Quantizer, QuantizerOutput
 
 
 class MinimalVQ(Quantizer):

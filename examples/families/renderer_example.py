@@ -3,9 +3,9 @@ to [0, 1] by its maximum and written as one PNG. Every model reconstructs, so it
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.images import save_grid
-from core.interfaces import Options, Renderer
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.images import save_grid
+from vaeflow.core.interfaces import Options, Renderer
 
 
 class ErrorMap(Renderer):

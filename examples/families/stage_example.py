@@ -4,11 +4,11 @@ import json
 
 import torch
 
-from core.checkpoint import load_model, write_text
-from core.hookspecs import hookimpl
-from core.interfaces import Stage, file_sha256, to_unit_float
-from core.manifest import load_prepared
-from plugins.models import VAE
+from vaeflow.core.checkpoint import load_model, write_text
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Stage, file_sha256, to_unit_float
+from vaeflow.core.manifest import load_prepared
+from vaeflow.plugins.models import VAE
 
 
 class PosteriorStats(Stage):

@@ -1,10 +1,10 @@
-"""This package's own tests: vaeflow's conformance kit (core.testing) on its encoder, its model kind and its latent
+"""This package's own tests: vaeflow's conformance kit (vaeflow.core.testing) on its encoder, its model kind and its latent
 prior.
 
 Run them where the package is installed next to vaeflow: `pytest tests/`.
 """
 
-from core import testing
+from vaeflow.core import testing
 
 
 def test_residual_mlp_encoder_conforms():

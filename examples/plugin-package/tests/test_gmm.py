@@ -156,7 +156,7 @@ def test_an_empty_component_stays_finite():
 
 
 def test_the_stage_registers_and_the_rae_names_it():
-    from core.registry import get_registry
+    from vaeflow.core.registry import get_registry
 
     seen = []
     register_stages(register=seen.append)
@@ -264,7 +264,7 @@ def test_loading_a_mixture_of_another_shape_is_an_error():
 
 
 def test_the_prior_registers():
-    from core.registry import get_registry
+    from vaeflow.core.registry import get_registry
 
     seen = []
     register_latent_priors(register=seen.append)
@@ -280,10 +280,10 @@ def test_the_refined_run_dir_is_the_trained_model_with_the_mixture_as_its_prior(
     requirements pin this package for the gmm prior too. The trained config is left as it was."""
     import json
 
-    from core.checkpoint import load_model, plugins_used
-    from core.config import validate
-    from core.model import build_model
-    from pipelines.registry import requirements
+    from vaeflow.core.checkpoint import load_model, plugins_used
+    from vaeflow.core.config import validate
+    from vaeflow.core.model import build_model
+    from vaeflow.pipelines.registry import requirements
     from vaeflow_example.gmm import refined_config, write_refined
 
     cfg = validate(tiny_config)

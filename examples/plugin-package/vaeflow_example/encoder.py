@@ -13,8 +13,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from core.hookspecs import hookimpl
-from core.interfaces import Encoder, Options, Shape
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Encoder, Options, Shape
 
 
 class ResidualBlock(nn.Module):

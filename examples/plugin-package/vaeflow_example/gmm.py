@@ -30,9 +30,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from core.errors import ConfigError, VaeflowError
-from core.hookspecs import hookimpl
-from core.interfaces import LatentPrior, Options, Stage, StageContext, file_sha256
+from vaeflow.core.errors import ConfigError, VaeflowError
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import LatentPrior, Options, Stage, StageContext, file_sha256
 
 LOG_2PI = math.log(2 * math.pi)
 GMM_FILE, LOG_FILE, LATENTS_FILE, SAMPLES_FILE = "gmm.safetensors", "ex_post.json", "latents.safetensors", "samples.png"
@@ -89,7 +89,7 @@ class GaussianMixture:
         """weights, means and covariances as safetensors (float64), the covariance kind in the metadata, atomically."""
         from safetensors.torch import save_file
 
-        from core.checkpoint import atomic_write
+        from vaeflow.core.checkpoint import atomic_write
 
         tensors = {"weights": self.weights, "means": self.means, "covariances": self.covariances}
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
@@ -234,7 +234,7 @@ class GaussianMixturePrior(LatentPrior):
 @torch.no_grad()
 def encode(model, images: torch.Tensor, batch: int = ENCODE_BATCH) -> torch.Tensor:
     """The posterior modes (an RAE's deterministic codes) of images (N, C, H, W), in batches: -> (N, J) on the CPU."""
-    from core.interfaces import to_unit_float
+    from vaeflow.core.interfaces import to_unit_float
 
     return torch.cat([model.posterior(to_unit_float(images[i:i + batch]).to(model.device)).mode().float().cpu()
                       for i in range(0, len(images), batch)])
@@ -256,7 +256,7 @@ class FitGMM(Stage):
     @classmethod
     def check(cls, cfg, source: str) -> None:
         """The model kind has continuous latents, a latent prior slot (model.prior) and ex-post options."""
-        from core.model import model_class
+        from vaeflow.core.model import model_class
 
         slot = model_class(cfg).slots.get("prior")
         if (not cfg.model.capabilities.continuous or getattr(cfg.model, "ex_post", None) is None
@@ -279,9 +279,9 @@ class FitGMM(Stage):
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """latents.safetensors, gmm.safetensors, the refined model's run dir (model/), samples.png, then ex_post.json
         (the EM log and the metrics, last)."""
-        from core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE, load_model, write_text
-        from core.images import save_grid, square_rows
-        from core.manifest import load_prepared
+        from vaeflow.core.checkpoint import CONFIG_FILE, PLUGINS_FILE, WEIGHTS_FILE, load_model, write_text
+        from vaeflow.core.images import save_grid, square_rows
+        from vaeflow.core.manifest import load_prepared
 
         opts, folder = ctx.cfg.model.ex_post, ctx.folder
         paths = {name: folder / name for name in (GMM_FILE, LOG_FILE, LATENTS_FILE, SAMPLES_FILE)}
@@ -335,7 +335,7 @@ class FitGMM(Stage):
 def refined_config(cfg, opts):
     """The trained model's config with model.prior the ex-post mixture (the config.yaml of the refined run dir; the
     user's config, and so train's key, keep their own prior)."""
-    from core.config import validate
+    from vaeflow.core.config import validate
 
     raw = cfg.model_dump(mode="json")
     raw["model"]["prior"] = {"name": GaussianMixturePrior.name, "components": opts.components,
@@ -344,10 +344,10 @@ def refined_config(cfg, opts):
 
 
 def write_refined(model, cfg, gmm: GaussianMixture, run_dir) -> None:
-    """A run dir that core.checkpoint.load_model reads (config.yaml, plugins.json, model.safetensors): the model `cfg`
+    """A run dir that vaeflow.core.checkpoint.load_model reads (config.yaml, plugins.json, model.safetensors): the model `cfg`
     describes, with every weight of the trained `model` except its prior's, and the mixture in model.prior."""
-    from core.checkpoint import WEIGHTS_FILE, save_weights, weights_metadata, write_run_config
-    from core.model import build_model
+    from vaeflow.core.checkpoint import WEIGHTS_FILE, save_weights, weights_metadata, write_run_config
+    from vaeflow.core.model import build_model
 
     refined = build_model(cfg)
     refined.prior.load_mixture(gmm)
@@ -372,7 +372,7 @@ def save_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
     """A dict of tensors as one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    from core.checkpoint import atomic_write
+    from vaeflow.core.checkpoint import atomic_write
 
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 

@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Capabilities, Objective, Options
-from plugins.models import AE, ContinuousOptions
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Capabilities, Objective, Options
+from vaeflow.plugins.models import AE, ContinuousOptions
 
 
 class ExPostOptions(Options):
