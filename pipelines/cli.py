@@ -405,13 +405,22 @@ def generate(
     typer.echo(f"wrote {n} samples of the {cfg.model.kind} (priors: {', '.join(priors)}) to {out}")
 
 
+def _complete_renderer(incomplete: str) -> list[str]:
+    """Shell completion of render --kind: the registered renderers (plugins included)."""
+    from vaeflow.core.registry import get_registry
+
+    return [name for name in get_registry().names("renderer") if name.startswith(incomplete)]
+
+
 @app.command()
 @user_errors
 def render(
     model: ModelOption,
     out: Annotated[Path, typer.Option("--out", help="folder for the images (one sub-folder per renderer)")] = Path("render"),
     kind: Annotated[list[str], typer.Option("--kind", help="renderer to run (repeatable): traversal, phase, "
-                                             "interpolation, discrete; default: every configured one that applies")] = [],
+                                             "interpolation, discrete, or a plugin's (see `vaeflow plugins`); "
+                                             "default: every configured one that applies",
+                                             autocompletion=_complete_renderer)] = [],
     prior: Annotated[list[str], typer.Option("--prior", help="VQ from a run dir: a prior folder per level, top first")] = [],
     set_: SetOption = [],
 ):

@@ -311,3 +311,13 @@ def test_until_and_force_complete_to_the_configs_stage_ids():
     assert complete(f"vaeflow run {TINY} --until ") == ids
     assert complete(f"vaeflow run {TINY.stem} --force tr") == [i for i in ids if i.startswith("tr")]  # a template name
     assert complete("vaeflow run --until ") == []  # no config yet: nothing to offer
+
+
+def test_render_kind_completes_to_the_registered_renderers():
+    from vaeflow.core.registry import get_registry
+
+    env = {**os.environ, "_VAEFLOW_COMPLETE": "complete_bash", "COMP_WORDS": "vaeflow render --kind ", "COMP_CWORD": "3"}
+    proc = subprocess.run([VAEFLOW], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = get_registry().names("renderer")
+    assert proc.stdout.split() == list(names) and {"traversal", "phase"} <= set(names)
