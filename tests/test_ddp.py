@@ -24,7 +24,7 @@ SETS = ["data.dataset.n_train=256", "data.dataset.n_test=32", "train.epochs=2", 
 def test_two_ddp_processes_match_one_process_on_the_global_batch(tmp_path):
     train(load_config(TINY, SETS), tmp_path / "single")
     args = [a for s in SETS for a in ("--set", s)]
-    proc = subprocess.run([VAEFLOW, "train", str(TINY), "--out", str(tmp_path / "ddp"), *args, "--nproc", "2"],
+    proc = subprocess.run([VAEFLOW, "train", str(TINY), "--out", str(tmp_path / "ddp"), *args, "--nproc", "2", "--json"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = load_file(tmp_path / "single" / WEIGHTS_FILE)
