@@ -23,7 +23,6 @@ import shlex
 import shutil
 import stat
 import subprocess
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,6 +31,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
+
+
+def pins() -> dict[str, str]:
+    """{name: "name==version"} from constraints.txt, the exact versions the project installs with (pyproject.toml
+    declares ranges)."""
+    found = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            found[line.split("==")[0].strip().lower().replace("_", "-")] = line
+    return found
 COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
 MLFLOW_DOCKERFILE = DOCKER / "mlflow.Dockerfile"
@@ -341,9 +351,8 @@ def test_mlflow_image_bakes_its_drivers(services):
     dockerfile = (DOCKER / build["context"] / build.get("dockerfile", "Dockerfile")).resolve()
     assert dockerfile == MLFLOW_DOCKERFILE.resolve()
     text = MLFLOW_DOCKERFILE.read_text()
-    pins = {d.split("==")[0]: d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     install = " ".join(line for line in text.splitlines() if "pip install" in line)
-    for pkg in (pins["mlflow"], "psycopg2-binary", "boto3"):
+    for pkg in (pins()["mlflow"], "psycopg2-binary", "boto3"):
         assert pkg in install, f"{pkg} is not installed in {MLFLOW_DOCKERFILE.name}"
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     for name, svc in services.items():  # nothing is installed when a container starts
@@ -651,11 +660,13 @@ def _dockerfile() -> str:
 def test_dockerfile_variants_pins_and_user():
     text = _dockerfile()
     assert re.search(r"^ARG VARIANT=cpu\s*$", text, re.M)
-    deps = {d.split("==")[0]: d.split("==")[1] for d in
-            tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if "==" in d}
+    deps = {name: pin.split("==")[1] for name, pin in pins().items()}
     assert re.search(rf"^ARG TORCH_VERSION={re.escape(deps['torch'])}\s*$", text, re.M)
     assert re.search(rf"^ARG TORCHVISION_VERSION={re.escape(deps['torchvision'])}\s*$", text, re.M)
     assert "https://download.pytorch.org/whl/cpu" in text
+    # the other dependencies: pyproject's ranges, held to constraints.txt's versions as in `make install`
+    assert re.search(r"^COPY pyproject\.toml constraints\.txt /app/", text, re.M)
+    assert re.search(r"pip install -c constraints\.txt -r /tmp/requirements\.txt", text)
     assert re.search(r"^\s*cpu\)", text, re.M) and re.search(r"^\s*cuda\)", text, re.M)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0"), users
