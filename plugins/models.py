@@ -149,7 +149,7 @@ class VAE(Model):
         q = self.posterior(x)
         z = q.rsample(k)  # (k, B, J)
         params = self.decode(z.flatten(0, 1))  # (k*B, P, H, W)
-        log_px = self.likelihood.log_prob_samples(x, params.view(k, *x.shape[:1], *params.shape[1:]))  # (k, B)
+        log_px = self.likelihood.log_prob_samples(x, params.view(k, x.shape[0], *params.shape[1:]))  # (k, B)
         return log_px + self.prior.log_prob(z) - q.log_prob(z)
 
     def check_shapes(self, shape: Shape) -> None:
