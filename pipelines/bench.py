@@ -82,14 +82,15 @@ def dataset_spec(steps: int) -> dict:
     return {"name": "shapes", "image_size": SIDE, "n_train": n_train, "n_test": 256, "seed": SEED}
 
 
-def engine_config(dataset: dict, steps: int, threads: int) -> Config:
-    """The validated run config of the engine variant: MLP 784-400-20, Bernoulli, batch 128, CPU, `steps` steps."""
+def engine_config(dataset: dict, steps: int | None, threads: int | None, epochs: int = 1) -> Config:
+    """The validated run config of the engine variant: MLP 784-400-20, Bernoulli, batch 128, CPU, `steps` steps
+    (None: all `epochs`); threads None: the job's share of the CPUs (core.cpu)."""
     mlp = {"name": "mlp", "hidden": [HIDDEN], "activation": "relu"}
     raw = {
         "data": {"dataset": dataset, "loader": "memory"},
         "model": {"kind": "vae", "latent_dim": LATENT_DIM, "encoder": mlp, "decoder": mlp,
                   "likelihood": {"name": "bernoulli"}},
-        "train": {"epochs": 1, "max_steps": steps, "batch_size": BATCH_SIZE, "lr": LR, "seed": SEED,
+        "train": {"epochs": epochs, "max_steps": steps, "batch_size": BATCH_SIZE, "lr": LR, "seed": SEED,
                   "device": "cpu", "num_threads": threads, "log_every": LOG_EVERY, "checkpoint_every": None,
                   "progress": False},
     }
@@ -105,14 +106,16 @@ def reference_images(cfg: Config) -> np.ndarray:
 
 
 # --- (a) the engine --------------------------------------------------------------------------
-def run_engine(cfg: Config) -> tuple[float, int]:
-    """One `vaeflow train` run in a throw-away run dir: (TrainResult.img_per_s, the model's training FLOPs per image)."""
+def run_engine(cfg: Config, expect_steps: int | None = None) -> tuple[float, int]:
+    """One `vaeflow train` run in a throw-away run dir: (TrainResult.img_per_s, the model's training FLOPs per image);
+    img/s is over the run's last epoch."""
     with tempfile.TemporaryDirectory(prefix="vaeflow-bench-") as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run")
         flops = training_flops_per_image(trainer.model)
         result = trainer.fit()
-    if result.steps != cfg.train.max_steps:
-        raise RuntimeError(f"the engine ran {result.steps} steps, expected {cfg.train.max_steps}")
+    expect_steps = cfg.train.max_steps if expect_steps is None else expect_steps
+    if result.steps != expect_steps:
+        raise RuntimeError(f"the engine ran {result.steps} steps, expected {expect_steps}")
     return result.img_per_s, flops
 
 
@@ -174,8 +177,9 @@ def reference_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logva
     return bce + kld
 
 
-def run_reference(images: np.ndarray, steps: int) -> float:
-    """Images/s of `steps` steps of the examples' train loop from a fresh model, DataLoader included in the time."""
+def run_reference(images: np.ndarray, steps: int, timed_from: int = 0) -> float:
+    """Images/s of the examples' train loop from a fresh model, DataLoader included in the time: `steps` steps, of
+    which those from step `timed_from` on are timed (a later epoch's steady state)."""
     torch.manual_seed(SEED)
     device = torch.device("cpu")
     model = ReferenceVAE().to(device)
@@ -186,6 +190,8 @@ def run_reference(images: np.ndarray, steps: int) -> float:
     start = time.perf_counter()
     while done < steps:
         for data in loader:  # (B, 1, 28, 28)
+            if done == timed_from:
+                n_images, start = 0, time.perf_counter()
             data = data.to(device)
             optimizer.zero_grad()
             recon, mu, logvar = model(data)
@@ -200,6 +206,14 @@ def run_reference(images: np.ndarray, steps: int) -> float:
     if not math.isfinite(train_loss):
         raise RuntimeError("the reference loop diverged")
     return n_images / seconds
+
+
+def steady_state(dataset: dict, images: np.ndarray, threads: int, epochs: int) -> tuple[float, float]:
+    """(engine, reference) images/s over the last of `epochs` full epochs of a real training from a fresh model."""
+    cfg = engine_config(dataset, None, threads, epochs=epochs)
+    engine, _ = run_engine(cfg, expect_steps=epochs * math.ceil(len(images) / BATCH_SIZE))
+    per_epoch = math.ceil(len(images) / BATCH_SIZE)  # the examples' DataLoader keeps the last, partial batch
+    return engine, run_reference(images, epochs * per_epoch, timed_from=(epochs - 1) * per_epoch)
 
 
 # --- (c) the matmul roofline -----------------------------------------------------------------
@@ -218,14 +232,17 @@ def matmul_gflops(n: int = MATMUL_N, warmup: int = MATMUL_WARMUP, timed: int = M
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def bench_train(out: str | Path, repeats: int = 5, steps: int = 200, threads: int = 2) -> dict:
-    """Measure engine vs reference vs roofline images/s (interleaved repeats), write the JSON to `out`, return it."""
-    if repeats < 1 or steps < 1 or threads < 1:
-        raise VaeflowError(f"repeats, steps and threads must be >= 1, got {repeats}, {steps}, {threads}")
+def bench_train(out: str | Path, repeats: int = 5, steps: int = 200, threads: int = 2, steady_epochs: int = 3,
+                steady_repeats: int = 2) -> dict:
+    """Measure engine vs reference vs roofline images/s (interleaved repeats), fresh and in a later epoch, write the
+    JSON to `out`, return it."""
+    if repeats < 1 or steps < 1 or threads < 1 or steady_repeats < 0 or steady_epochs < 2:
+        raise VaeflowError(f"repeats, steps and threads must be >= 1, steady repeats >= 0 and steady epochs >= 2, got "
+                           f"{repeats}, {steps}, {threads}, {steady_repeats}, {steady_epochs}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _measure(repeats, steps, threads)
+        result = _measure(repeats, steps, threads, steady_epochs, steady_repeats)
     finally:
         torch.set_num_threads(previous_threads)
     write_text(out, json.dumps(result, indent=2) + "\n")
@@ -233,7 +250,7 @@ def bench_train(out: str | Path, repeats: int = 5, steps: int = 200, threads: in
     return result
 
 
-def _measure(repeats: int, steps: int, threads: int) -> dict:
+def _measure(repeats: int, steps: int, threads: int, steady_epochs: int, steady_repeats: int) -> dict:
     """The measurements and the report dict; torch threads are already set."""
     dataset = dataset_spec(steps)
     cfg = engine_config(dataset, steps, threads)
@@ -259,8 +276,27 @@ def _measure(repeats: int, steps: int, threads: int) -> dict:
         print(f"repeat {r + 1}/{repeats}: engine {engine_runs[-1]:.0f} img/s, reference {reference_runs[-1]:.0f} "
               f"img/s, matmul {gflops_runs[-1]:.1f} GFLOP/s", file=sys.stderr)
 
+    steady_engine, steady_reference = [], []
+    for r in range(steady_repeats):  # a later epoch of a real training: what a user's run settles to
+        engine_later, reference_later = steady_state(dataset, images, threads, steady_epochs)
+        steady_engine.append(engine_later)
+        steady_reference.append(reference_later)
+        print(f"steady repeat {r + 1}/{steady_repeats}: epoch {steady_epochs}: engine {engine_later:.0f} img/s, "
+              f"reference {reference_later:.0f} img/s", file=sys.stderr)
+
     engine, reference, gflops = (statistics.median(v) for v in (engine_runs, reference_runs, gflops_runs))
     roofline = gflops * 1e9 / flops
+    steady = None
+    if steady_repeats:
+        later, later_reference = statistics.median(steady_engine), statistics.median(steady_reference)
+        steady = {"epoch": steady_epochs, "engine_img_per_s": later, "reference_img_per_s": later_reference,
+                  "speedup": later / later_reference, "engine_vs_fresh": later / engine,
+                  "reference_vs_fresh": later_reference / reference, "repeats": steady_repeats,
+                  "statistic": "median over repeats",
+                  "timed": f"the step loop of epoch {steady_epochs} of a {steady_epochs}-epoch training on the whole "
+                           f"train split, from a fresh model (engine: TrainResult.img_per_s; reference: its last "
+                           f"epoch's steps, DataLoader included)",
+                  "raw": {"engine_img_per_s": steady_engine, "reference_img_per_s": steady_reference}}
     return {
         "benchmark": "vaeflow bench train",
         "engine_img_per_s": engine,
@@ -282,6 +318,7 @@ def _measure(repeats: int, steps: int, threads: int) -> dict:
         "statistic": "median over repeats",
         "raw": {"engine_img_per_s": engine_runs, "reference_img_per_s": reference_runs,
                 "matmul_gflops": gflops_runs},
+        "steady_state": steady,
         "config": _config_summary(cfg, dataset, steps, warmup, repeats, threads),
     }
 
@@ -335,6 +372,16 @@ def print_summary(result: dict) -> None:
         f"  speedup engine/reference {result['speedup']:.2f}x; of the roofline: engine "
         f"{100 * result['roofline_fraction']:.1f}%, reference {100 * result['reference_roofline_fraction']:.1f}%",
     ]
+    steady = result.get("steady_state")
+    if steady:
+        lines += [
+            f"  steady state, epoch {steady['epoch']} of a real training (median of {steady['repeats']}):",
+            f"  {'engine':<22}{steady['engine_img_per_s']:>15.0f}   {_fmt(steady['raw']['engine_img_per_s'])}"
+            f"   ({steady['engine_vs_fresh']:.2f}x its fresh start)",
+            f"  {'reference (examples)':<22}{steady['reference_img_per_s']:>15.0f}   "
+            f"{_fmt(steady['raw']['reference_img_per_s'])}   ({steady['reference_vs_fresh']:.2f}x its fresh start)",
+            f"  speedup engine/reference in epoch {steady['epoch']}: {steady['speedup']:.2f}x",
+        ]
     print("\n".join(lines), file=sys.stderr)
 
 

@@ -663,12 +663,29 @@ def bench_train(
     repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats of each variant")] = 5,
     steps: Annotated[int, typer.Option(min=10, help="training steps per repeat")] = 200,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads")] = 2,
+    steady_epochs: Annotated[int, typer.Option(min=2, help="epochs of the steady-state training, whose last is timed")] = 3,
+    steady_repeats: Annotated[int, typer.Option(min=0, help="repeats of the steady-state pair (0 skips it)")] = 2,
 ):
-    """Engine vs a pytorch/examples-style loop vs the fp32 matmul roofline, side by side."""
+    """Engine vs a pytorch/examples-style loop vs the fp32 matmul roofline, side by side, fresh and in a later epoch."""
     from vaeflow.pipelines.bench import bench_train as run
 
-    result = run(out=out, repeats=repeats, steps=steps, threads=threads)
+    result = run(out=out, repeats=repeats, steps=steps, threads=threads, steady_epochs=steady_epochs,
+                 steady_repeats=steady_repeats)
     typer.echo(json.dumps(result, indent=2))
+
+
+@bench_app.command("contention")
+@user_errors
+def bench_contention(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the measured figures")] = Path("bench/contention.json"),
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved rounds of every variant")] = 3,
+    steps: Annotated[int, typer.Option(min=10, help="training steps per job")] = 1000,
+    before_pair_steps: Annotated[int, typer.Option(min=10, help="steps per job of the slow 'before' pair")] = 200,
+):
+    """Two trainings at once vs one alone (total img/s), with vaeflow's thread and OpenMP defaults and without."""
+    from vaeflow.pipelines.bench_contention import bench_contention as run, print_summary
+
+    print_summary(run(out=out, repeats=repeats, steps=steps, before_pair_steps=before_pair_steps))
 
 
 @bench_app.command("quantizer")

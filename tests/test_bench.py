@@ -23,7 +23,7 @@ def report(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VAEFLOW_DATA_DIR", str(tmp / "cache"))  # decompress into tmp, never $HOME
         out = tmp / "out" / "train.json"
-        return bench.bench_train(out=out, repeats=2, steps=20, threads=1), out
+        return bench.bench_train(out=out, repeats=2, steps=20, threads=1, steady_repeats=0), out
 
 
 def test_file_holds_the_returned_dict(report):
@@ -69,18 +69,28 @@ def test_settings_are_stated(report):
 def test_bad_arguments_are_user_errors(tmp_path):
     with pytest.raises(VaeflowError, match="must be >= 1"):
         bench.bench_train(out=tmp_path / "x.json", repeats=0, steps=20, threads=1)
+    with pytest.raises(VaeflowError, match="steady epochs >= 2"):
+        bench.bench_train(out=tmp_path / "x.json", repeats=1, steps=20, threads=1, steady_epochs=1)
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_shapes_fallback(tmp_path, monkeypatch):
     """Without Fashion-MNIST the same report comes from shapes at 28x28, with one epoch covering the steps."""
     monkeypatch.setattr(bench, "fashion_mnist_available", lambda: False)
     threads = torch.get_num_threads()
-    result = bench.bench_train(out=tmp_path / "shapes.json", repeats=1, steps=10, threads=1)
+    result = bench.bench_train(out=tmp_path / "shapes.json", repeats=1, steps=10, threads=1, steady_epochs=2,
+                               steady_repeats=1)
     assert torch.get_num_threads() == threads  # the process setting is restored
     assert result["dataset"] == "shapes" and result["config"]["dataset"]["image_size"] == 28
     assert result["train_images"] >= 10 * 128
     assert result["flops_per_image"] == 3_907_200
     assert result["speedup"] == result["engine_img_per_s"] / result["reference_img_per_s"]
+    steady = result["steady_state"]  # epoch 2 of a 2-epoch training, beside the fresh start
+    assert steady["epoch"] == 2 and steady["repeats"] == 1
+    assert steady["engine_img_per_s"] == steady["raw"]["engine_img_per_s"][0] > 0
+    assert steady["speedup"] == steady["engine_img_per_s"] / steady["reference_img_per_s"]
+    assert steady["engine_vs_fresh"] == steady["engine_img_per_s"] / result["engine_img_per_s"]
+    assert steady["reference_vs_fresh"] == steady["reference_img_per_s"] / result["reference_img_per_s"]
 
 
 def test_too_many_steps_for_one_epoch(tmp_path, monkeypatch):

@@ -1,0 +1,188 @@
+"""core.cpu: each CPU job's share of the usable CPUs, counted from slot files that die with their process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaeflow.core import cpu
+from vaeflow.core.config import validate
+
+HOLDER = """
+import sys
+from pathlib import Path
+from vaeflow.core.cpu import CpuShare
+with CpuShare("holder", folder=Path(sys.argv[1])):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start another process that holds a slot in tmp_path/jobs; yields (its Popen, the folder)."""
+    folder = tmp_path / "jobs"
+    procs = []
+
+    def start():
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "holding"
+        procs.append(p)
+        return p
+
+    yield start, folder
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_fair_threads_by_hand():
+    assert [cpu.fair_threads(16, n) for n in (1, 2, 3, 4, 16, 40)] == [16, 8, 5, 4, 1, 1]
+    assert cpu.fair_threads(2, 0) == 2 and cpu.fair_threads(1, 3) == 1
+
+
+def test_cgroup_quota(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu.cgroup_cpus(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu.cgroup_cpus(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu.cgroup_cpus(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu.cgroup_cpus(v1) is None
+    assert cpu.cgroup_cpus(tmp_path / "none") is None
+
+
+def test_usable_cpus_within_affinity_and_quota(monkeypatch):
+    assert 1 <= cpu.usable_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(cpu, "cgroup_cpus", lambda: 0.5)  # half a CPU still runs one thread
+    assert cpu.usable_cpus() == 1
+
+
+def test_slots_count_this_and_other_processes(tmp_path, holder):
+    start, folder = holder
+    assert cpu.running_jobs(folder) == 0
+    with cpu.CpuShare("here", folder=folder) as share:
+        assert cpu.running_jobs(folder) == 1 and share.jobs == 1
+        other = start()
+        share.cpus = 4  # whatever this machine has: 4 CPUs shared by 2 jobs is 2 each
+        share.refresh(force=True)
+        assert share.jobs == 2 and share.threads == 2 == torch.get_num_threads()
+        other.stdin.write("done\n")
+        other.stdin.flush()
+        other.wait()
+        share.refresh(force=True)
+        assert share.jobs == 1 and share.threads == 4 == torch.get_num_threads()
+    assert cpu.running_jobs(folder) == 0
+    assert not list(folder.iterdir())  # both slots were removed by their owners
+
+
+def test_kill_9_leaves_a_slot_the_next_count_clears(holder):
+    start, folder = holder
+    p = start()
+    assert cpu.running_jobs(folder) == 1
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(list(folder.glob(f"*{cpu.SLOT_SUFFIX}"))) == 1  # the dead process could not remove it
+    assert cpu.running_jobs(folder) == 0  # the kernel dropped its lock: stale, and removed
+    assert not list(folder.glob(f"*{cpu.SLOT_SUFFIX}"))
+
+
+def test_jobs_of_one_process_in_threads_count_apart(tmp_path):
+    folder = tmp_path / "jobs"
+    seen, ready, release = [], threading.Barrier(2), threading.Event()
+
+    def job():
+        with cpu.CpuShare("stage", folder=folder):
+            ready.wait()
+            seen.append(cpu.running_jobs(folder))
+            release.wait()
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while len(seen) < 2:
+        threading.Event().wait(0.01)
+    release.set()
+    for t in threads:
+        t.join()
+    assert seen == [2, 2]
+
+
+def test_nested_share_is_the_outer_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(tmp_path))
+    with cpu.cpu_share("stage") as outer:
+        with cpu.cpu_share("train") as inner:
+            assert inner is outer
+            assert cpu.running_jobs(cpu.jobs_dir()) == 1
+    assert cpu.running_jobs(cpu.jobs_dir()) == 0
+
+
+def test_num_threads_fixes_the_count(holder):
+    start, folder = holder
+    start()
+    before = torch.get_num_threads()
+    with cpu.CpuShare("fixed", num_threads=3, folder=folder) as share:
+        assert share.threads == 3 == torch.get_num_threads()
+    assert torch.get_num_threads() == before  # restored on exit
+
+
+def test_an_unwritable_folder_runs_alone(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with cpu.CpuShare("x", folder=blocker / "jobs") as share:
+        assert share.jobs == 1 and share.threads == share.cpus
+
+
+def test_quiet_openmp_respects_the_user_and_loaded_openmp():
+    assert "torch" in sys.modules  # in this process OpenMP is loaded: too late to set anything
+    env = {}
+    assert cpu.quiet_openmp(env) is False and env == {}
+
+
+@pytest.mark.parametrize("given, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                             ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_importing_vaeflow_sets_the_policy_before_torch(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os, sys; import vaeflow; assert 'torch' not in sys.modules; "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)
+
+
+def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder):
+    """A training beside another job uses half the CPUs (4 assumed), records it, and gives torch its count back."""
+    from vaeflow.core.checkpoint import read_metrics
+    from vaeflow.core.engine import Trainer
+
+    start, folder = holder
+    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    start()
+    cfg = validate({
+        "data": {"dataset": {"name": "shapes", "image_size": 16, "n_train": 64, "n_test": 16}},
+        "model": {"latent_dim": 2, "encoder": {"name": "mlp", "hidden": [16]}, "decoder": {"name": "mlp", "hidden": [16]},
+                  "likelihood": {"name": "bernoulli"}},
+        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "progress": False, "log_every": 1},
+    })
+    before = torch.get_num_threads()
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert [r["threads"] for r in read_metrics(tmp_path / "run")] == [2, 2]
+    assert result.final["threads"] == 2
+    assert torch.get_num_threads() == before
+    assert cpu.running_jobs(folder) == 1  # the engine's slot is gone, the holder's remains
