@@ -263,6 +263,26 @@ def test_the_fused_estimator_matches_the_readable_one_in_values_and_gradients(es
     assert results[1][2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fused_estimator_holds_when_variances_span_many_orders(dtype):
+    """The fused pass shifts by a bound from the smallest variance, not by the max over b: with a batch whose
+    log-variances of one dimension span DiagonalGaussian's whole clamp range (-30 to 20: e^50 between variances) and
+    4-sigma draws, it still gives the readable values, finite, to float precision."""
+    batch, dim, n = 16, 3, 1000
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(batch, dim, generator=g, dtype=torch.float64) * 3
+    logvar = torch.linspace(-30, 20, batch, dtype=torch.float64).unsqueeze(1).repeat(1, dim)  # (B, J)
+    logvar[:, 1] = logvar[:, 1].flip(0)
+    q = DiagonalGaussian(torch.cat([mean, logvar], 1).to(dtype))
+    z = q.mean + q.std * torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype) * 4  # (B, J)
+    fused = fused_log_aggregate_posterior(q, z, n, "mws")
+    readable = log_aggregate_posterior(pairwise_log_density(q, z), n, "mws")
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-3}
+    for f, r in zip(fused, readable):
+        assert torch.isfinite(f).all()
+        torch.testing.assert_close(f, r, **tol)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_the_fused_backward_passes_gradcheck(weighted):
     """Finite differences of the fused function in float64, with z, means and log-variances independent inputs (so
