@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vaeflow.core.config import Config
-from vaeflow.core.errors import DataError
+from vaeflow.core.errors import DataError, VaeflowError
 from vaeflow.core.interfaces import Dataset, to_unit_float
 from vaeflow.core.registry import Registry, get_registry
 
@@ -97,5 +97,23 @@ class Batches:
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             generator=torch.Generator().manual_seed(self.cfg.train.seed),  # worker seeds; keeps the global RNG untouched
         )
-        for batch in loader:
-            yield pad(batch.to(self.device, non_blocking=True), self.cfg.data.pad_to)
+        try:
+            for batch in loader:
+                yield pad(batch.to(self.device, non_blocking=True), self.cfg.data.pad_to)
+        except VaeflowError as exc:  # raised in a worker: torch re-raises it with the worker's whole traceback
+            try:
+                unwrapped = type(exc)(worker_message(exc))
+            except Exception:  # a subclass that takes other arguments
+                unwrapped = DataError(worker_message(exc))
+            raise unwrapped from None
+
+
+def worker_message(exc: VaeflowError) -> str:
+    """The original message of a user error raised in a DataLoader worker, which torch re-raises as
+    "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\nmodule.DataError: <message>";
+    the message as it is when the error was raised in this process."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if not text.startswith(f"Caught {type(exc).__name__} ") or marker not in text:
+        return text
+    return text.rsplit(marker, 1)[1].strip()  # the last exception of the chain is the one the worker raised

@@ -334,10 +334,42 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / WEIGHTS_FILE).exists():
         raise CheckpointError(f"{run_dir} already holds a run; use `vaeflow train --resume {run_dir}` or another --out")
-    return Trainer(cfg, run_dir).fit()
+    before = set(run_dir.iterdir()) if run_dir.is_dir() else None  # None: this call creates the folder
+    path = run_dir.absolute()
+    made = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # the topmost folder to make
+    try:
+        return Trainer(cfg, run_dir).fit()
+    except BaseException:
+        _discard_unstarted(run_dir, before, made)
+        raise
 
 
 def resume(run_dir: str | Path) -> TrainResult:
     """Continue the run in run_dir from its last checkpoint, exactly."""
     cfg = read_run_config(run_dir)
     return Trainer(cfg, run_dir, resume=True).fit()
+
+
+def _discard_unstarted(run_dir: Path, before: set[Path] | None, made: Path | None) -> None:
+    """After a new run failed before its first checkpoint (nothing to resume), remove what it wrote: the folder when
+    it made it (and the parents it made, when empty), else the files it added. A run with a checkpoint or weights is
+    kept, and a resumed run never gets here."""
+    import shutil
+
+    if int(os.environ.get("RANK", "0")) != 0 or not run_dir.is_dir():
+        return  # only rank 0 writes the run folder
+    if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / WEIGHTS_FILE).exists():
+        return
+    for path in [run_dir] if before is None else sorted(set(run_dir.iterdir()) - before):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if before is None and made is not None and made != run_dir.absolute():
+        for parent in run_dir.absolute().parents:  # up to the first folder this run made, while empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            if parent == made:
+                break

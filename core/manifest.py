@@ -1,14 +1,16 @@
 """The data manifest and the prepared-tensor cache behind the pipeline's prepare_data stage.
 
-A manifest lists the source files with their sha256, each split's size and shape, and the
-preprocessing applied. Its hash keys a folder holding the prepared splits as one safetensors
-file, which training loads directly; the file's own sha256 is checked on every load.
+A manifest lists the source files (every file the dataset reads, each image of an image folder included) with
+their sha256, each split's size and shape, and the preprocessing applied. Its hash keys a folder holding the
+prepared splits as one safetensors file, which training loads directly; the file's own sha256 is checked on every
+load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import safetensors.torch
@@ -32,12 +34,39 @@ def _manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(canonical_json(portable).encode()).hexdigest()
 
 
+# (path, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) -> sha256, for this process. The kernel sets ctime on
+# every write and rename, and no user call (touch, os.utime) can set it back, so an edit that keeps the size and
+# restores the mtime still misses; a file replaced by another (cp + mv) has another inode.
+_SHA256: dict[tuple, str] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    """What a file's content hash is memoised under: it changes whenever the content can have changed."""
+    st = path.stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's content, hashed again only when its inode, size, mtime or ctime changed."""
+    key = _stat_key(path)
+    if key not in _SHA256:
+        digest = file_sha256(path)
+        if _stat_key(path) == key:  # not written to while it was read
+            _SHA256[key] = digest
+        return digest
+    return _SHA256[key]
+
+
 def source_files(cfg: Config, registry: Registry | None = None) -> list[dict]:
-    """[{name, path, bytes, sha256}] of the files the dataset reads (empty for generated data)."""
-    return [
-        {"name": p.name, "path": str(Path(p).resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in open_dataset(cfg, registry).sources()
-    ]
+    """[{name, path, bytes, sha256}] of the files the dataset reads (empty for generated data); a name is the path
+    relative to the folder holding them all, so two files with the same base name stay apart."""
+    paths = [Path(p) for p in open_dataset(cfg, registry).sources()]
+    base = Path(os.path.commonpath([p.absolute() for p in paths])) if len(paths) > 1 else None
+    rows = []
+    for p in paths:
+        name = p.absolute().relative_to(base).as_posix() if base is not None else p.name
+        rows.append({"name": name, "path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": content_sha256(p)})
+    return rows
 
 
 def prepare(cfg: Config, cache_dir: str | Path, registry: Registry | None = None) -> tuple[dict, Path]:

@@ -310,7 +310,7 @@ def _resolve(model: str) -> str:
         return model
     from vaeflow.pipelines.tracking import get_client
 
-    client = get_client()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store here
+    client = get_client(create=False)  # points MLflow at MLFLOW_TRACKING_URI or the embedded store here; a lookup
     if model.startswith("models:/"):
         from vaeflow.pipelines.registry import resolve_version
 
@@ -618,7 +618,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="print the 
     from vaeflow.pipelines.registry import list_models
     from vaeflow.pipelines.tracking import get_client
 
-    rows = list_models(get_client())
+    rows = list_models(get_client(create=False))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -638,7 +638,7 @@ def models_promote(name: Annotated[str, typer.Argument(help="registered model na
     from vaeflow.pipelines.registry import promote
     from vaeflow.pipelines.tracking import get_client
 
-    promote(get_client(), name, version, alias)
+    promote(get_client(create=False), name, version, alias)
     typer.echo(f"{name}@{alias} -> version {version}")
 
 

@@ -263,7 +263,7 @@ def load_generator(source: str, priors: list[str] | None = None, device: str = "
     if source.startswith(("models:/", "runs:/")):
         from vaeflow.pipelines.tracking import get_client
 
-        client = get_client()  # points MLflow at vaeflow's store before anything is fetched
+        client = get_client(create=False)  # points MLflow at vaeflow's store before anything is fetched; a lookup
         if source.startswith("models:/") and not priors:
             name, version = resolve_version(client, source)
             source = f"models:/{name}/{version}"

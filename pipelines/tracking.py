@@ -51,9 +51,33 @@ def _create_sqlite_once(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
-def get_client() -> MlflowClient:
-    """A client for the configured store, which is created if it is the embedded sqlite one."""
+def missing_store(uri: str) -> str | None:
+    """Why there is no store at a sqlite URI (what the user may have meant), or None when there is one (or the URI
+    names a server: it answers for itself)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.is_file():
+        return None
+    lines = [f"there is no MLflow store at {uri} (no file {path}): nothing was tracked or registered there yet"]
+    found = next((p / DB_FILE for p in path.parent.parents if (p / DB_FILE).is_file()), None)
+    if found is not None:
+        lines.append(f"a store exists at {found}: run from {found.parent} or set VAEFLOW_HOME={found.parent}")
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else (
+        "VAEFLOW_HOME" if os.environ.get("VAEFLOW_HOME") else "the current folder")
+    lines.append(f"the store is taken from {source}: run where `vaeflow run CONFIG` registered the model, set "
+                 f"VAEFLOW_HOME to that folder, or set MLFLOW_TRACKING_URI to your tracking server")
+    return "; ".join(lines)
+
+
+def get_client(create: bool = True) -> MlflowClient:
+    """A client for the configured store. The embedded sqlite one is created when missing, unless `create` is False
+    (a lookup: a VaeflowError then says there is no store, and no file is made)."""
     uri = tracking_uri()
+    if not create and (why := missing_store(uri)):
+        from vaeflow.core.errors import VaeflowError
+
+        raise VaeflowError(why)
     if uri.startswith("sqlite:///"):
         _create_sqlite_once(uri)
     # for the few fluent calls (log_model) made inside a task's own thread; MLflow 3 also exports these as

@@ -1,9 +1,9 @@
 """Built-in datasets: Fashion-MNIST, MNIST, procedural dSprites-like shapes, and a folder of images.
 
 Fashion-MNIST (Xiao et al. 2017) and MNIST (LeCun et al. 1998) are read from the four IDX files,
-found in this order: ``data.dataset.root``, ``$VAEFLOW_DATA_DIR/<Name>`` (default
-``~/.cache/vaeflow/data/<Name>``), then the Debian package folder (``apt-get install
-dataset-fashion-mnist``). Gzipped files are decompressed once into the cache, atomically.
+found in ``data.dataset.root`` when it is set (and only there: a root the user names must hold them), else in
+``$VAEFLOW_DATA_DIR/<Name>`` (default ``~/.cache/vaeflow/data/<Name>``), then the Debian package folder
+(``apt-get install dataset-fashion-mnist``). Gzipped files are decompressed once into the cache, atomically.
 
 ``shapes`` renders (near-)binary images with known generative factors in the spirit of dSprites
 (Matthey et al. 2017), so disentanglement can be measured without downloading anything.
@@ -13,9 +13,9 @@ dataset-fashion-mnist``). Gzipped files are decompressed once into the cache, at
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 
 from vaeflow.core.errors import DataError
+from vaeflow.core.files import atomic_write
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Dataset, Shape, file_sha256, to_unit_float
 from vaeflow.core.interfaces import Options as ComponentOptions
@@ -63,20 +64,18 @@ def _gzip_size(path: Path) -> int:
 
 
 def _gunzip(src: Path, dst: Path) -> None:
-    """Decompress src to dst atomically (temp file in dst's folder, then os.replace); skip if fresh."""
+    """Decompress src to dst atomically (atomic_write: mode per the umask, as the cache may be shared); skip if
+    fresh."""
     if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime and dst.stat().st_size == _gzip_size(src):
         return  # decompressed earlier from this very file
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+
+    def decompress(tmp: str) -> None:
+        with open(tmp, "wb") as out, gzip.open(src, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+
     try:
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp makes it private; the cache may be shared
-            with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    out.write(chunk)
-            os.replace(tmp, dst)
-        finally:
-            Path(tmp).unlink(missing_ok=True)  # a no-op once replaced
+        atomic_write(dst, decompress)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot decompress {src} into {dst}: {e} (truncated or corrupt? fetch it again)") from e
 
@@ -90,7 +89,8 @@ class _IdxDataset(Dataset):
 
     class Options(ComponentOptions):
         root: Optional[str] = Field(
-            None, description="folder with the four IDX files (.gz or not); searched before the defaults"
+            None, description="folder with the four IDX files (.gz or not); when set, the files are read from "
+                              "there only, and a missing folder or file is an error"
         )
 
     def __init__(self, options: Options):
@@ -112,14 +112,31 @@ class _IdxDataset(Dataset):
         return self._load(split)[1]
 
     def search_folders(self) -> list[Path]:
-        """The folders searched for the IDX files, in order."""
-        folders = []
+        """The folders searched for the IDX files, in order: only data.dataset.root's when it is set."""
         if self.options.root:
             root = Path(self.options.root).expanduser()
-            folders += [root, root / self.folder / "raw"]
+            return [root, root / self.folder / "raw"]
         cache = data_dir() / self.folder
-        folders += [cache, cache / "raw"]
-        return folders + [Path(p) for p in DEFAULT_ROOTS.get(self.name, [])]
+        return [cache, cache / "raw"] + [Path(p) for p in DEFAULT_ROOTS.get(self.name, [])]
+
+    def _unzipped_folder(self) -> Path:
+        """Where .gz files are decompressed to: the cache's raw folder, or for data.dataset.root a folder of its own
+        (keyed by the root's path), so that a root's files never stand in for the default copy or another root's."""
+        cache = data_dir() / self.folder / "raw"
+        if not self.options.root:
+            return cache
+        root = Path(self.options.root).expanduser().resolve()
+        return cache.parent / "roots" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+
+    def _check_root(self) -> None:
+        """A data.dataset.root that is set must be an existing folder; a DataError naming the field otherwise."""
+        if not self.options.root:
+            return
+        root = Path(self.options.root).expanduser()
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise DataError(f"data.dataset.root: {root} {what}. Set it to the folder holding the {self.name} IDX "
+                            f"files, or leave it unset to use {data_dir() / self.folder} and the system copy")
 
     def _find(self) -> Optional[dict[str, Path]]:
         """{file name: path} from the first folder holding all four files, plain preferred over .gz."""
@@ -140,7 +157,10 @@ class _IdxDataset(Dataset):
 
     def _locate(self) -> dict[str, Path]:
         """Paths of the four uncompressed files, downloading or decompressing as needed."""
+        self._check_root()
         found = self._find()
+        if found is None and self.options.root:
+            raise DataError(self._missing_message(None))  # a named root is used as it is: no download into the cache
         if found is None:
             try:
                 self._download()
@@ -150,7 +170,7 @@ class _IdxDataset(Dataset):
             found = self._find()
             if found is None:
                 raise DataError(self._missing_message(error))
-        cache = data_dir() / self.folder / "raw"
+        cache = self._unzipped_folder()
         for name, path in found.items():
             if path.suffix == ".gz":
                 found[name] = cache / name
@@ -172,23 +192,30 @@ class _IdxDataset(Dataset):
 
     def sources(self) -> list[Path]:
         """The four IDX files as found (before decompression), for the data manifest."""
+        self._check_root()
         found = self._find()
         if found is None:
             self._locate()  # downloads, or raises the DataError that says how to get the files
             found = self._find()
         return [found[name] for pair in IDX_FILES.values() for name in pair]
 
-    def _missing_message(self, download_error: str) -> str:
-        """What was searched, which files are needed, and how to get them."""
+    def _missing_message(self, download_error: Optional[str]) -> str:
+        """What was searched, which files are needed, and how to get them (download_error None: a named root)."""
         names = ", ".join(n for pair in IDX_FILES.values() for n in pair)
-        how = f"`apt-get install {self.package}` (Debian/Ubuntu), or " if self.package else ""
-        lines = [f"{self.name}: the IDX files were not found. Searched:"]
+        if download_error is None:
+            lines = [f"{self.name}: data.dataset.root is {Path(self.options.root).expanduser()}, which does not hold "
+                     f"the IDX files. Searched:"]
+        else:
+            lines = [f"{self.name}: the IDX files were not found. Searched:"]
         lines += [f"  {folder}" for folder in self.search_folders()]
-        lines += [
-            f"Needed, each plain or .gz: {names}.",
-            f"Get them with {how}download them and set data.dataset.root to their folder.",
-            f"Automatic download into {data_dir() / self.folder} failed: {download_error}",
-        ]
+        lines.append(f"Needed, each plain or .gz: {names}.")
+        if download_error is None:
+            lines.append("Put them there, or leave data.dataset.root unset to use the cache and the system copy.")
+        else:
+            how = f"Get them with `apt-get install {self.package}` (Debian/Ubuntu), or download them" if self.package \
+                else "Download them"
+            lines += [f"{how} and set data.dataset.root to their folder.",
+                      f"Automatic download into {data_dir() / self.folder} failed: {download_error}"]
         return "\n".join(lines)
 
     def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,9 +441,12 @@ class ImageFolder(Dataset):
         channels: Literal[1, 3] = Field(3, description="1 for grayscale, 3 for RGB")
         test_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the images held out for test")
         seed: int = Field(0, ge=0, description="seed of the train/test permutation")
+        follow_symlinks: bool = Field(False, description="read symlinked images whose target lies outside root "
+                                                         "(links within root are always read)")
 
     def __init__(self, options: Options):
         super().__init__(options)
+        self._files: Optional[list[Path]] = None  # every image under root, sorted
         self._splits: Optional[dict[str, list[Path]]] = None  # split -> files
         self._cache: dict[str, torch.Tensor] = {}  # split -> uint8 (N, C, S, S)
 
@@ -429,8 +459,14 @@ class ImageFolder(Dataset):
         """The image files of a split, in sorted order."""
         _check_split(split)
         if self._splits is None:
-            self._splits = self._split(self._scan())
+            self._splits = self._split(self.sources())
         return self._splits[split]
+
+    def sources(self) -> list[Path]:
+        """Every image file under root (both splits), sorted: the data manifest hashes their contents."""
+        if self._files is None:
+            self._files = self._scan()
+        return self._files
 
     def tensors(self, split: str) -> torch.Tensor:
         """All images of a split in memory: uint8 (N, C, S, S)."""
@@ -448,16 +484,32 @@ class ImageFolder(Dataset):
         """Sorted image files under root, or a DataError saying what was looked for."""
         root, exts = Path(self.options.root).expanduser(), ", ".join(EXTENSIONS)
         if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
             raise DataError(
-                f"image-folder: {root} is not a folder; set data.dataset.root to a folder of {exts} images"
+                f"image-folder: data.dataset.root: {root} {what}; set it to a folder of {exts} images"
             )
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        if not self.options.follow_symlinks:
+            self._refuse_outside_links(root, files)
         if len(files) < 2:
             raise DataError(
                 f"image-folder: found {len(files)} image(s) under {root}, need at least 2 "
                 f"(extensions {exts}, searched recursively)"
             )
         return files
+
+    @staticmethod
+    def _refuse_outside_links(root: Path, files: list[Path]) -> None:
+        """A DataError naming each symlinked image whose target lies outside root: reading files from elsewhere must
+        be asked for (follow_symlinks: true). Links within root are fine."""
+        inside = root.resolve()
+        outside = [(f, target) for f in files if not (target := f.resolve()).is_relative_to(inside)]
+        if outside:
+            shown = "\n".join(f"  {link} -> {target}" for link, target in outside[:10])
+            more = f"\n  ... and {len(outside) - 10} more" if len(outside) > 10 else ""
+            raise DataError(f"image-folder: {len(outside)} image(s) under {root} are symlinks to files outside it:\n"
+                            f"{shown}{more}\nRemove the links or copy the files in, or set "
+                            f"data.dataset.follow_symlinks: true to read them")
 
     def _split(self, files: list[Path]) -> dict[str, list[Path]]:
         """Hold out round(test_fraction * N) images (at least 1, at most N - 1) by a seeded permutation."""

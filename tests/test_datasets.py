@@ -228,12 +228,10 @@ def test_corrupt_idx_content_names_the_file(tmp_path, monkeypatch):
 def test_missing_files_message(tmp_path, monkeypatch, isolated_cache):
     system = tmp_path / "usr-share"
     monkeypatch.setattr(datasets, "DEFAULT_ROOTS", {"fashion-mnist": [str(system)]})
-    root = tmp_path / "empty"
-    root.mkdir()
     with pytest.raises(DataError) as err:
-        FashionMNIST(FashionMNIST.Options(root=str(root))).tensors("train")
+        FashionMNIST(FashionMNIST.Options()).tensors("train")
     msg = str(err.value)
-    for folder in (root, isolated_cache / "FashionMNIST", system):
+    for folder in (isolated_cache / "FashionMNIST", system):
         assert str(folder) in msg
     for name in IDX_NAMES:
         assert name in msg
@@ -261,8 +259,10 @@ def test_plain_and_gz_files_in_root(tmp_path, monkeypatch, isolated_cache):
     for split, (images, labels) in want.items():
         assert np.array_equal(ds.tensors(split)[:, 0].numpy(), images)
         assert ds.labels(split).tolist() == labels.tolist()
-    assert (isolated_cache / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()  # only the .gz were cached
-    assert not (isolated_cache / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
+    unzipped = ds._unzipped_folder()  # a folder of this root's own under the cache
+    assert unzipped.is_relative_to(isolated_cache / "MNIST") and unzipped != isolated_cache / "MNIST" / "raw"
+    assert (unzipped / "t10k-labels-idx1-ubyte").is_file()  # only the .gz were cached
+    assert not (unzipped / "t10k-images-idx3-ubyte").exists()
 
 
 # -----------------------------------------------------------------------------
