@@ -501,7 +501,7 @@ def run(
     """Run the pipeline through Prefect: the stage graph of the config's model kind, tracked in MLflow."""
     from vaeflow.core.config import load_config
     from vaeflow.core.model import build_model
-    from vaeflow.pipelines.pipeline import pipeline, plan
+    from vaeflow.pipelines.pipeline import pipeline, plan, quiet_user_errors
     from vaeflow.pipelines.processes import sigterm_as_interrupt, temporary_server
     from vaeflow.pipelines.tracking import tracking_uri, ui_hint
 
@@ -511,6 +511,7 @@ def run(
     from vaeflow.pipelines.workspace import workspace
 
     check_writable(workspace(cfg), folder=True, option="the workspace (VAEFLOW_HOME, tracking.workspace)")
+    quiet_user_errors(echoed=True)  # a stage's user error is printed once, last, by user_errors
     call = lambda: pipeline(str(config), list(set_), until, force=list(force) or None)  # noqa: E731
     again = shlex.join(["vaeflow", "run", str(config), *(a for s in set_ for a in ("--set", s)),
                         *(["--until", until] if until else [])])
