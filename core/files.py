@@ -96,12 +96,15 @@ def atomic_write(path: str | Path, write, size: int | None = None) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        return
     except BaseException as exc:
         full = is_disk_full(exc, path.parent)  # measured before the temp file's space is given back
         Path(tmp).unlink(missing_ok=True)
-        if full:
-            raise disk_full(path, size) from None
-        raise
+        if not full:
+            raise
+    # raised here, not in the except block: the writer's error (whose frames may hold the temp file open, and so
+    # its space taken) is not kept alive as this one's context
+    raise disk_full(path, size)
 
 
 def write_text(path: str | Path, text: str) -> None:
