@@ -11,7 +11,7 @@ import torch
 
 from vaeflow.core.config import Config, config_hash, dump_yaml, read_yaml, validate
 from vaeflow.core.errors import CheckpointError, PluginError, VaeflowError
-from vaeflow.core.files import atomic_write, write_text  # noqa: F401 (re-exported: callers import them from here)
+from vaeflow.core.files import append_line, atomic_write, write_text  # noqa: F401 (re-exported: callers import them from here)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -20,9 +20,21 @@ METRICS_FILE = "metrics.jsonl"
 PLUGINS_FILE = "plugins.json"
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested dict/list/tuple: a lower bound of its saved size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically torch.save a dict of tensors and plain values."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Atomically torch.save a dict of tensors and plain values; a full disk is a DiskFullError (exit 2) naming the
+    path and the space needed, with no temp file left."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp), size=tensor_bytes(state))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -43,7 +55,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, str]) -> None:
     """Atomically write the model's state dict as safetensors, with string metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata),
+                 size=tensor_bytes(tensors))
 
 
 def architecture_signature(module: torch.nn.Module) -> str:
@@ -60,7 +73,18 @@ def read_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass the --out folder of `vaeflow train`")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(not_a_run(run_dir))
     return validate(_upgrade(read_yaml(run_dir / CONFIG_FILE), run_dir), source=str(run_dir / CONFIG_FILE))
+
+
+def not_a_run(folder: Path) -> str:
+    """Why `folder` is not a run directory, what one holds, and any run directories inside it."""
+    inner = sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()) if folder.is_dir() else []
+    hint = f"; it holds run directories: {', '.join(str(p) for p in inner[:5])}" if inner else ""
+    return (f"{folder} is not a run directory: it has no {CONFIG_FILE}. A run directory is the --out folder of "
+            f"`vaeflow train CONFIG --out RUN_DIR`, holding {CONFIG_FILE}, {PLUGINS_FILE}, {METRICS_FILE}, "
+            f"{CHECKPOINT_FILE} and, once trained, {WEIGHTS_FILE}{hint}")
 
 
 def _upgrade(raw: dict, run_dir: Path) -> dict:
@@ -83,6 +107,19 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
     """Store the resolved config (every default filled in) and the plugins it needs in the run directory."""
     write_text(Path(run_dir) / CONFIG_FILE, dump_yaml(cfg))
     write_text(Path(run_dir) / PLUGINS_FILE, json.dumps(plugins_used(cfg), indent=2))
+
+
+def begin_run(run_dir: str | Path, cfg: Config) -> None:
+    """Start a fresh run in run_dir: store its config, and empty the metrics a failed earlier start left (e.g. an
+    epoch logged before its checkpoint hit a full disk), so that the new run's epochs are not logged twice."""
+    write_run_config(run_dir, cfg)
+    if (Path(run_dir) / METRICS_FILE).exists():
+        write_text(Path(run_dir) / METRICS_FILE, "")
+
+
+def append_metrics(run_dir: str | Path, record: dict) -> None:
+    """Append one epoch's record to metrics.jsonl; a full disk is a DiskFullError naming the file."""
+    append_line(Path(run_dir) / METRICS_FILE, json.dumps(record))
 
 
 def plugins_used(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[str, dict[str, str]]:

@@ -27,6 +27,16 @@ from vaeflow.core.registry import Registry, get_registry
 ENV_PREFIX = "VAEFLOW_"
 
 
+# Sane upper bounds of counts: far above any real run (a million epochs of one step at a thousand steps a second is
+# over ten days), low enough that a typo (1e29) is an error, not a run that would outlast the machine.
+MAX_EPOCHS = 1_000_000
+MAX_STEPS = 10**10  # steps in total (warm-up, max_steps, intervals)
+MAX_BATCH = 2**20  # images per batch
+MAX_IMAGES = 10**9  # images scored, rendered or sampled
+MAX_SEED = 2**62  # torch takes 64-bit seeds, and the engine derives seed + 1
+MAX_WORKERS = 1024  # processes or threads
+
+
 class Section(BaseModel):
     """Base of every config section: typos are errors with their field path."""
 
@@ -52,11 +62,11 @@ class DataConfig(Section):
     """Which dataset, and how it reaches the model."""
 
     dataset: ComponentSpec = Field(description="dataset plugin and its options")
-    pad_to: Optional[int] = Field(None, gt=0, description="zero-pad images to pad_to x pad_to (e.g. 28 -> 32)")
+    pad_to: Optional[int] = Field(None, gt=0, le=16384, description="zero-pad images to pad_to x pad_to (e.g. 28 -> 32)")
     loader: Literal["memory", "stream"] = Field(
         "memory", description="memory: whole split as tensors on the device; stream: DataLoader with workers"
     )
-    num_workers: int = Field(2, ge=0, description="DataLoader workers for loader=stream")
+    num_workers: int = Field(2, ge=0, le=MAX_WORKERS, description="DataLoader workers for loader=stream")
 
 
 DEFAULT_KIND = "vae"  # model.kind when the config leaves it out (if a model of that name is registered)
@@ -91,23 +101,23 @@ class ModelMethods:
 class TrainConfig(Section):
     """Optimization: AdamW, optional clipping, seeding, device and precision."""
 
-    epochs: int = Field(10, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many steps in total (smoke runs)")
-    batch_size: int = Field(128, gt=0)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="stop after this many steps in total (smoke runs)")
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up: constant or cosine to 0")
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="linear learning-rate warm-up steps")
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the global grad norm to this (off: null)")
-    seed: int = Field(0, description="seeds init, shuffling and sampling; same seed, same run on CPU")
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED, description="seeds init, shuffling and sampling; same seed, same run on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     bf16: bool = Field(False, description="bf16 autocast (CUDA first; works on CPU)")
     compile: bool = Field(False, description="torch.compile the model")
-    num_threads: Optional[int] = Field(None, gt=0, description="CPU threads (null: torch default)")
-    nproc: int = Field(1, ge=1, description="data-parallel processes for the pipeline's train stage (torchrun: NCCL on "
+    num_threads: Optional[int] = Field(None, gt=0, le=MAX_WORKERS, description="CPU threads (null: torch default)")
+    nproc: int = Field(1, ge=1, le=MAX_WORKERS, description="data-parallel processes for the pipeline's train stage (torchrun: NCCL on "
                        "GPUs, gloo on CPU); each takes batch_size / nproc of every global batch")
-    log_every: int = Field(50, gt=0, description="steps between progress/metric syncs")
-    checkpoint_every: Optional[int] = Field(None, gt=0, description="steps between checkpoints; always at epoch end")
+    log_every: int = Field(50, gt=0, le=MAX_STEPS, description="steps between progress/metric syncs")
+    checkpoint_every: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="steps between checkpoints; always at epoch end")
     beta: ScheduleSpec = Field(default_factory=ScheduleSpec, description="KL weight schedule")
     progress: bool = Field(True, description="show a progress bar")
 
@@ -115,26 +125,26 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     """Test-split metrics."""
 
-    iwae_k: int = Field(1000, gt=0, description="importance samples for the IWAE bound (Burda et al. 2016)")
-    max_examples: Optional[int] = Field(None, gt=0, description="evaluate on the first N test images (null: all)")
-    batch_size: int = Field(100, gt=0)
+    iwae_k: int = Field(1000, gt=0, le=10**7, description="importance samples for the IWAE bound (Burda et al. 2016)")
+    max_examples: Optional[int] = Field(None, gt=0, le=MAX_IMAGES, description="evaluate on the first N test images (null: all)")
+    batch_size: int = Field(100, gt=0, le=MAX_BATCH)
     active_threshold: float = Field(0.01, gt=0, description="a unit is active if Cov_x E_q[z_i] exceeds this")
     disentanglement: bool = Field(True, description="MIG, SAP and DCI of the posterior means when the dataset "
                                                     "has known factors (e.g. shapes)")
-    seed: int = 0
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED)
 
 
 class QualityConfig(Section):
     """Offline sample quality: FID- and KID-style distances in the features of a classifier trained on the data."""
 
     enabled: bool = Field(True, description="train the feature network and score samples (datasets with labels)")
-    feature_epochs: int = Field(3, gt=0, description="epochs of the feature network (a small conv classifier)")
-    feature_batch_size: int = Field(256, gt=0)
+    feature_epochs: int = Field(3, gt=0, le=MAX_EPOCHS, description="epochs of the feature network (a small conv classifier)")
+    feature_batch_size: int = Field(256, gt=0, le=MAX_BATCH)
     feature_lr: float = Field(1e-3, gt=0)
-    samples: int = Field(1000, gt=1, description="generated images scored against as many test images")
-    kid_subsets: int = Field(10, gt=0, description="random subsets averaged for KID")
-    kid_subset_size: int = Field(500, gt=1, description="images per KID subset (capped by the set sizes)")
-    seed: int = 0
+    samples: int = Field(1000, gt=1, le=MAX_IMAGES, description="generated images scored against as many test images")
+    kid_subsets: int = Field(10, gt=0, le=10**6, description="random subsets averaged for KID")
+    kid_subset_size: int = Field(500, gt=1, le=MAX_IMAGES, description="images per KID subset (capped by the set sizes)")
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED)
 
 
 DEFAULT_RENDERERS = ({"name": "traversal"}, {"name": "phase"}, {"name": "interpolation"}, {"name": "discrete"})
@@ -147,8 +157,8 @@ class RenderConfig(Section):
         default_factory=lambda: [dict(r) for r in DEFAULT_RENDERERS], validate_default=True,
         description="renderer plugins with their options; those that do not apply to the model kind are skipped",
     )
-    max_examples: int = Field(1000, gt=0, description="test images used for orderings and ranges (KL, quantiles)")
-    seed: int = Field(0, description="seeds which images and samples are shown")
+    max_examples: int = Field(1000, gt=0, le=MAX_IMAGES, description="test images used for orderings and ranges (KL, quantiles)")
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED, description="seeds which images and samples are shown")
 
 
 class TrackingConfig(Section):
@@ -165,10 +175,10 @@ class TrackingConfig(Section):
 class PriorSampleConfig(Section):
     """Ancestral sampling from the priors, top then bottom."""
 
-    n: int = Field(64, gt=0, description="images in the sample grid")
+    n: int = Field(64, gt=0, le=10**6, description="images in the sample grid")
     temperature: float = Field(1.0, gt=0, description="divides the prior logits; < 1 sharpens")
-    top_k: Optional[int] = Field(None, gt=0, description="sample among the k most likely codes only (null: all)")
-    seed: int = Field(0, description="seeds the CPU generator the draws come from")
+    top_k: Optional[int] = Field(None, gt=0, le=2**31, description="sample among the k most likely codes only (null: all)")
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED, description="seeds the CPU generator the draws come from")
 
 
 class PriorConfig(Section):
@@ -176,15 +186,15 @@ class PriorConfig(Section):
 
     One field per code level that a registered model names (top, bottom, ...), added after discovery."""
 
-    epochs: int = Field(10, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many steps (smoke runs)")
-    batch_size: int = Field(128, gt=0)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="stop after this many steps (smoke runs)")
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field("cosine")
     grad_clip: Optional[float] = Field(1.0, gt=0, description="clip the global grad norm (off: null)")
-    seed: int = 0
-    log_every: int = Field(50, gt=0, description="steps between metric syncs")
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED)
+    log_every: int = Field(50, gt=0, le=MAX_STEPS, description="steps between metric syncs")
     sample: PriorSampleConfig = Field(default_factory=PriorSampleConfig)
 
 
@@ -198,7 +208,7 @@ class ScheduleConfig(Section):
     """When `vaeflow serve` runs the pipeline deployment: a cron expression or an interval."""
 
     cron: Optional[str] = Field(None, description="cron expression, e.g. '0 3 * * *' (03:00 daily)")
-    interval_seconds: Optional[int] = Field(None, gt=0, description="run every N seconds")
+    interval_seconds: Optional[int] = Field(None, gt=0, le=366 * 24 * 3600, description="run every N seconds (at most a year)")
     timezone: Optional[str] = Field(None, description="IANA timezone of the cron expression, e.g. Europe/Paris")
 
     @model_validator(mode="after")
@@ -389,7 +399,7 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError([(item, "expected --set section.field=value, e.g. --set train.epochs=3")], "--set")
         try:
-            out.append((key.strip(), yaml.safe_load(raw)))
+            out.append((key.strip(), load_yaml_text(raw)))
         except yaml.YAMLError as exc:
             raise ConfigError([(key, f"value {raw!r} is not valid YAML: {exc}")], "--set") from None
     return out
@@ -425,20 +435,106 @@ def config_path(path: str | Path) -> Path:
         return path
     shipped = templates()
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if path.is_dir():
+        raise ConfigError([(str(path), directory_hint(path, name in shipped))])
     if len(path.parts) == 1 and name in shipped:
         return shipped[name]
-    if path.is_dir():
-        raise ConfigError([(str(path), "is a directory; pass a YAML config file or a template name")])
     raise ConfigError([(str(path), f"file not found, and no template has that name; pass a YAML file, or one of "
                                    f"the templates: {', '.join(shipped)} (`vaeflow init --template NAME` copies "
                                    f"one to edit)")])
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last and drops the first)."""
+
+    def construct_document(self, node):
+        """Check every mapping of the document for duplicate keys, then construct it as SafeLoader does."""
+        problems = duplicate_keys(node)
+        if problems:
+            raise DuplicateKeyError(problems)
+        return super().construct_document(node)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """Keys given twice: (dotted key path, message naming both lines) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
+
+
+def duplicate_keys(node: yaml.Node, path: tuple = (), seen: set | None = None) -> list[tuple[str, str]]:
+    """(dotted key, message with both lines) for each key given twice in a mapping, at any depth."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias to a node already walked
+        return []
+    seen.add(id(node))
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            line = key.start_mark.line + 1
+            if name is not None and name != "<<":
+                dotted = ".".join((*path, str(name)))
+                if name in first:
+                    problems.append((dotted, f"duplicate key {name!r} at lines {first[name]} and {line}; YAML would "
+                                             f"keep only the second and silently drop the first: merge them into one"))
+                else:
+                    first[name] = line
+            problems += duplicate_keys(value, (*path, str(name)), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += duplicate_keys(item, (*path, str(i)), seen)
+    return problems
+
+
+def load_yaml_text(text: str) -> Any:
+    """yaml.safe_load that refuses duplicate keys (DuplicateKeyError, a yaml.YAMLError)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def directory_hint(folder: Path, template: bool) -> str:
+    """What a directory given as the config is, and what to pass instead (its YAML files, a run dir's --resume)."""
+    msg = "is a directory, not a YAML config file"
+    if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+        msg += (f"; it is a run directory: `vaeflow train --resume {folder}` continues it, and {folder / 'config.yaml'}"
+                f" is its config")
+    else:
+        found = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if found:
+            msg += f"; pass one of the YAML files in it: {', '.join(str(p) for p in found[:5])}"
+        else:
+            msg += "; pass a YAML config file (it holds none), or a template name (`vaeflow init --list`)"
+    if template:
+        msg += f"; for the shipped template of that name, pass {folder.name.removesuffix('.yaml')}.yaml"
+    return msg
+
+
+def read_text_utf8(path: Path) -> str:
+    """The file's text; a ConfigError naming the line, column and byte offset when it is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot be read: {exc.strerror or exc}")]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([(f"{path}:{line}:{column}", f"byte 0x{raw[exc.start]:02x} at line {line}, column {column} "
+                                                       f"(byte offset {exc.start}) is not UTF-8: the file must be "
+                                                       f"UTF-8; save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")],
+                          str(path)) from None
 
 
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping (a file, or a shipped template by name) with errors that name the file and the line."""
     path = config_path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(read_text_utf8(path))
+    except DuplicateKeyError as exc:
+        raise ConfigError(exc.problems, str(path)) from None
     except yaml.YAMLError as exc:
         raise ConfigError([(str(path), f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
@@ -507,6 +603,16 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], data: 
                     msg += f" ({clean[1]!r} applies to kind {' or '.join(kinds)})"
         elif kind == "missing":
             msg = "required field is missing"
+        elif kind == "less_than_equal":
+            bound = (err.get("ctx") or {}).get("le")
+            msg = (f"{err['input']!r} is above the upper bound {bound}: a count that large would run for years (or "
+                   f"is a typo); use at most {bound}")
+        elif kind == "int_parsing_size":
+            msg = f"{err['input']!r} is far too large for a count (a run that long would never end); give a sane integer"
+        elif kind == "int_from_float":
+            msg = f"{err['input']!r} is not a whole number; give an integer, e.g. 10"
+        elif kind == "int_parsing" and isinstance(err["input"], str) and _is_number(err["input"]):
+            msg = f"{err['input']!r} is not an integer (YAML reads it as text); give a whole number, e.g. 10"
         elif kind == "value_error":
             msg = msg.removeprefix("Value error, ")
             inner, sep, rest = msg.partition(": ")
@@ -514,6 +620,14 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], data: 
                 path, msg = inner, rest
         problems.append((path, msg))
     return problems
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _strip_tags(loc: tuple, data: Any) -> list:

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from vaeflow.core.beta import BetaSchedule
 from vaeflow.core.checkpoint import (
-    CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, load_checkpoint, read_metrics, read_run_config, save_checkpoint,
-    save_weights, weights_metadata, write_run_config, write_text,
+    CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, append_metrics, begin_run, load_checkpoint, read_metrics,
+    read_run_config, save_checkpoint, save_weights, weights_metadata, write_text,
 )
 from vaeflow.core.config import Config, config_hash
 from vaeflow.core.data import Batches
@@ -129,7 +129,7 @@ class Trainer:
         if resume:
             self._restore()
         elif self.main:
-            write_run_config(self.run_dir, cfg)
+            begin_run(self.run_dir, cfg)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -281,8 +281,7 @@ class Trainer:
                 if epoch_done and self.main:
                     # before the checkpoint: a crash in between replays the epoch and rewrites this line,
                     # while the other order could lose it
-                    with open(self.run_dir / METRICS_FILE, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    append_metrics(self.run_dir, record)
                 self.save()
                 if epoch_done:
                     self._notify("on_epoch", record)

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from vaeflow.core.errors import VaeflowError
+from vaeflow.core.files import check_writable
 
 app = typer.Typer(pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and ship variational autoencoders.")
@@ -101,6 +102,7 @@ def init(
         raise VaeflowError(f"{target} exists; pass --force to overwrite it, or another DIRECTORY")
     if directory.exists() and not directory.is_dir():
         raise VaeflowError(f"{directory} is a file, not a folder; pass the folder to write {name}.yaml into")
+    check_writable(directory, folder=True, option="DIRECTORY")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
@@ -263,12 +265,15 @@ def train(
     if resume is not None:
         if config is not None or out is not None or set_:
             raise VaeflowError("--resume RUN_DIR takes no CONFIG, --out or --set: the run dir holds its config")
+        if (resume / "config.yaml").is_file():  # a run dir (else engine.resume says what one is)
+            check_writable(resume, folder=True, option="--resume")
         result = engine.resume(resume)
     else:
         if config is None:
             raise VaeflowError("give a CONFIG file (e.g. configs/vae-shapes-tiny.yaml) or --resume RUN_DIR")
         cfg = load_config(config, set_)
         run_dir = out or Path(cfg.tracking.runs_dir) / f"{config.stem}"
+        check_writable(run_dir, folder=True, option="--out" if out else "the run directory (tracking.runs_dir)")
         result = engine.train(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -359,6 +364,8 @@ def evaluate(
         path = out or Path(f"eval-{name}-v{version}.json")
     else:
         path = out or Path(model) / "eval.json"
+    if out is not None or Path(model).is_dir() or source.startswith("models:/"):  # a missing run dir: _load says so
+        check_writable(path, option="--out" if out else "the metrics file")  # before any metric is computed
     net, cfg = _load(source, set_)
     metrics = run_eval(net, load_split(cfg, "test"), cfg.eval, **known_factors(cfg))
     write_text(path, json.dumps(metrics, indent=2))
@@ -386,7 +393,7 @@ def generate(
     """Sample and save a grid: z ~ N(0, I) for a VAE; for a VQ-VAE(-2), codes from its priors, top then bottom."""
     from vaeflow.pipelines.render import check_image_path, samples, save_grid, square_rows
 
-    check_image_path(out)  # before any work
+    check_writable(check_image_path(out))  # before any work
     model = _resolve(model)
     net, cfg = _load(model, set_)
     if not net.capabilities.discrete:
@@ -428,6 +435,7 @@ def render(
     from vaeflow.core.data import load_split
     from vaeflow.pipelines.render import render_all
 
+    check_writable(out, folder=True)  # before any work
     model = _resolve(model)
     net, cfg = _load(model, set_)
     priors = {}
@@ -453,8 +461,9 @@ def interpolate(
 ):
     """Interpolate linearly between the posterior means of pairs of test images, decode, and save a grid."""
     from vaeflow.core.data import load_split
-    from vaeflow.pipelines.render import interpolations
+    from vaeflow.pipelines.render import check_image_path, interpolations
 
+    check_writable(check_image_path(out))  # before any work
     net, cfg = _load(model, set_)
     interpolations(net, load_split(cfg, "test"), pairs, steps, seed, out)
     typer.echo(f"wrote {pairs} interpolations of {steps} steps to {out}")
@@ -492,13 +501,17 @@ def run(
     """Run the pipeline through Prefect: the stage graph of the config's model kind, tracked in MLflow."""
     from vaeflow.core.config import load_config
     from vaeflow.core.model import build_model
-    from vaeflow.pipelines.pipeline import pipeline, plan
+    from vaeflow.pipelines.pipeline import pipeline, plan, quiet_user_errors
     from vaeflow.pipelines.processes import sigterm_as_interrupt, temporary_server
     from vaeflow.pipelines.tracking import tracking_uri, ui_hint
 
     cfg = load_config(config, set_)  # fail fast, exit 2, before Prefect starts
     plan(cfg, until, force, str(config))  # unknown stages, missing priors: exit 2 here
     build_model(cfg)  # shape and stride errors exit 2 here, before any run exists
+    from vaeflow.pipelines.workspace import workspace
+
+    check_writable(workspace(cfg), folder=True, option="the workspace (VAEFLOW_HOME, tracking.workspace)")
+    quiet_user_errors(echoed=True)  # a stage's user error is printed once, last, by user_errors
     call = lambda: pipeline(str(config), list(set_), until, force=list(force) or None)  # noqa: E731
     again = shlex.join(["vaeflow", "run", str(config), *(a for s in set_ for a in ("--set", s)),
                         *(["--until", until] if until else [])])

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import shutil
 import sys
 import time
@@ -671,6 +673,61 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # where Prefect logs a run's failure (and its stack)
+
+
+def _user_error_names() -> set[str]:
+    """The class names of VaeflowError and every subclass loaded."""
+    names, todo = set(), [VaeflowError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+class UserErrorLogs(logging.Filter):
+    """Keeps a user error (a VaeflowError raised in a stage) to its message, without Prefect's stack traces.
+
+    Prefect logs a failed run's exception with its stack (the task's "Task run failed with exception", the flow's
+    "Encountered exception during execution": about a hundred lines). A user error's message says all there is to
+    say, so those records lose their stack. With `echoed` (the CLI prints the message itself, last) they are dropped
+    and the "Finished in state Failed(...)" lines name the error's kind instead of repeating its message, so the
+    message is printed once."""
+
+    def __init__(self):
+        super().__init__("vaeflow-user-errors")
+        self.echoed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop or shorten the records of a user error; pass every other record as it is."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, VaeflowError):
+            if self.echoed:
+                return False
+            record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
+            record.exc_info, record.exc_text = None, None
+            return True
+        if self.echoed and isinstance(record.msg, str) and record.msg.startswith("Finished in state Failed"):
+            kind = next((m for m in re.findall(r"\b([A-Za-z_]\w*)(?::|\()", record.getMessage())
+                         if m in _user_error_names()), None)
+            if kind:
+                record.msg, record.args = f"Finished in state Failed: {kind} (the error is printed below)", ()
+        return True
+
+
+USER_ERROR_LOGS = UserErrorLogs()
+
+
+def quiet_user_errors(echoed: bool = False) -> None:
+    """Install UserErrorLogs on Prefect's run loggers (once); `echoed`: the caller prints a user error's message."""
+    USER_ERROR_LOGS.echoed = USER_ERROR_LOGS.echoed or echoed
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if USER_ERROR_LOGS not in logger.filters:
+            logger.addFilter(USER_ERROR_LOGS)
+
+
 def _artifact_key(text: str) -> str:
     """A Prefect artifact key: lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in text.lower())
@@ -945,4 +1002,5 @@ def pipeline(config_path: str, overrides: Optional[list[str]] = None, until: Opt
         config: the whole run config (the form the Prefect UI shows); config_path then only names the run
         force: stages to run again whatever the cache holds, with everything that depends on them ("all": every stage)
     """
+    quiet_user_errors()  # a stage's user error: its message, not Prefect's stack traces
     return run_pipeline(config_path, overrides, until, config, force or ())
