@@ -61,6 +61,7 @@ test: install
 
 bench: install data
 	$(BIN)/vaeflow bench train --out bench/train.json
+	$(BIN)/vaeflow bench contention --out bench/contention.json
 	$(BIN)/vaeflow bench pipeline --out bench/pipeline.json
 
 bench-quantizer: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoints/last.pt"
 METRICS_FILE = "metrics.jsonl"
 PLUGINS_FILE = "plugins.json"
+STORE_FILE = "mlflow.db"  # the embedded MLflow store (sqlite) of a project folder
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -162,6 +164,32 @@ def check_plugins(folder: Path) -> None:
                               f"or set VAEFLOW_PLUGINS to the module that provides it")
 
 
+def missing_store(uri: str, cli: bool = True) -> str | None:
+    """Why there is no store at a sqlite URI (what the user may have meant), or None when there is one (or the URI
+    names a server: it answers for itself). `cli`: the advice of the `vaeflow` commands (VAEFLOW_HOME), else of a
+    Python caller (MLFLOW_TRACKING_URI)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.is_file():
+        return None
+    lines = [f"there is no MLflow store at {uri} (no file {path}): nothing was tracked or registered there yet"]
+    found = next((p / STORE_FILE for p in path.parent.parents if (p / STORE_FILE).is_file()), None)
+    if found is not None and cli:
+        lines.append(f"a store exists at {found}: run from {found.parent} or set VAEFLOW_HOME={found.parent}")
+    elif found is not None:
+        lines.append(f"a store exists at {found}: set MLFLOW_TRACKING_URI=sqlite:///{found}")
+    if cli:
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else (
+            "VAEFLOW_HOME" if os.environ.get("VAEFLOW_HOME") else "the current folder")
+        lines.append(f"the store is taken from {source}: run where `vaeflow run CONFIG` registered the model, set "
+                     f"VAEFLOW_HOME to that folder, or set MLFLOW_TRACKING_URI to your tracking server")
+    else:
+        lines.append("point MLFLOW_TRACKING_URI (or mlflow.set_tracking_uri) at the store that registered the model: "
+                     "sqlite:///PROJECT/mlflow.db, or your tracking server's http:// address")
+    return "; ".join(lines)
+
+
 def resolve_model_dir(source: str | Path) -> Path:
     """A local folder with config.yaml and model.safetensors: a run dir, or a registry model fetched by URI."""
     text = str(source)
@@ -169,6 +197,9 @@ def resolve_model_dir(source: str | Path) -> Path:
         return Path(source)
     import mlflow
 
+    why = missing_store(mlflow.get_tracking_uri(), cli=False)  # a lookup never creates a store (MLflow would, here)
+    if why:
+        raise CheckpointError(f"cannot fetch {text}: {why}")
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
     except Exception as exc:

@@ -113,7 +113,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     bf16: bool = Field(False, description="bf16 autocast (CUDA first; works on CPU)")
     compile: bool = Field(False, description="torch.compile the model")
-    num_threads: Optional[int] = Field(None, gt=0, le=MAX_WORKERS, description="CPU threads (null: torch default)")
+    num_threads: Optional[int] = Field(None, gt=0, le=MAX_WORKERS,
+                                       description="CPU threads (null: this job's share of the usable CPUs among the "
+                                                   "CPU jobs running, re-counted while it trains)")
     nproc: int = Field(1, ge=1, le=MAX_WORKERS, description="data-parallel processes for the pipeline's train stage (torchrun: NCCL on "
                        "GPUs, gloo on CPU); each takes batch_size / nproc of every global batch")
     log_every: int = Field(50, gt=0, le=MAX_STEPS, description="steps between progress/metric syncs")

@@ -1,20 +1,24 @@
-"""CPU threads on a shared machine: how many a job may use, and OpenMP waiting that yields the core.
+"""CPU threads on a shared machine: how many a job may use, re-counted while it runs.
 
 Two jobs on the same cores, each with as many OpenMP threads as there are cores, run about ten times slower in
-total than one alone (issue #14): libgomp's threads spin while they wait for each other, and spinning threads of one
-job steal the cores the other job's threads wait for. Two things avoid it:
+total than one alone (issue #14): libgomp's threads spin while they wait for each other, and the spinning threads of
+one job take the cores the other job's threads wait for. vaeflow avoids the oversubscription rather than the spin:
 
-- the waiting policy: OMP_WAIT_POLICY=PASSIVE makes a waiting thread sleep instead of spin. libgomp reads it once,
-  when torch loads it, so `quiet_openmp` runs when `vaeflow` is imported, before torch is;
-- the thread count: each job takes its share of the CPUs it may use (affinity, cgroup quota), divided by the number
-  of CPU jobs that run at once: those of this process (evaluate beside render) and those of other vaeflow processes
-  of this user (a slot file each, under the cache folder, held by an flock that the kernel drops when the process
-  dies, kill -9 included). A job re-reads the count while it runs, so the first of two jobs gives up its extra
-  threads when the second starts, and takes them back when it ends.
+- each CPU job (a training, a pipeline stage, `vaeflow evaluate`) takes its share of the CPUs it may use (affinity,
+  cgroup quota) divided by the number of CPU jobs that run at once: those of this process (evaluate beside render)
+  and those of other vaeflow processes of this user, each of which holds a slot file under the cache folder, locked
+  by an flock that the kernel drops when the process dies (kill -9 included);
+- where the CPUs are this process's affinity set (no cgroup quota), the time other processes spent on them since
+  the last count (/proc/stat less this process's own time) is left to them: a job beside a `pip install` that keeps
+  a core busy takes one thread fewer;
+- a job re-counts every REFRESH_SECONDS while it runs, so the first of two jobs gives up its extra threads when the
+  second starts, and takes them back when it ends.
 
-`train.num_threads` overrides the count; the policy is a default that an exported OMP_WAIT_POLICY (or GOMP_SPINCOUNT)
-overrides.
-Imports no torch at module level: `quiet_openmp` must run before torch loads.
+libgomp's waiting policy is left as it is: a non-spinning one (OMP_WAIT_POLICY=PASSIVE) measured 0.57x the images/s
+of the default for one job alone on 2 cores, because its threads sleep and wake at every parallel region; once no
+job has more threads than its share, spinning costs nothing. `train.num_threads` (or an exported OMP_NUM_THREADS)
+fixes the count; an exported OMP_WAIT_POLICY is passed on to libgomp as usual.
+Imports no torch at module level.
 """
 
 from __future__ import annotations
@@ -29,23 +33,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-WAIT_POLICY = "PASSIVE"  # threads that wait sleep: on a shared machine spinning threads starve the other jobs
 REFRESH_SECONDS = 1.0  # how often a running job re-counts the jobs that share the CPUs
 STALE_TMP_SECONDS = 60.0  # a slot file still being made after this long belongs to a dead process
 SLOT_SUFFIX = ".slot"
+BUSY_ELSEWHERE = 0.5  # CPUs: other processes' use of this job's CPUs from which it leaves them one (rounded)
+STAT_COLUMNS_BUSY = (0, 1, 2, 5, 6, 7)  # /proc/stat cpuN columns: user nice system (idle iowait) irq softirq steal
 log = logging.getLogger("vaeflow.cpu")
-
-
-def quiet_openmp(environ: dict | None = None) -> bool:
-    """Set OMP_WAIT_POLICY to PASSIVE unless the user set it or GOMP_SPINCOUNT, or OpenMP is already loaded; True if
-    it was set."""
-    import sys
-
-    environ = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ or "torch" in sys.modules:
-        return False
-    environ["OMP_WAIT_POLICY"] = WAIT_POLICY
-    return True
 
 
 def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -73,6 +66,26 @@ def usable_cpus() -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float | None:
+    """Seconds the CPUs `cpus` have been busy since boot, all processes together (/proc/stat); None if unreadable."""
+    try:
+        lines = stat.read_text().splitlines()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    busy = 0
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            busy += sum(int(values[i]) for i in STAT_COLUMNS_BUSY if i < len(values))
+    return busy / ticks
+
+
+def left_to_others(cpus: int, others: float) -> int:
+    """The CPUs of `cpus` a job may take when other processes keep `others` CPUs busy on them (at least 1)."""
+    return max(1, min(cpus, math.floor(cpus - others + BUSY_ELSEWHERE)))
 
 
 def fair_threads(cpus: int, jobs: int) -> int:
@@ -137,10 +150,19 @@ class CpuShare:
     _count_lock = threading.Lock()
 
     def __init__(self, name: str, num_threads: int | None = None, folder: Path | None = None):
-        """`name` labels the slot (e.g. the stage id); `num_threads` fixes the count (train.num_threads)."""
-        self.name, self.fixed, self.folder = name, num_threads, jobs_dir() if folder is None else folder
+        """`name` labels the slot (e.g. the stage id); `num_threads` (train.num_threads), else an exported
+        OMP_NUM_THREADS (e.g. set by a launcher for its ranks), fixes the count."""
+        self.name, self.folder = name, jobs_dir() if folder is None else folder
+        self.fixed, self.fixed_by = num_threads, "train.num_threads"
+        if not num_threads and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+            self.fixed, self.fixed_by = int(os.environ["OMP_NUM_THREADS"]) or None, "OMP_NUM_THREADS"
         self.cpus = usable_cpus()
-        self.jobs, self.threads = 1, num_threads or self.cpus
+        self.jobs, self.threads, self.others = 1, num_threads or self.cpus, 0.0
+        try:  # other processes' use is measured where the CPUs are the affinity set, not a cgroup quota's share
+            self.affinity = set(os.sched_getaffinity(0)) if cgroup_cpus() is None else None
+        except (AttributeError, OSError):
+            self.affinity = None
+        self.sample: tuple[float, float, float] | None = None  # (wall, busy CPU seconds, this process's seconds)
         self.fd: int | None = None
         self.path: Path | None = None
         self.checked = 0.0
@@ -185,8 +207,19 @@ class CpuShare:
         except OSError as exc:  # a read-only home: share as if alone, say so once
             log.warning("cannot record this job under %s (%s); its thread count ignores other jobs", self.folder, exc)
 
+    def _others(self) -> float:
+        """CPUs that other processes kept busy on this job's CPUs since the last count (0 before two counts)."""
+        if self.affinity is None:
+            return 0.0
+        busy, now, own = cpu_busy_seconds(self.affinity), time.monotonic(), time.process_time()
+        previous, self.sample = self.sample, (now, busy, own) if busy is not None else None
+        if previous is None or busy is None or now - previous[0] < 0.5 * REFRESH_SECONDS:
+            return self.others
+        return max(0.0, ((busy - previous[1]) - (own - previous[2])) / (now - previous[0]))
+
     def refresh(self, force: bool = False) -> bool:
-        """Re-count the running jobs (at most every REFRESH_SECONDS) and set torch's threads; True if they changed."""
+        """Re-count the running jobs and the CPUs others use (at most every REFRESH_SECONDS) and set torch's
+        threads; True if they changed."""
         import torch
 
         now = time.monotonic()
@@ -194,17 +227,18 @@ class CpuShare:
             return False
         self.checked = now
         if self.fixed:
-            threads, reason = self.fixed, "train.num_threads"
+            threads, reason = self.fixed, self.fixed_by
         else:
             self.jobs = max(1, running_jobs(self.folder)) if self.fd is not None else 1
-            threads = fair_threads(self.cpus, self.jobs)
-            reason = f"{self.cpus} usable CPUs shared by {self.jobs} CPU job(s)"
+            self.others = self._others()
+            threads = min(fair_threads(self.cpus, self.jobs), left_to_others(self.cpus, self.others))
+            reason = (f"{self.cpus} usable CPUs shared by {self.jobs} CPU job(s), {self.others:.1f} kept busy by "
+                      f"other processes")
         changed = threads != torch.get_num_threads()
         if changed:
             torch.set_num_threads(threads)
         if changed or force:
-            log.info("%s: %d thread(s) (%s, OMP_WAIT_POLICY=%s)", self.name, threads, reason,
-                     os.environ.get("OMP_WAIT_POLICY", "unset"))
+            log.info("%s: %d thread(s) (%s)", self.name, threads, reason)
         self.threads = threads
         return changed
 

@@ -69,6 +69,17 @@ def is_disk_full(exc: BaseException, folder: Path) -> bool:
     return False
 
 
+def current_umask() -> int:
+    """This process's umask, read from /proc (os.umask would set it, racing other threads), else set and restored."""
+    try:
+        return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                        if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux (or a kernel before 4.7)
+        umask = os.umask(0o077)
+        os.umask(umask)
+        return umask
+
+
 def atomic_write(path: str | Path, write, size: int | None = None) -> None:
     """Call write(tmp_path), fsync, then rename over `path`: readers never see a half-written file.
 
@@ -94,14 +105,8 @@ def atomic_write(path: str | Path, write, size: int | None = None) -> None:
     try:
         write(tmp)
         # mkstemp makes the file 0600; give it the mode a plain open() would (0644 under umask 022), so that a shared
-        # store's other users can read it. The umask is read from /proc (os.umask would set it, racing other threads)
-        try:
-            umask = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
-                             if line.startswith("Umask:")).split()[1], 8)
-        except (OSError, StopIteration, ValueError, IndexError):  # not Linux (or a kernel before 4.7)
-            umask = os.umask(0o077)
-            os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # store's other users can read it
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -548,6 +548,10 @@ def _setup(epochs: int, seeds: int, k: int, n_train: int, n_test: int, n_get_nll
         "order": "interleaved: for each seed, for each model, vaeflow then pythae",
         "threads": threads, "cpu_count": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
         "python": platform.python_version(),
+        "openmp": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                   "note": "both sides: the pythae worker inherits this process's environment"},
+        "denormals": "vaeflow's engine flushes denormal floats to zero on CPU (a vaeflow feature since #14); "
+                     "pythae's loop does not",
         "targets": {"nll": "vaeflow mean NLL <= pythae mean NLL + one std over seeds (pythae's, and pooled)",
                     "speed": f"vaeflow img/s >= {TARGET_SPEEDUP:g} x pythae's", "mig": "beta-TCVAE MIG > beta-VAE MIG"},
     }

@@ -61,6 +61,20 @@ def user_errors(fn):
     return wrapper
 
 
+def cpu_job(fn):
+    """Run a command that computes on the CPU as one CPU job: it takes its share of the threads (core.cpu), and a
+    training running beside it gives up its share."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from vaeflow.core.cpu import cpu_share
+
+        with cpu_share(fn.__name__):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _templates() -> dict[str, Path]:
     """The shipped starter configs by name, found without importing torch (vaeflow.configs is package data)."""
     from importlib.resources import files
@@ -334,6 +348,7 @@ def _load(model: str, sets: list[str]):
 
 @app.command()
 @user_errors
+@cpu_job
 def evaluate(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="the model to read: a run directory, or a "
                                                                        "registered model models:/NAME@ALIAS or "
@@ -377,6 +392,7 @@ def evaluate(
 
 @app.command()
 @user_errors
+@cpu_job
 def generate(
     model: ModelOption,
     n: Annotated[int, typer.Option("-n", min=1, help="number of samples")] = 64,
@@ -421,6 +437,7 @@ def _complete_renderer(incomplete: str) -> list[str]:
 
 @app.command()
 @user_errors
+@cpu_job
 def render(
     model: ModelOption,
     out: Annotated[Path, typer.Option("--out", help="folder for the images (one sub-folder per renderer)")] = Path("render"),
@@ -451,6 +468,7 @@ def render(
 
 @app.command()
 @user_errors
+@cpu_job
 def interpolate(
     model: ModelOption,
     pairs: Annotated[int, typer.Option(min=1, help="rows: pairs of test images")] = 8,
@@ -664,6 +682,7 @@ def bench_pipeline(
     repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats of bare vs pipeline")] = 1,
 ):
     """Pipeline overhead vs a bare `vaeflow train`, and the wall time of a cached re-run."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench import bench_pipeline as run_bench
 
     typer.echo(json.dumps(run_bench(out=out, config=config, epochs=epochs, repeats=repeats), indent=2))
@@ -680,6 +699,7 @@ def bench_train(
     steady_repeats: Annotated[int, typer.Option(min=0, help="repeats of the steady-state pair (0 skips it)")] = 2,
 ):
     """Engine vs a pytorch/examples-style loop vs the fp32 matmul roofline, side by side, fresh and in a later epoch."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench import bench_train as run
 
     result = run(out=out, repeats=repeats, steps=steps, threads=threads, steady_epochs=steady_epochs,
@@ -696,6 +716,7 @@ def bench_contention(
     before_pair_steps: Annotated[int, typer.Option(min=10, help="steps per job of the slow 'before' pair")] = 200,
 ):
     """Two trainings at once vs one alone (total img/s), with vaeflow's thread and OpenMP defaults and without."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench_contention import bench_contention as run, print_summary
 
     print_summary(run(out=out, repeats=repeats, steps=steps, before_pair_steps=before_pair_steps))
@@ -711,6 +732,7 @@ def bench_quantizer(
     repeats: Annotated[int, typer.Option(min=1, help="interleaved repeats")] = 5,
 ):
     """vq and vq-ema forward+backward vs the bare distance matmul + argmin, and vs broadcasting."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench_quantizer import bench_quantizer as run, print_summary
 
     print_summary(run(out=out, n=n, k=k, d=d, repeats=repeats))
@@ -724,6 +746,7 @@ def bench_vq_quality(
     baseline: Annotated[Path, typer.Option(help="the continuous VAE, trained for as many epochs: a YAML file or a template name")] = Path("vae-fashion-mnist"),
 ):
     """VQ-VAE-2 pipeline vs the conv VAE at the same epochs: code usage, test MSE, top-prior NLL, samples."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench_vq import bench_vq_quality as run, print_summary
 
     print_summary(run(out=out, config=config, baseline=baseline))
@@ -737,6 +760,7 @@ def bench_disentanglement(
     beta: Annotated[list[float], typer.Option("--beta", help="β values (repeatable)")] = [1.0, 4.0, 8.0],
 ):
     """β-VAE at several β with the same budget: MIG, SAP, DCI per β, and a traversal grid for each."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench_disentangle import bench_disentanglement as run, print_summary
 
     print_summary(run(out=out, config=config, betas=beta))
@@ -749,6 +773,7 @@ def bench_startup(
     repeats: Annotated[int, typer.Option(min=1, help="runs of each command, interleaved")] = 5,
 ):
     """Start-to-exit time of the CLI's light commands, and whether each imports torch, mlflow or prefect."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench_startup import bench_startup as run, print_summary
 
     print_summary(run(out=out, repeats=repeats))
@@ -777,6 +802,7 @@ def bench_zoo(
     dis_n_test: Annotated[int, typer.Option(min=1, help="shapes test images scored")] = 2_000,
 ):
     """vaeflow's zoo vs pythae: test NLL, img/s per model and side; beta-TCVAE vs beta-VAE MIG, SAP, DCI on shapes."""
+    check_writable(out)  # before any measurement
     from vaeflow.pipelines.bench_zoo import bench_zoo as run
 
     names = [name.strip() for item in models for name in item.split(",") if name.strip()]

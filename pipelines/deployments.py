@@ -363,7 +363,9 @@ def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: di
     """The environment each flow run gets from the deployment's job variables, so that workers write into the
     deployer's workspace and MLflow store: VAEFLOW_HOME, MLFLOW_TRACKING_URI (the workspace's sqlite store unless
     the deployer points at a server), the deployer's VAEFLOW_* settings (plugins, data dir, config overrides),
-    telemetry off, and OMP_WAIT_POLICY=PASSIVE (runs from several workers on one machine otherwise spin against each other)."""
+    telemetry off, and the deployer's OMP_WAIT_POLICY if set. Flow runs that share a machine's cores take their share
+    of the threads (core.cpu), so OpenMP's spinning costs nothing and PASSIVE (0.4-0.6x one run's speed) is not the
+    default."""
     environ = os.environ if environ is None else environ
     workspace = Path(workspace).resolve()
     env = {k: v for k, v in sorted(environ.items()) if k.startswith("VAEFLOW_")}
@@ -374,7 +376,8 @@ def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: di
     env["MLFLOW_TRACKING_URI"] = uri
     if environ.get("MLFLOW_REGISTRY_URI"):
         env["MLFLOW_REGISTRY_URI"] = environ["MLFLOW_REGISTRY_URI"]
-    env["OMP_WAIT_POLICY"] = environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    if environ.get("OMP_WAIT_POLICY"):
+        env["OMP_WAIT_POLICY"] = environ["OMP_WAIT_POLICY"]
     env.update(TELEMETRY_OFF)
     env.update(extra or {})
     return env

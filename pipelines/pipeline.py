@@ -30,6 +30,7 @@ from prefect.states import State
 
 from vaeflow.core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
 from vaeflow.core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
+from vaeflow.core.cpu import cpu_share
 from vaeflow.core.errors import ConfigError, VaeflowError
 from vaeflow.core.interfaces import Stage, StageContext, file_sha256
 from vaeflow.pipelines.processes import failpoint
@@ -779,7 +780,8 @@ def run_stage(config: str, stage: str, inputs: dict, run: dict, fresh: bool = Fa
     graph = stage_graph(cfg)
     s = graph.by_id[stage]
     fresh = fresh and task_run.run_count <= 1  # a retry of a forced stage resumes what its first attempt wrote
-    with stage_context(watched(cfg), run, s, graph.key(s, cfg, inputs), fresh) as ctx:
+    with stage_context(watched(cfg), run, s, graph.key(s, cfg, inputs), fresh) as ctx, \
+            cpu_share(stage, cfg.train.num_threads):  # evaluate beside render: each takes its share of the threads
         result = s.run(ctx, inputs)
     return {**result, "run_id": ctx.run_id}
 

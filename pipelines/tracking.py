@@ -25,9 +25,9 @@ from mlflow.tracking import MlflowClient
 
 from vaeflow import __version__
 from vaeflow.core.config import Config, config_hash
-from vaeflow.core.checkpoint import plugins_used
+from vaeflow.core.checkpoint import STORE_FILE, missing_store, plugins_used  # noqa: F401 (missing_store re-exported)
 
-DB_FILE = "mlflow.db"
+DB_FILE = STORE_FILE
 ARTIFACTS_DIR = "mlartifacts"
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics or 100 params per log_batch call
 
@@ -49,25 +49,6 @@ def _create_sqlite_once(uri: str) -> None:
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient(uri).search_experiments(max_results=1)
-
-
-def missing_store(uri: str) -> str | None:
-    """Why there is no store at a sqlite URI (what the user may have meant), or None when there is one (or the URI
-    names a server: it answers for itself)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = Path(uri.removeprefix("sqlite:///"))
-    if path.is_file():
-        return None
-    lines = [f"there is no MLflow store at {uri} (no file {path}): nothing was tracked or registered there yet"]
-    found = next((p / DB_FILE for p in path.parent.parents if (p / DB_FILE).is_file()), None)
-    if found is not None:
-        lines.append(f"a store exists at {found}: run from {found.parent} or set VAEFLOW_HOME={found.parent}")
-    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else (
-        "VAEFLOW_HOME" if os.environ.get("VAEFLOW_HOME") else "the current folder")
-    lines.append(f"the store is taken from {source}: run where `vaeflow run CONFIG` registered the model, set "
-                 f"VAEFLOW_HOME to that folder, or set MLFLOW_TRACKING_URI to your tracking server")
-    return "; ".join(lines)
 
 
 def get_client(create: bool = True) -> MlflowClient:

@@ -73,8 +73,10 @@ def test_usable_cpus_within_affinity_and_quota(monkeypatch):
     assert cpu.usable_cpus() == 1
 
 
-def test_slots_count_this_and_other_processes(tmp_path, holder):
+def test_slots_count_this_and_other_processes(tmp_path, holder, monkeypatch):
     start, folder = holder
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: None)  # jobs only: the holder's start-up is not load
     assert cpu.running_jobs(folder) == 0
     with cpu.CpuShare("here", folder=folder) as share:
         assert cpu.running_jobs(folder) == 1 and share.jobs == 1
@@ -141,6 +143,17 @@ def test_num_threads_fixes_the_count(holder):
     assert torch.get_num_threads() == before  # restored on exit
 
 
+def test_an_exported_omp_num_threads_fixes_the_count(holder, monkeypatch):
+    """A launcher (torchrun ranks, a user's shell) that exports OMP_NUM_THREADS has chosen: the count is kept."""
+    start, folder = holder
+    start()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with cpu.CpuShare("rank", folder=folder) as share:
+        assert (share.threads, share.fixed_by) == (3, "OMP_NUM_THREADS") and torch.get_num_threads() == 3
+    with cpu.CpuShare("rank", num_threads=1, folder=folder) as share:  # train.num_threads wins
+        assert share.threads == 1
+
+
 def test_an_unwritable_folder_runs_alone(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -148,21 +161,54 @@ def test_an_unwritable_folder_runs_alone(tmp_path):
         assert share.jobs == 1 and share.threads == share.cpus
 
 
-def test_quiet_openmp_respects_the_user_and_loaded_openmp():
-    assert "torch" in sys.modules  # in this process OpenMP is loaded: too late to set anything
-    env = {}
-    assert cpu.quiet_openmp(env) is False and env == {}
+def test_cpu_busy_seconds_by_hand(tmp_path):
+    """user + nice + system + irq + softirq + steal of the CPUs asked for, idle and iowait left out, in seconds."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  900 0 900 9000 90 0 0 0 0 0\n"
+                    "cpu0 100 10 50 4000 40 5 5 2 0 0\n"
+                    "cpu1 200 20 60 3000 30 1 1 1 0 0\n"
+                    "cpu2 999 999 999 1 1 1 1 1 0 0\n"
+                    "intr 12345\n")
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert cpu.cpu_busy_seconds({0, 1}, stat) == pytest.approx((100 + 10 + 50 + 5 + 5 + 2 + 200 + 20 + 60 + 1 + 1 + 1)
+                                                               / ticks)
+    assert cpu.cpu_busy_seconds({2}, stat) == pytest.approx((999 * 3 + 3) / ticks)
+    assert cpu.cpu_busy_seconds({0}, tmp_path / "none") is None
 
 
-@pytest.mark.parametrize("given, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
-                                             ({"GOMP_SPINCOUNT": "1000"}, None)])
-def test_importing_vaeflow_sets_the_policy_before_torch(given, expected):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import os, sys; import vaeflow; assert 'torch' not in sys.modules; "
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
-    out = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == str(expected)
+def test_left_to_others_by_hand():
+    """Another process's use of half a CPU or more costs this job a thread; less costs nothing."""
+    assert [cpu.left_to_others(2, o) for o in (0.0, 0.4, 0.6, 1.0, 1.6, 5.0)] == [2, 2, 1, 1, 1, 1]
+    assert [cpu.left_to_others(16, o) for o in (0.0, 1.0, 3.2, 15.9)] == [16, 15, 13, 1]
+
+
+BUSY = "import sys\nprint('busy', flush=True)\nwhile True:\n    pass\n"
+
+
+@pytest.mark.skipif(cpu.cgroup_cpus() is not None or len(os.sched_getaffinity(0)) < 2,
+                    reason="measured on an affinity set of two CPUs or more, without a cgroup quota")
+def test_a_process_that_keeps_a_core_busy_costs_a_thread(tmp_path, monkeypatch):
+    """A busy loop in another process (not a vaeflow job: no slot) keeps one of this job's CPUs busy: the next
+    count leaves it that CPU; when it ends, the thread comes back."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    busy = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout.readline().strip() == "busy"
+        with cpu.CpuShare("beside", folder=tmp_path / "jobs") as share:
+            assert share.jobs == 1
+            threading.Event().wait(1.5)
+            share.refresh(force=True)
+            assert share.others >= 0.5, share.others
+            assert share.threads <= share.cpus - 1 and torch.get_num_threads() == share.threads
+            busy.kill()
+            busy.wait()
+            share.refresh(force=True)  # starts a clean interval
+            threading.Event().wait(1.5)
+            share.refresh(force=True)
+            assert share.others < 0.5 and share.threads == share.cpus
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder):
@@ -172,7 +218,9 @@ def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder
 
     start, folder = holder
     monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: None)  # jobs only: the holder's start-up is not load
     start()
     cfg = validate({
         "data": {"dataset": {"name": "shapes", "image_size": 16, "n_train": 64, "n_test": 16}},

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,21 @@ def test_looking_up_a_model_where_there_is_no_store_creates_nothing(tmp_path):
         assert "Traceback" not in res.stderr
         assert list((parent / "sub").iterdir()) == [], args  # no mlflow.db, no lock file, no mlruns
     assert not (tmp_path / "s.png").exists()
+
+
+def test_load_model_from_python_where_there_is_no_store_creates_nothing(tmp_path):
+    """vaeflow.load_model('models:/...') goes through MLflow's own default store (sqlite:///mlflow.db in the current
+    folder), which MLflow would create: it must say there is none, and name the store of a parent folder."""
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    code = ("import vaeflow\ntry:\n    vaeflow.load_model('models:/nope@champion')\n"
+            "except vaeflow.core.errors.CheckpointError as exc:\n    print(exc)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VAEFLOW_HOME")}
+    out = subprocess.run([sys.executable, "-c", "import vaeflow.core.errors\n" + code], cwd=tmp_path / "sub",
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert f"there is no MLflow store at sqlite:///{tmp_path / 'sub' / 'mlflow.db'}" in out, out
+    assert f"set MLFLOW_TRACKING_URI=sqlite:///{tmp_path / 'mlflow.db'}" in out
+    assert list((tmp_path / "sub").iterdir()) == []
 
 
 def test_get_client_creates_the_store_for_a_run_but_not_for_a_lookup(tmp_path, monkeypatch):

@@ -27,8 +27,3 @@ def load_model(source, device="cpu"):
     from vaeflow.core.checkpoint import load_model as _load
 
     return _load(source, device)
-
-
-from vaeflow.core.cpu import quiet_openmp  # noqa: E402 (needs __path__ above)
-
-quiet_openmp()  # before torch loads OpenMP: waiting threads sleep rather than spin on a shared machine
