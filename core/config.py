@@ -20,21 +20,14 @@ from pydantic import (
     BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, create_model, model_validator,
 )
 
+from vaeflow.core.bounds import (  # noqa: F401  (re-exported: the config's bounds)
+    MAX_BATCH, MAX_EPOCHS, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, MAX_WORKERS,
+)
 from vaeflow.core.errors import ConfigError
 from vaeflow.core.interfaces import TAGS
 from vaeflow.core.registry import Registry, get_registry
 
 ENV_PREFIX = "VAEFLOW_"
-
-
-# Sane upper bounds of counts: far above any real run (a million epochs of one step at a thousand steps a second is
-# over ten days), low enough that a typo (1e29) is an error, not a run that would outlast the machine.
-MAX_EPOCHS = 1_000_000
-MAX_STEPS = 10**10  # steps in total (warm-up, max_steps, intervals)
-MAX_BATCH = 2**20  # images per batch
-MAX_IMAGES = 10**9  # images scored, rendered or sampled
-MAX_SEED = 2**62  # torch takes 64-bit seeds, and the engine derives seed + 1
-MAX_WORKERS = 1024  # processes or threads
 
 
 class Section(BaseModel):
@@ -62,7 +55,8 @@ class DataConfig(Section):
     """Which dataset, and how it reaches the model."""
 
     dataset: ComponentSpec = Field(description="dataset plugin and its options")
-    pad_to: Optional[int] = Field(None, gt=0, le=16384, description="zero-pad images to pad_to x pad_to (e.g. 28 -> 32)")
+    pad_to: Optional[int] = Field(None, gt=0, le=MAX_SIDE,
+                                  description="zero-pad images to pad_to x pad_to (e.g. 28 -> 32)")
     loader: Literal["memory", "stream"] = Field(
         "memory", description="memory: whole split as tensors on the device; stream: DataLoader with workers"
     )
@@ -607,8 +601,9 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], data: 
             msg = "required field is missing"
         elif kind == "less_than_equal":
             bound = (err.get("ctx") or {}).get("le")
-            msg = (f"{err['input']!r} is above the upper bound {bound}: a count that large would run for years (or "
-                   f"is a typo); use at most {bound}")
+            msg = f"{err['input']!r} is above the upper bound {bound}; use at most {bound}"
+            if isinstance(bound, int) and bound >= 1000:  # a count, a size or a seed, not a fraction
+                msg += " (a value that large is most likely a typo: as a count it would never end or never fit)"
         elif kind == "int_parsing_size":
             msg = f"{err['input']!r} is far too large for a count (a run that long would never end); give a sane integer"
         elif kind == "int_from_float":

@@ -14,10 +14,11 @@ one job take the cores the other job's threads wait for. vaeflow avoids the over
 - a job re-counts every REFRESH_SECONDS while it runs, so the first of two jobs gives up its extra threads when the
   second starts, and takes them back when it ends.
 
-libgomp's waiting policy is left as it is: a non-spinning one (OMP_WAIT_POLICY=PASSIVE) measured 0.57x the images/s
-of the default for one job alone on 2 cores, because its threads sleep and wake at every parallel region; once no
-job has more threads than its share, spinning costs nothing. `train.num_threads` (or an exported OMP_NUM_THREADS)
-fixes the count; an exported OMP_WAIT_POLICY is passed on to libgomp as usual.
+libgomp's waiting policy is left as it is: a non-spinning one (OMP_WAIT_POLICY=PASSIVE) measured 0.41x the images/s
+of the default for one job alone on 2 cores (`passive_vs_default_alone` in bench/contention.json), because its
+threads sleep and wake at every parallel region; once no job has more threads than its share, spinning costs nothing.
+`train.num_threads` (or an exported OMP_NUM_THREADS) fixes the count; an exported OMP_WAIT_POLICY is passed on to
+libgomp as usual.
 Imports no torch at module level.
 """
 
@@ -199,12 +200,22 @@ class CpuShare:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".{stem}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:  # a read-only home: share as if alone, say so once
+            log.warning("cannot record this job under %s (%s); its thread count ignores other jobs", self.folder, exc)
+            return
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, json.dumps({"pid": os.getpid(), "job": self.name, "started": time.time()}).encode())
             self.path = self.folder / f"{stem}{SLOT_SUFFIX}"
             os.replace(tmp, self.path)
             self.fd = fd
-        except OSError as exc:  # a read-only home: share as if alone, say so once
+        except OSError as exc:  # a full disk: no slot, and neither the descriptor nor the temp file is kept
+            os.close(fd)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # left to the next count, which clears it after STALE_TMP_SECONDS
+            self.path = None
             log.warning("cannot record this job under %s (%s); its thread count ignores other jobs", self.folder, exc)
 
     def _others(self) -> float:
@@ -212,19 +223,25 @@ class CpuShare:
         if self.affinity is None:
             return 0.0
         busy, now, own = cpu_busy_seconds(self.affinity), time.monotonic(), time.process_time()
-        previous, self.sample = self.sample, (now, busy, own) if busy is not None else None
-        if previous is None or busy is None or now - previous[0] < 0.5 * REFRESH_SECONDS:
+        previous = self.sample
+        if busy is None:
+            self.sample = None
+            return self.others
+        if previous is not None and now - previous[0] < 0.5 * REFRESH_SECONDS:
+            return self.others  # too soon to tell: keep the older sample, so the interval keeps growing
+        self.sample = (now, busy, own)
+        if previous is None:
             return self.others
         return max(0.0, ((busy - previous[1]) - (own - previous[2])) / (now - previous[0]))
 
     def refresh(self, force: bool = False) -> bool:
         """Re-count the running jobs and the CPUs others use (at most every REFRESH_SECONDS) and set torch's
         threads; True if they changed."""
-        import torch
-
         now = time.monotonic()
         if not force and now - self.checked < REFRESH_SECONDS:
             return False
+        import torch
+
         self.checked = now
         if self.fixed:
             threads, reason = self.fixed, self.fixed_by
@@ -244,6 +261,14 @@ class CpuShare:
 
 
 _active = threading.local()  # the CpuShare this thread runs under, if any
+
+
+def tick() -> None:
+    """Re-count this thread's CPU share, if it holds one, at most every REFRESH_SECONDS: for the long loops that run
+    outside the engine (evaluation, prior training), so they give threads back when another job starts."""
+    share = getattr(_active, "share", None)
+    if share is not None:
+        share.refresh()
 
 
 @contextmanager

@@ -206,6 +206,9 @@ class Dataset(Component):
 
     FAMILY = "dataset"
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
+    # True: the splits follow from the options and the code alone, no file is read (a synthetic dataset). A dataset
+    # that lists no sources() and is not GENERATED has its loaded splits hashed to key the pipeline's data cache.
+    GENERATED: ClassVar[bool] = False
 
     def __init__(self, options: Options):
         self.options = options
@@ -224,7 +227,7 @@ class Dataset(Component):
         return _ImageTensorDataset(self.tensors(split))
 
     def sources(self) -> list[Path]:
-        """The files this dataset reads, listed with their sha256 in the data manifest; [] if generated."""
+        """The files this dataset reads, listed with their sha256 in the data manifest; [] if GENERATED."""
         return []
 
     def labels(self, split: str) -> torch.Tensor | None:
@@ -250,6 +253,13 @@ class _ImageTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return to_unit_float(self.images[i])
+
+
+def digest_tensor(digest, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes (contiguous, on the CPU) to a hashlib digest."""
+    value = tensor.detach().cpu().contiguous()
+    digest.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+    digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -479,9 +489,8 @@ class Model(Component, nn.Module):
         """sha256 over every tensor of the state dict (CPU bytes, sorted by name): this exact trained model."""
         digest = hashlib.sha256()
         for name, value in sorted(self.state_dict().items()):
-            value = value.detach().cpu().contiguous()
-            digest.update(name.encode() + str(value.dtype).encode() + str(tuple(value.shape)).encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+            digest.update(name.encode())
+            digest_tensor(digest, value)
         return digest.hexdigest()
 
     def forward(self, x: torch.Tensor) -> Objective:  # pragma: no cover - interface

@@ -1,15 +1,16 @@
 """The data manifest and the prepared-tensor cache behind the pipeline's prepare_data stage.
 
 A manifest lists the source files (every file the dataset reads, each image of an image folder included) with
-their sha256, each split's size and shape, and the preprocessing applied. Its hash keys a folder holding the
-prepared splits as one safetensors file, which training loads directly; the file's own sha256 is checked on every
-load.
+their sha256, each split's size, shape and content sha256, and the preprocessing applied. Its hash keys a folder
+holding the prepared splits as one safetensors file, which training loads directly; the file's own sha256 is checked
+on every load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from vaeflow.core.checkpoint import atomic_write, write_text
 from vaeflow.core.config import Config, canonical_json
 from vaeflow.core.data import open_dataset, pad
 from vaeflow.core.errors import DataError
-from vaeflow.core.interfaces import file_sha256
+from vaeflow.core.interfaces import Dataset, digest_tensor, file_sha256
 from vaeflow.core.registry import Registry
 
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "splits.safetensors"
+log = logging.getLogger("vaeflow.data")
 
 
 def _manifest_hash(manifest: dict) -> str:
@@ -57,10 +59,18 @@ def content_sha256(path: Path) -> str:
     return _SHA256[key]
 
 
-def source_files(cfg: Config, registry: Registry | None = None) -> list[dict]:
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
+def source_files(cfg: Config, registry: Registry | None = None, dataset: Dataset | None = None) -> list[dict]:
     """[{name, path, bytes, sha256}] of the files the dataset reads (empty for generated data); a name is the path
     relative to the folder holding them all, so two files with the same base name stay apart."""
-    paths = [Path(p) for p in open_dataset(cfg, registry).sources()]
+    dataset = dataset if dataset is not None else open_dataset(cfg, registry)
+    paths = [Path(p) for p in dataset.sources()]
     base = Path(os.path.commonpath([p.absolute() for p in paths])) if len(paths) > 1 else None
     rows = []
     for p in paths:
@@ -69,17 +79,32 @@ def source_files(cfg: Config, registry: Registry | None = None) -> list[dict]:
     return rows
 
 
+def content_identity(cfg: Config, registry: Registry | None = None) -> list[str]:
+    """What identifies the data beyond its options and code, for cache keys: the sha256 of each source file (fast
+    path by stat); nothing for a GENERATED dataset; and for a dataset that lists no files, the sha256 of each loaded
+    split, since what it reads is unknown (a changed file must still be caught)."""
+    ds = open_dataset(cfg, registry)
+    files = source_files(cfg, registry, ds)
+    if files or ds.GENERATED:
+        return [f["sha256"] for f in files]
+    log.info("dataset %r lists no source files (sources()) and is not GENERATED: its splits are loaded and hashed "
+             "to check the data cache", cfg.data.dataset.name)
+    return [f"{split}:{tensor_sha256(ds.tensors(split))}" for split in ds.SPLITS]
+
+
 def prepare(cfg: Config, cache_dir: str | Path, registry: Registry | None = None) -> tuple[dict, Path]:
     """Load, preprocess and cache every split; returns (manifest, prepared folder). Reuses a valid cache."""
     ds = open_dataset(cfg, registry)
-    files = source_files(cfg, registry)
+    files = source_files(cfg, registry, ds)
     splits, tensors = {}, {}
     for split in ds.SPLITS:
         images = pad(ds.tensors(split), cfg.data.pad_to)  # (N, C, H, W), uint8 or float
         tensors[split] = images.contiguous()
-        splits[split] = {"n": len(images), "shape": list(images.shape[1:]), "dtype": str(images.dtype).removeprefix("torch.")}
+        splits[split] = {"n": len(images), "shape": list(images.shape[1:]),
+                         "dtype": str(images.dtype).removeprefix("torch."),
+                         "sha256": tensor_sha256(images)}  # the content: a cache folder never holds other data
     manifest = {
-        "version": 1,
+        "version": 2,  # 2: each split carries its content sha256
         "dataset": cfg.data.dataset.model_dump(mode="json"),
         "files": files,
         "splits": splits,

@@ -130,10 +130,11 @@ class PrepareData(Stage):
     retries = 3  # a download may fail for a while
 
     def key_parts(self, cfg: Config, inputs: dict) -> list:
-        """The sha256 of every source file: a changed file invalidates the cache."""
-        from vaeflow.core.manifest import source_files
+        """The sha256 of every source file (of the splits, for a dataset that names no files): a change invalidates
+        the cache."""
+        from vaeflow.core.manifest import content_identity
 
-        return [f["sha256"] for f in source_files(cfg)]
+        return content_identity(cfg)
 
     def run(self, ctx: StageContext, inputs: dict) -> dict:
         """Prepare the splits into the workspace's data folder (keyed by the manifest hash, shared by every key)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from vaeflow.core.bounds import MAX_IMAGES, MAX_SEED, MAX_SIDE
 from vaeflow.core.errors import DataError
 from vaeflow.core.files import atomic_write
 from vaeflow.core.hookspecs import hookimpl
@@ -343,14 +344,15 @@ class Shapes(Dataset):
     """dSprites-like shapes (Matthey et al. 2017) with known factors, generated from a seed."""
 
     name = "shapes"
+    GENERATED = True  # drawn from the options' seed: nothing is read
     FACTOR_NAMES = FACTOR_NAMES
     FACTOR_DISCRETE = (True, False, False, False, False)  # shape is categorical; scale, rotation, x, y ordered
 
     class Options(ComponentOptions):
-        image_size: int = Field(32, ge=8, description="side S of the square images, in pixels")
-        n_train: int = Field(10000, gt=0, description="number of training images")
-        n_test: int = Field(2000, gt=0, description="number of test images")
-        seed: int = Field(0, ge=0, description="seed of the factors; train and test use separate streams")
+        image_size: int = Field(32, ge=8, le=MAX_SIDE, description="side S of the square images, in pixels")
+        n_train: int = Field(10000, gt=0, le=MAX_IMAGES, description="number of training images")
+        n_test: int = Field(2000, gt=0, le=MAX_IMAGES, description="number of test images")
+        seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the factors; train and test use separate streams")
 
     def __init__(self, options: Options):
         super().__init__(options)
@@ -437,10 +439,10 @@ class ImageFolder(Dataset):
 
     class Options(ComponentOptions):
         root: str = Field(description=f"folder searched recursively for {', '.join(EXTENSIONS)} files")
-        image_size: int = Field(64, ge=4, description="side S the images are cropped and resized to")
+        image_size: int = Field(64, ge=4, le=MAX_SIDE, description="side S the images are cropped and resized to")
         channels: Literal[1, 3] = Field(3, description="1 for grayscale, 3 for RGB")
         test_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the images held out for test")
-        seed: int = Field(0, ge=0, description="seed of the train/test permutation")
+        seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/test permutation")
         follow_symlinks: bool = Field(False, description="read symlinked images whose target lies outside root "
                                                          "(links within root are always read)")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_DEPTH, MAX_WIDTH, Width
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Decoder, GridDecoder, Options, Shape
 from vaeflow.plugins.layers import Activation, activation, conv_grid, mlp, residual_stack, stride_stages
@@ -19,7 +20,7 @@ class MLPDecoder(Decoder):
     name = "mlp"
 
     class Options(Options):
-        hidden: list[PositiveInt] = Field([400], description="hidden layer widths, e.g. [400] for J-400-784")
+        hidden: list[Width] = Field([400], description="hidden layer widths, e.g. [400] for J-400-784")
         activation: Activation = Field("relu", description="nonlinearity between layers")
 
     def __init__(self, options: Options, latent_dim: int, out_shape: Shape):
@@ -37,8 +38,8 @@ class ConvDecoder(Decoder):
     name = "conv"
 
     class Options(Options):
-        channels: list[PositiveInt] = Field([64, 32], min_length=1, description="channels per stride-2 stage, coarse to fine")
-        hidden: int = Field(256, gt=0, description="width of the linear layer before the convolutions")
+        channels: list[Width] = Field([64, 32], min_length=1, description="channels per stride-2 stage, coarse to fine")
+        hidden: int = Field(256, gt=0, le=MAX_WIDTH, description="width of the linear layer before the convolutions")
         activation: Activation = Field("relu", description="nonlinearity")
 
     def __init__(self, options: Options, latent_dim: int, out_shape: Shape):
@@ -67,9 +68,9 @@ class VQVAEDecoder(GridDecoder):
     name = "vqvae-conv"
 
     class Options(Options):
-        channels: int = Field(128, gt=0, description="working width")
-        residual_blocks: int = Field(2, ge=0, description="residual blocks before upsampling")
-        residual_channels: int = Field(32, gt=0, description="hidden width of each residual block")
+        channels: int = Field(128, gt=0, le=MAX_WIDTH, description="working width")
+        residual_blocks: int = Field(2, ge=0, le=MAX_DEPTH, description="residual blocks before upsampling")
+        residual_channels: int = Field(32, gt=0, le=MAX_WIDTH, description="hidden width of each residual block")
         activation: Activation = Field("relu", description="nonlinearity")
 
     def __init__(self, options: Options, in_channels: int, out_shape: Shape, stride: int):

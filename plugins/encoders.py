@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_DEPTH, MAX_WIDTH, Width
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Encoder, GridEncoder, Options, Shape
 from vaeflow.plugins.layers import Activation, activation, conv_grid, mlp, residual_stack, stride_stages
@@ -19,7 +20,7 @@ class MLPEncoder(Encoder):
     name = "mlp"
 
     class Options(Options):
-        hidden: list[PositiveInt] = Field([400], description="hidden layer widths, e.g. [400] for 784-400-J")
+        hidden: list[Width] = Field([400], description="hidden layer widths, e.g. [400] for 784-400-J")
         activation: Activation = Field("relu", description="nonlinearity between layers")
 
     def __init__(self, options: Options, in_shape: Shape, out_features: int):
@@ -37,8 +38,8 @@ class ConvEncoder(Encoder):
     name = "conv"
 
     class Options(Options):
-        channels: list[PositiveInt] = Field([32, 64], min_length=1, description="output channels per stride-2 stage")
-        hidden: int = Field(256, gt=0, description="width of the linear layer after the convolutions")
+        channels: list[Width] = Field([32, 64], min_length=1, description="output channels per stride-2 stage")
+        hidden: int = Field(256, gt=0, le=MAX_WIDTH, description="width of the linear layer after the convolutions")
         activation: Activation = Field("relu", description="nonlinearity")
 
     def __init__(self, options: Options, in_shape: Shape, out_features: int):
@@ -70,8 +71,8 @@ class VQVAEEncoder(GridEncoder):
     name = "vqvae-conv"
 
     class Options(Options):
-        residual_blocks: int = Field(2, ge=0, description="residual blocks after the convolutions")
-        residual_channels: int = Field(32, gt=0, description="hidden width of each residual block")
+        residual_blocks: int = Field(2, ge=0, le=MAX_DEPTH, description="residual blocks after the convolutions")
+        residual_channels: int = Field(32, gt=0, le=MAX_WIDTH, description="hidden width of each residual block")
         activation: Activation = Field("relu", description="nonlinearity")
 
     def __init__(self, options: Options, in_shape: Shape, out_channels: int, stride: int):

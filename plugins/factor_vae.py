@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
+from vaeflow.core.bounds import Width
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Objective, Shape
 from vaeflow.plugins.layers import Activation, mlp
@@ -55,7 +56,7 @@ class FactorVAEOptions(ContinuousOptions):
     gamma: float = Field(10.0, ge=0, description="weight of the total-correlation term (Kim & Mnih 2018, eq. 2; "
                                                  "their dSprites sweep runs from 10 to 100); 0 gives the plain VAE "
                                                  "objective, with a discriminator trained beside it")
-    discriminator_hidden: list[PositiveInt] = Field(
+    discriminator_hidden: list[Width] = Field(
         default_factory=lambda: [1000] * 6, min_length=1,
         description="hidden widths of the discriminator's fully connected layers (the paper: 6 layers of 1000)")
     discriminator_activation: Activation = Field(

@@ -28,9 +28,10 @@ import math
 from typing import Annotated
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
+from vaeflow.core.bounds import MAX_CODES
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Options, Quantizer, QuantizerOutput
 from vaeflow.plugins.quantizers import StraightThrough, code_counts, perplexity
@@ -41,12 +42,21 @@ EPS = 1e-3  # appendix A.1: keeps the bound strictly inside its outer codes
 class FSQOptions(Options):
     """Options of the finite scalar quantizer; K = codebook_size = prod(levels) follows from the levels."""
 
-    levels: list[Annotated[int, Field(ge=3)]] = Field(
+    levels: list[Annotated[int, Field(ge=3, le=MAX_CODES)]] = Field(
         [8, 5, 5, 5], min_length=1,
         description="L_i, the number of values of each of the d = len(levels) channels, each >= 3 (L = 2 "
                     "leaves the even-L offset outside the bound); "
                     "K = prod(levels). The paper's sets (table 1): [8, 6, 5] (K = 240), [8, 5, 5, 5] (K = 1000), "
                     "[7, 5, 5, 5, 5] (4375), [8, 8, 8, 6, 5] (15360), [8, 8, 8, 5, 5, 5] (64000)")
+
+    @field_validator("levels")
+    @classmethod
+    def _codebook_fits(cls, levels: list[int]) -> list[int]:
+        """K = prod(levels) is bounded like any codebook: the code counts hold K entries."""
+        if math.prod(levels) > MAX_CODES:
+            raise ValueError(f"the levels {levels} make a codebook of {math.prod(levels):,} codes, above the upper "
+                             f"bound {MAX_CODES:,}; use fewer or smaller levels")
+        return levels
 
     @property
     def codebook_size(self) -> int:

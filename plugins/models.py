@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from vaeflow.core.bounds import MAX_LATENT, MAX_SIDE, MAX_WIDTH
 from vaeflow.core.codes import eval_mode
 from vaeflow.core.distributions import DiagonalGaussian, PointPosterior
 from vaeflow.core.errors import ConfigError
@@ -42,7 +43,7 @@ STANDARD_NORMAL = {"name": "standard-normal"}
 class ContinuousOptions(Options):
     """Options of a model with a latent vector."""
 
-    latent_dim: int = Field(gt=0, description="J, the number of latent dimensions")
+    latent_dim: int = Field(gt=0, le=MAX_LATENT, description="J, the number of latent dimensions")
 
 
 CONTINUOUS_SLOTS = {
@@ -196,9 +197,9 @@ HEALTH_STATS = ("perplexity", "usage", "usage_ema", "dead_codes")
 class VQOptions(Options):
     """The discrete-latent architecture: levels and widths."""
 
-    embedding_dim: int = Field(64, gt=0, description="D, the width of each codebook vector")
-    hidden_channels: int = Field(128, gt=0, description="width of the encoder feature maps")
-    strides: Optional[list[PositiveInt]] = Field(
+    embedding_dim: int = Field(64, gt=0, le=MAX_WIDTH, description="D, the width of each codebook vector")
+    hidden_channels: int = Field(128, gt=0, le=MAX_WIDTH, description="width of the encoder feature maps")
+    strides: Optional[list[Annotated[int, Field(gt=0, le=MAX_SIDE)]]] = Field(
         None, min_length=1, max_length=2,
         description="[bottom] or [bottom, top]: the bottom level's stride from the input, then the top's from the "
                     "bottom (null: [4] for vqvae, [4, 2] for vqvae2, as in Razavi et al. 2019)",
@@ -210,7 +211,8 @@ class VQModelOptions(Options):
     """Options of a VQ model: its architecture under model.vq."""
 
     LEVELS: ClassVar[int] = 1
-    vq: VQOptions = Field(default_factory=VQOptions, title="VQ architecture", description="levels and widths of a VQ model")
+    vq: VQOptions = Field(
+        default_factory=VQOptions, title="VQ architecture", description="levels and widths of a VQ model")
 
     @model_validator(mode="after")
     def _level_count(self):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from vaeflow.core.bounds import MAX_DEPTH, MAX_SIDE, MAX_WIDTH
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Options, Prior
 
@@ -106,14 +107,17 @@ class GatedPixelCNN(Prior):
     class Options(Options):
         # 64, not the 128 of larger setups: forward + backward of a batch of 128 on 2 CPU cores, K = 512, takes
         # ~0.09 s (4x4 top) and ~0.33 s (8x8 bottom) at 64 channels, ~0.31 s and ~1.1 s at 128.
-        channels: int = Field(64, gt=0, description="width of the embeddings, both stacks, the conditioning "
-                                                    "stack and the head")
-        layers: int = Field(10, ge=1, description="gated layers; each widens the receptive field by "
-                                                  "kernel_size // 2 rows and columns")
-        kernel_size: int = Field(5, ge=3, description="odd size k of the gated layers' kernels: (k//2+1, k) "
-                                                      "vertical, (1, k//2+1) horizontal")
-        condition_layers: int = Field(2, ge=0, description="residual 3x3 blocks in the conditioning stack, which "
-                                                           "sees all conditioning codes (conditional priors only)")
+        channels: int = Field(
+            64, gt=0, le=MAX_WIDTH, description="width of the embeddings, both stacks, the conditioning "
+                                                "stack and the head")
+        layers: int = Field(10, ge=1, le=MAX_DEPTH, description="gated layers; each widens the receptive field by "
+                                                                "kernel_size // 2 rows and columns")
+        kernel_size: int = Field(
+            5, ge=3, le=MAX_SIDE, description="odd size k of the gated layers' kernels: (k//2+1, k) "
+                                              "vertical, (1, k//2+1) horizontal")
+        condition_layers: int = Field(
+            2, ge=0, le=MAX_DEPTH, description="residual 3x3 blocks in the conditioning stack, which "
+                                               "sees all conditioning codes (conditional priors only)")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the gated outputs of each layer")
 
         @field_validator("kernel_size")

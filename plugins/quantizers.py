@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_CODES, MAX_DEPTH, MAX_STEPS
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Options, Quantizer, QuantizerOutput
 
@@ -38,7 +39,8 @@ CHUNK_BYTES = 1 << 22  # CPU: 4 MiB of distances per chunk (2048 rows at K = 512
 class QuantizerOptions(Options):
     """Options shared by both quantizers."""
 
-    codebook_size: int = Field(512, gt=0, description="K, the number of code vectors (the paper uses 512)")
+    codebook_size: int = Field(
+        512, gt=0, le=MAX_CODES, description="K, the number of code vectors (the paper uses 512)")
     commitment: float = Field(0.25, ge=0, description="beta, weight of the commitment loss ||z_e - sg[e]||^2 "
                                                       "(the paper uses 0.25)")
     distance: Literal["euclidean", "cosine"] = Field(
@@ -46,10 +48,10 @@ class QuantizerOptions(Options):
                                  "so quantized vectors have unit norm")
     kmeans_init: bool = Field(True, description="on the first training forward, set the codebook by k-means on "
                                                 "that batch's encoder outputs (saved in state_dict, never re-run)")
-    kmeans_iters: int = Field(10, gt=0, description="Lloyd iterations of the k-means initialisation")
+    kmeans_iters: int = Field(10, gt=0, le=MAX_DEPTH, description="Lloyd iterations of the k-means initialisation")
     restart_after: Optional[int] = Field(
-        100, gt=0, description="replace a code unused for this many consecutive training steps by a random encoder "
-                               "output of the current batch; null disables the restart")
+        100, gt=0, le=MAX_STEPS, description="replace a code unused for this many consecutive training steps by a "
+                                             "random encoder output of the current batch; null disables the restart")
     usage_decay: float = Field(0.99, ge=0, lt=1, description="decay of the moving average of per-code usage")
 
 

@@ -22,7 +22,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 from PIL import Image, ImageDraw
@@ -30,6 +30,7 @@ from pydantic import Field, PositiveFloat
 from torch import nn
 from torchvision.utils import make_grid
 
+from vaeflow.core.bounds import MAX_BATCH, MAX_CODES, MAX_GRID, MAX_IMAGES, MAX_LATENT, MAX_SIDE
 from vaeflow.core.checkpoint import atomic_write, write_text
 from vaeflow.core.errors import VaeflowError
 from vaeflow.core.hookspecs import hookimpl
@@ -38,6 +39,8 @@ from vaeflow.core.codes import sample_codes
 
 PADDING = 2  # pixels between tiles of every grid
 RED = (1.0, 0.0, 0.0)  # the frame of an inactive dimension's row
+LatentIndex = Annotated[int, Field(le=MAX_LATENT)]  # a latent dimension j
+GridIndex = Annotated[int, Field(le=MAX_SIDE)]  # a row or column of a code grid
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -395,9 +398,10 @@ class SpanOptions(Options):
                              "of the posterior means); quantile: the q .. 1-q quantiles of the posterior means")
     k: float = Field(3.0, gt=0, description="half-width of the prior range, in standard deviations")
     q: float = Field(0.05, gt=0, lt=0.5, description="lower quantile of the quantile range (upper: 1 - q)")
-    max_images: int = Field(2000, gt=0, description="held-out images encoded for KL, ordering and quantiles "
-                                                    "(a seeded subset when ctx.images has more)")
-    batch_size: int = Field(256, gt=0, description="latents per decoder call")
+    max_images: int = Field(
+        2000, gt=0, le=MAX_IMAGES, description="held-out images encoded for KL, ordering and quantiles "
+                                               "(a seeded subset when ctx.images has more)")
+    batch_size: int = Field(256, gt=0, le=MAX_BATCH, description="latents per decoder call")
 
 
 class TraversalRenderer(Renderer):
@@ -414,16 +418,18 @@ class TraversalRenderer(Renderer):
 
     class Options(SpanOptions):
         steps: int = Field(9, ge=2, le=64, description="values per dimension (columns)")
-        n_examples: int = Field(1, ge=1, description="test images whose posterior means are the base points, "
-                                                     "one block of rows each")
+        n_examples: int = Field(
+            1, ge=1, le=MAX_GRID, description="test images whose posterior means are the base points, "
+                                              "one block of rows each")
         inactive_kl: float = Field(0.01, ge=0, description="a VAE dimension whose mean KL (nats) is below this is "
                                                            "inactive (collapsed to the prior)")
         inactive_variance: float = Field(0.01, ge=0, description="an AE/DAE dimension whose posterior means vary "
                                                                  "less than this over the images is inactive")
-        max_gifs: int = Field(16, ge=0, description="animated GIFs for at most this many active dimensions, "
-                                                    "highest KL first; 0 writes none")
-        gif_scale: int = Field(4, ge=1, description="GIF frames enlarge the images this many times")
-        gif_duration_ms: int = Field(100, gt=0, description="display time of each GIF frame")
+        max_gifs: int = Field(
+            16, ge=0, le=MAX_LATENT, description="animated GIFs for at most this many active dimensions, "
+                                                 "highest KL first; 0 writes none")
+        gif_scale: int = Field(4, ge=1, le=64, description="GIF frames enlarge the images this many times")
+        gif_duration_ms: int = Field(100, gt=0, le=60_000, description="display time of each GIF frame")
 
     def render(self, ctx: RenderContext) -> list[Path]:
         """Write traversal.png, traversal_dim<j>.gif per active dimension (max_gifs), traversal.json."""
@@ -472,8 +478,8 @@ class PhaseRenderer(Renderer):
     kinds = ("continuous",)
 
     class Options(SpanOptions):
-        dims: Optional[tuple[int, int]] = Field(None, description="the two dimensions (rows, columns); default the "
-                                                                  "two with the highest mean KL")
+        dims: Optional[tuple[LatentIndex, LatentIndex]] = Field(
+            None, description="the two dimensions (rows, columns); default the two with the highest mean KL")
         size: int = Field(15, ge=2, le=64, description="values per dimension: a size x size grid")
         base: Literal["zero", "example"] = Field(
             "zero", description="the other dimensions: zero (the prior mean) or the posterior mean of one test image")
@@ -517,12 +523,13 @@ class InterpolationRenderer(Renderer):
     kinds = ("continuous", "discrete")
 
     class Options(Options):
-        pairs: int = Field(4, ge=1, description="pairs of test images, one row (two for a snapped VQ model) each")
-        steps: int = Field(8, ge=2, description="interpolation points per row, both ends included")
+        pairs: int = Field(
+            4, ge=1, le=MAX_GRID, description="pairs of test images, one row (two for a snapped VQ model) each")
+        steps: int = Field(8, ge=2, le=MAX_GRID, description="interpolation points per row, both ends included")
         snap: bool = Field(True, description="VQ models: add a row that snaps each interpolated vector to its "
                                              "nearest code")
         show_inputs: bool = Field(True, description="put the two input images at the ends of each row")
-        batch_size: int = Field(256, gt=0, description="images per decoder call")
+        batch_size: int = Field(256, gt=0, le=MAX_BATCH, description="images per decoder call")
 
     def render(self, ctx: RenderContext) -> list[Path]:
         """Write interpolation.png."""
@@ -576,19 +583,21 @@ class DiscreteRenderer(Renderer):
     class Options(Options):
         parts: list[Literal["resample", "swaps", "temperature"]] = Field(
             ["resample", "swaps", "temperature"], description="which views to write")
-        n_images: int = Field(4, ge=1, description="test images for the resample and swap views")
-        samples: int = Field(4, ge=1, description="prior draws per image and level in the resample view")
+        n_images: int = Field(4, ge=1, le=MAX_GRID, description="test images for the resample and swap views")
+        samples: int = Field(4, ge=1, le=MAX_GRID, description="prior draws per image and level in the resample view")
         temperature: PositiveFloat = Field(1.0, description="sampling temperature of the resample view")
-        top_k: Optional[int] = Field(None, gt=0, description="sample only among the k most likely codes (all: null)")
+        top_k: Optional[int] = Field(
+            None, gt=0, le=MAX_CODES, description="sample only among the k most likely codes (all: null)")
         temperatures: list[PositiveFloat] = Field([0.5, 0.75, 1.0, 1.25], min_length=1,
                                                   description="one row of the temperature sweep per value")
-        n_per_temperature: int = Field(8, ge=1, description="prior samples per temperature row")
-        swaps: int = Field(4, ge=1, description="replacement codes per swapped position (the most frequent codes "
-                                                "of ctx.images other than the original)")
-        positions: Optional[dict[str, tuple[int, int]]] = Field(
+        n_per_temperature: int = Field(8, ge=1, le=MAX_GRID, description="prior samples per temperature row")
+        swaps: int = Field(4, ge=1, le=MAX_GRID, description="replacement codes per swapped position (the most "
+                                                             "frequent codes of ctx.images other than the original)")
+        positions: Optional[dict[str, tuple[GridIndex, GridIndex]]] = Field(
             None, description="(row, column) of the swapped code per level; default the centre (h // 2, w // 2)")
-        max_images: int = Field(2000, gt=0, description="held-out images whose codes rank the swap replacements")
-        batch_size: int = Field(256, gt=0, description="images per decoder call")
+        max_images: int = Field(2000, gt=0, le=MAX_IMAGES,
+                                description="held-out images whose codes rank the swap replacements")
+        batch_size: int = Field(256, gt=0, le=MAX_BATCH, description="images per decoder call")
 
     def render(self, ctx: RenderContext) -> list[Path]:
         """Write discrete_resample.png (two levels), discrete_swaps.png, discrete_temperature.png as requested."""

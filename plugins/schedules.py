@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from vaeflow.core.bounds import MAX_STEPS
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Options, Schedule
 
@@ -34,7 +35,7 @@ class Linear(Schedule):
 
     class Options(Options):
         value: float = Field(1.0, ge=0, description="beta after warm-up")
-        warmup_steps: int = Field(gt=0, description="optimizer steps to reach `value`")
+        warmup_steps: int = Field(gt=0, le=MAX_STEPS, description="optimizer steps to reach `value`")
 
     def beta(self, step: int) -> float:
         """value * min(1, step / warmup_steps)."""
@@ -48,7 +49,7 @@ class Cyclical(Schedule):
 
     class Options(Options):
         value: float = Field(1.0, ge=0, description="beta at the top of each cycle")
-        cycle_steps: int = Field(gt=0, description="optimizer steps per cycle")
+        cycle_steps: int = Field(gt=0, le=MAX_STEPS, description="optimizer steps per cycle")
         ratio: float = Field(0.5, gt=0, le=1, description="fraction of a cycle spent rising")
 
     def beta(self, step: int) -> float:
@@ -65,7 +66,7 @@ class Capacity(Schedule):
     class Options(Options):
         gamma: float = Field(1000.0, gt=0, description="weight of the capacity penalty")
         max_capacity: float = Field(25.0, ge=0, description="C at the end of the ramp, nats per image")
-        capacity_steps: int = Field(gt=0, description="optimizer steps over which C rises from 0")
+        capacity_steps: int = Field(gt=0, le=MAX_STEPS, description="optimizer steps over which C rises from 0")
 
     def beta(self, step: int) -> float:
         """gamma, constant."""

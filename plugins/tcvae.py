@@ -40,6 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from pydantic import Field
 
+from vaeflow.core.bounds import MAX_IMAGES
 from vaeflow.core.data import open_dataset
 from vaeflow.core.distributions import LOG_2PI, DiagonalGaussian
 from vaeflow.core.errors import ConfigError, DataError
@@ -190,10 +191,11 @@ class BetaTCVAEOptions(ContinuousOptions):
     estimator: Literal["mws", "mss"] = Field("mws", description="estimator of log q(z): mws (minibatch-weighted "
                                                                 "sampling) or mss (minibatch stratified "
                                                                 "sampling, appendix)")
-    dataset_size: Optional[int] = Field(None, gt=0, description="N, the number of training images the estimators "
-                                                                "weigh the batch against (null: the dataset's "
-                                                                "n_train when its options have one, else counted "
-                                                                "from the train split at the first training step)")
+    dataset_size: Optional[int] = Field(
+        None, gt=0, le=MAX_IMAGES, description="N, the number of training images the estimators "
+                                               "weigh the batch against (null: the dataset's "
+                                               "n_train when its options have one, else counted "
+                                               "from the train split at the first training step)")
 
 
 class BetaTCVAE(VAE):

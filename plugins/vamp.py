@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_IMAGES
 from vaeflow.core.distributions import DiagonalGaussian
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import LatentPrior, Options
@@ -46,8 +47,9 @@ class VampPrior(LatentPrior):
     name = "vamp"
 
     class Options(Options):
-        components: int = Field(50, gt=0, description="K, the number of pseudo-inputs (mixture components); "
-                                                       "50 as in pythae, the paper uses 500 on MNIST")
+        components: int = Field(
+            50, gt=0, le=MAX_IMAGES, description="K, the number of pseudo-inputs (mixture components); "
+                                                 "50 as in pythae, the paper uses 500 on MNIST")
         init_mean: float = Field(0.05, description="mean of the normal initialisation of the pseudo-inputs' weights "
                                                    "(before the [0, 1] hard-tanh); the authors' MNIST setting")
         init_std: float = Field(0.01, gt=0, description="standard deviation of that initialisation")

@@ -166,6 +166,80 @@ def test_every_count_in_the_config_has_an_upper_bound():
     assert not unbounded, unbounded
 
 
+def test_every_count_in_every_plugins_options_has_an_upper_bound():
+    """Each int option of every registered component (list, tuple and dict items included) is bounded above."""
+    from pydantic.fields import FieldInfo
+
+    from vaeflow.core.registry import get_registry
+
+    def bounded(metadata) -> bool:
+        """An upper bound among the constraints (an item's Annotated[int, Field(...)] holds them in a FieldInfo)."""
+        flat = [c for m in metadata for c in (m.metadata if isinstance(m, FieldInfo) else [m])]
+        return any(hasattr(c, "le") or hasattr(c, "lt") for c in flat)
+
+    def unbounded_ints(annotation, metadata=(), where=""):
+        """Paths of the int values an annotation holds without an upper bound."""
+        if annotation is int:
+            return [] if bounded(metadata) else [where]
+        args = get_args(annotation)
+        if args and get_args(annotation)[0] is int and hasattr(annotation, "__metadata__"):  # Annotated[int, ...]
+            return unbounded_ints(int, annotation.__metadata__, where)
+        found = []
+        for arg in args:
+            if arg is bool or arg is type(None):
+                continue
+            if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                found += options_without_bounds(arg, where)
+            elif arg is int or get_args(arg):
+                found += unbounded_ints(arg, metadata if arg is int else (), f"{where}[]")
+        return found
+
+    def options_without_bounds(options, path):
+        found = []
+        for name, field in options.model_fields.items():
+            found += unbounded_ints(field.annotation, field.metadata, f"{path}.{name}")
+        return found
+
+    registry = get_registry()
+    unbounded, checked = [], 0
+    for family, entries in registry.entries.items():
+        for name, entry in entries.items():
+            if entry.package == "vaeflow":  # the built-ins; a third-party plugin bounds its own
+                unbounded += options_without_bounds(entry.cls.Options, f"{family}:{name}")
+                checked += 1
+    assert checked >= 30, checked  # the built-ins were found
+    assert not unbounded, unbounded
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data.dataset.n_train", "1.0e+29"), ("data.dataset.image_size", str(10**9)),
+    ("model.encoder.channels", "[16, 4000000]"), ("model.latent_dim", str(10**8)),
+    ("model.prior.components", str(10**12)),
+])
+def test_absurd_plugin_options_are_refused_naming_the_field(field, value):
+    from vaeflow.core.config import load_config
+    from vaeflow.core.errors import ConfigError
+
+    sets = [f"{field}={value}"] + (["model.prior.name=vamp"] if field.startswith("model.prior") else [])
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, sets)
+    (path, msg), = info.value.problems
+    assert path.startswith(field) and ("upper bound" in msg or "too large" in msg), (path, msg)
+
+
+def test_fsq_levels_that_multiply_past_the_codebook_bound_are_refused():
+    """Each level is small, but K = prod(levels) sizes the code counts: 8^9 = 134,217,728 codes is refused with
+    the product named, 8^8 = 16,777,216 (the bound itself) is accepted."""
+    from pydantic import ValidationError
+
+    from vaeflow.core.bounds import MAX_CODES
+    from vaeflow.plugins.fsq import FSQOptions
+
+    assert FSQOptions(levels=[8] * 8).codebook_size == 8**8 == MAX_CODES
+    with pytest.raises(ValidationError, match="134,217,728 codes"):
+        FSQOptions(levels=[8] * 9)
+
+
 # --- output paths ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

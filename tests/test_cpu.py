@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,3 +236,82 @@ def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder
     assert result.final["threads"] == 2
     assert torch.get_num_threads() == before
     assert cpu.running_jobs(folder) == 1  # the engine's slot is gone, the holder's remains
+
+
+def test_a_long_evaluation_gives_threads_back_when_a_job_starts(tmp_path, monkeypatch, holder):
+    """Loops outside the engine re-count too: an IWAE evaluation that runs while another job starts takes half
+    the CPUs from its next chunk on (4 CPUs assumed, no wait between counts)."""
+    from vaeflow.core.metrics import iwae_log_likelihood
+    from vaeflow.core.model import build_model
+
+    start, folder = holder
+    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: None)
+    monkeypatch.setattr(cpu, "REFRESH_SECONDS", 0.0)
+    cfg = validate({
+        "data": {"dataset": {"name": "shapes", "image_size": 8, "n_train": 8, "n_test": 8}},
+        "model": {"latent_dim": 2, "encoder": {"name": "mlp", "hidden": [8]}, "decoder": {"name": "mlp", "hidden": [8]},
+                  "likelihood": {"name": "bernoulli"}},
+    })
+    model = build_model(cfg, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8).round()  # (B, C, H, W)
+    with cpu.cpu_share("evaluate") as share:
+        assert share.threads == 4 == torch.get_num_threads()
+        start()
+        nll = iwae_log_likelihood(model, x, k=4, chunk=1)  # (B,)
+        assert torch.isfinite(nll).all()
+        assert share.jobs == 2 and share.threads == 2 == torch.get_num_threads()
+    cpu.tick()  # outside any share: nothing to re-count, and no error
+
+
+def test_a_slot_that_cannot_be_written_keeps_no_descriptor_or_file(tmp_path, monkeypatch):
+    """A full disk between making the slot file and writing it: the job runs as if alone, its descriptor is
+    closed and the half-made file removed."""
+    import errno
+
+    folder = tmp_path / "jobs"
+
+    class FullDisk:
+        """core.cpu's view of os, whose write fails as on a full disk (os itself is left alone)."""
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_in_folder() -> list[str]:
+        """Descriptors of this process that point into the slot folder."""
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass  # closed meanwhile (listdir's own descriptor)
+        return [t for t in targets if t.startswith(str(folder))]
+
+    monkeypatch.setattr(cpu, "os", FullDisk())
+    with cpu.CpuShare("x", folder=folder) as share:
+        assert share.fd is None and share.jobs == 1
+        assert open_in_folder() == []
+    assert not list(folder.iterdir())
+
+
+def test_a_count_too_soon_after_the_last_keeps_the_older_sample(tmp_path, monkeypatch):
+    """Other processes' use is measured over at least half a refresh interval: a count that comes sooner keeps
+    the earlier sample, so the interval keeps growing instead of starting again."""
+    clock = {"now": 100.0}
+    busy = {"s": 0.0}
+    monkeypatch.setattr(cpu, "time", SimpleNamespace(monotonic=lambda: clock["now"], process_time=lambda: 0.0,
+                                                     time=time.time))
+    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: busy["s"])
+    share = cpu.CpuShare("x", folder=tmp_path / "jobs")
+    share.affinity = {0, 1}
+    assert share._others() == 0.0  # the first sample: nothing to compare with
+    clock["now"], busy["s"] = 100.2, 0.6  # too soon (and a burst)
+    assert share._others() == 0.0 and share.sample[0] == 100.0
+    clock["now"], busy["s"] = 101.0, 1.0  # one CPU kept busy, on average, over the whole second since the first sample
+    assert share._others() == pytest.approx(1.0) and share.sample[0] == 101.0  # restarting at 100.2 would give 0.5

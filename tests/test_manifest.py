@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -28,12 +29,16 @@ def test_manifest_describes_the_prepared_splits(tmp_path):
     cfg = tiny("data.pad_to=36")
     manifest, folder = prepare(cfg, tmp_path)
     assert folder.name == manifest["manifest_hash"] and len(manifest["manifest_hash"]) == 64
-    assert manifest["splits"]["train"] == {"n": 256, "shape": [1, 36, 36], "dtype": "float32"}
+    train = manifest["splits"]["train"]
+    assert {k: train[k] for k in ("n", "shape", "dtype")} == {"n": 256, "shape": [1, 36, 36], "dtype": "float32"}
     assert manifest["preprocessing"]["pad_to"] == 36
     assert manifest["files"] == []  # generated data has no source files
     assert manifest["prepared_sha256"] == file_sha256(folder / TENSORS_FILE)
     splits = load_prepared(folder)
     assert torch.equal(splits["test"], load_split(cfg, "test"))  # same pixels as the in-memory path
+    # each split's content hash: sha256 of dtype, shape and bytes, recomputed here from what was stored
+    digest = hashlib.sha256(b"torch.float32(256, 1, 36, 36)" + splits["train"].numpy().tobytes())
+    assert train["sha256"] == digest.hexdigest()
 
 
 def test_prepare_reuses_a_valid_cache_and_rebuilds_a_corrupt_one(tmp_path):

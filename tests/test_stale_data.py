@@ -321,3 +321,69 @@ def test_registered_artifacts_are_readable_by_the_stores_other_users(home, tmp_p
     assert set(modes.values()) == {"0o644"}, modes
     folders = {oct(stat.S_IMODE(p.stat().st_mode)) for p in (store / "mlartifacts").rglob("*") if p.is_dir()}
     assert folders == {"0o755"}, folders
+
+
+NO_SOURCES = '''
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from vaeflow.core.hookspecs import hookimpl
+from vaeflow.core.interfaces import Dataset, Options
+
+
+class NpyPair(Dataset):
+    """A third-party dataset that reads train.npy and test.npy under a folder and lists no sources()."""
+
+    name = "npy-pair"
+
+    class Options(Options):
+        folder: str = Field(description="holds train.npy and test.npy, uint8 (N, 8, 8)")
+
+    @property
+    def shape(self):
+        return (1, 8, 8)
+
+    def tensors(self, split):
+        return torch.from_numpy(np.load(Path(self.options.folder) / f"{split}.npy"))[:, None]  # (N, 1, 8, 8)
+
+
+@hookimpl
+def register_datasets(register):
+    register(NpyPair)
+'''
+
+
+def test_a_dataset_that_names_no_files_is_keyed_by_its_content(tmp_path, local_plugins):
+    """A third-party dataset without sources(): the data cache key and the manifest follow what it loads, so an
+    edited file (same size, same mtime) re-runs prepare_data; a GENERATED dataset is keyed by its options alone."""
+    from vaeflow.core.manifest import content_identity, prepare, tensor_sha256
+
+    registry = local_plugins({"npy_pair": NO_SOURCES})
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("test", 8)):
+        np.save(folder / f"{split}.npy", rng.integers(0, 256, (n, 8, 8), dtype=np.uint8))
+    cfg = load_config(TINY, ["data.dataset={name: npy-pair, folder: " + str(folder) + "}"])
+    before = content_identity(cfg, registry)
+    train = torch.from_numpy(np.load(folder / "train.npy"))[:, None]  # (32, 1, 8, 8)
+    assert before[0] == f"train:{tensor_sha256(train)}"  # an independent hash of what the file holds
+    manifest, first = prepare(cfg, tmp_path / "prepared", registry)
+    assert manifest["files"] == [] and manifest["splits"]["train"]["sha256"] == tensor_sha256(train)
+
+    target = folder / "train.npy"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # the last pixel: same size
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = content_identity(cfg, registry)
+    assert after[0] != before[0] and after[1] == before[1]  # the test split did not change
+    manifest2, second = prepare(cfg, tmp_path / "prepared", registry)
+    assert second != first and manifest2["manifest_hash"] != manifest["manifest_hash"]
+
+    shapes = load_config(TINY)
+    assert content_identity(shapes) == []  # shapes is GENERATED: its options and code are its identity

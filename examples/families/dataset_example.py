@@ -3,6 +3,7 @@ present with probability 1/S, generated from a seed, so the dataset has no files
 import torch
 from pydantic import Field
 
+from vaeflow.core.bounds import MAX_IMAGES, MAX_SEED, MAX_SIDE
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Dataset, Options
 
@@ -11,12 +12,14 @@ class Bars(Dataset):
     """float (N, 1, S, S) images in {0, 1}."""
 
     name = "bars"
+    GENERATED = True  # drawn from the seed: no file is read, so sources() lists none
 
     class Options(Options):
-        size: int = Field(8, ge=2, description="S, the side of the images and the number of bars per direction")
-        n_train: int = Field(2048, gt=0, description="number of training images")
-        n_test: int = Field(256, gt=0, description="number of test images")
-        seed: int = Field(0, ge=0, description="seed of the bars; train and test use separate streams")
+        size: int = Field(
+            8, ge=2, le=MAX_SIDE, description="S, the side of the images and the number of bars per direction")
+        n_train: int = Field(2048, gt=0, le=MAX_IMAGES, description="number of training images")
+        n_test: int = Field(256, gt=0, le=MAX_IMAGES, description="number of test images")
+        seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the bars; train and test use separate streams")
 
     @property
     def shape(self):

@@ -4,6 +4,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_WIDTH
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Decoder, Options
 
@@ -14,7 +15,7 @@ class SpatialBroadcast(Decoder):
     name = "spatial-broadcast"
 
     class Options(Options):
-        channels: int = Field(32, gt=0, description="channels of the hidden convolutions")
+        channels: int = Field(32, gt=0, le=MAX_WIDTH, description="channels of the hidden convolutions")
 
     def __init__(self, options, latent_dim, out_shape):
         super().__init__(options, latent_dim, out_shape)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_CODES
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Options, Quantizer, QuantizerOutput
 
@@ -15,7 +16,7 @@ class MinimalVQ(Quantizer):
     name = "minimal-vq"
 
     class Options(Options):
-        codebook_size: int = Field(64, gt=0, description="K, the number of code vectors")
+        codebook_size: int = Field(64, gt=0, le=MAX_CODES, description="K, the number of code vectors")
         commitment: float = Field(0.25, ge=0, description="beta, the weight of ||z_e - sg[e]||^2")
 
     def __init__(self, options, embedding_dim):

@@ -3,6 +3,7 @@ to [0, 1] by its maximum and written as one PNG. Every model reconstructs, so it
 import torch
 from pydantic import Field
 
+from vaeflow.core.bounds import MAX_GRID
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.images import save_grid
 from vaeflow.core.interfaces import Options, Renderer
@@ -15,7 +16,7 @@ class ErrorMap(Renderer):
     kinds = ("continuous", "discrete")
 
     class Options(Options):
-        images: int = Field(64, gt=0, description="how many held-out images, drawn with the render seed")
+        images: int = Field(64, gt=0, le=MAX_GRID, description="how many held-out images, drawn with the render seed")
 
     @torch.no_grad()
     def render(self, ctx):

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from vaeflow.core.bounds import MAX_WIDTH
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Encoder, Options, Shape
 
@@ -39,7 +40,8 @@ class ResidualMLPEncoder(Encoder):
     name = "residual-mlp"
 
     class Options(Options):
-        width: int = Field(256, gt=0, description="hidden width of the input projection and every residual block")
+        width: int = Field(
+            256, gt=0, le=MAX_WIDTH, description="hidden width of the input projection and every residual block")
         depth: int = Field(2, ge=1, le=64, description="number of residual blocks")
 
     def __init__(self, options: Options, in_shape: Shape, out_features: int):

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 
 from vaeflow.core.errors import ConfigError, VaeflowError
+from vaeflow.core.bounds import MAX_LATENT
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import LatentPrior, Options, Stage, StageContext, file_sha256
 
@@ -189,7 +190,8 @@ class GaussianMixturePrior(LatentPrior):
     name = "gmm"
 
     class Options(Options):
-        components: int = Field(10, ge=1, description="K, the number of mixture components (the paper uses 10)")
+        components: int = Field(
+            10, ge=1, le=MAX_LATENT, description="K, the number of mixture components (the paper uses 10)")
         covariance: Literal["full", "diag"] = Field("full", description="each component's covariance: a full J x J "
                                                                          "matrix, or diagonal")
 

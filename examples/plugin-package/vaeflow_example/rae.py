@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from vaeflow.core.bounds import MAX_GRID, MAX_LATENT, MAX_SEED, MAX_STEPS
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Capabilities, Objective, Options
 from vaeflow.plugins.models import AE, ContinuousOptions
@@ -33,16 +34,17 @@ class ExPostOptions(Options):
     here, not in gmm.py, so that the train key (which covers this module's code) stays clear of the GMM's code; the
     `watch_only` entry below keeps these values out of the train key too."""
 
-    components: int = Field(10, ge=1, description="K, the number of mixture components (the paper uses 10)")
+    components: int = Field(
+        10, ge=1, le=MAX_LATENT, description="K, the number of mixture components (the paper uses 10)")
     covariance: Literal["full", "diag"] = Field("full", description="each component's covariance: a full J x J "
                                                                      "matrix, or diagonal")
-    iterations: int = Field(100, ge=0, description="the most EM iterations after the k-means++ start")
+    iterations: int = Field(100, ge=0, le=MAX_STEPS, description="the most EM iterations after the k-means++ start")
     tolerance: float = Field(1e-6, ge=0, description="stop once an iteration raises the mean train log-likelihood "
                                                      "per latent (nats) by no more than this")
     regularization: float = Field(1e-6, ge=0, description="added to every covariance's diagonal in each M-step, so "
                                                           "that a component on few latents stays invertible")
-    seed: int = Field(0, description="seeds the k-means++ start and the samples")
-    samples: int = Field(64, ge=1, description="how many GMM samples to decode into samples.png")
+    seed: int = Field(0, ge=-MAX_SEED, le=MAX_SEED, description="seeds the k-means++ start and the samples")
+    samples: int = Field(64, ge=1, le=MAX_GRID, description="how many GMM samples to decode into samples.png")
 
 
 class RAE(AE):
