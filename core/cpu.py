@@ -263,14 +263,6 @@ class CpuShare:
 _active = threading.local()  # the CpuShare this thread runs under, if any
 
 
-def tick() -> None:
-    """Re-count this thread's CPU share, if it holds one, at most every REFRESH_SECONDS: for the long loops that run
-    outside the engine (evaluation, prior training), so they give threads back when another job starts."""
-    share = getattr(_active, "share", None)
-    if share is not None:
-        share.refresh()
-
-
 @contextmanager
 def cpu_share(name: str, num_threads: int | None = None):
     """Hold a CPU slot named `name` while the block runs, with torch's threads set to this job's share; inside

@@ -17,7 +17,6 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from vaeflow.core import cpu
 from vaeflow.core.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_text
 from vaeflow.core.config import PriorConfig
 from vaeflow.core.errors import CheckpointError, ConfigError, DataError, NonFiniteError
@@ -162,7 +161,6 @@ def train_prior(spec: dict, level: str, manifest: dict, codes: dict[str, torch.T
         perm = torch.randperm(len(train_codes), generator=shuffle)  # (N,)
         pending, t0, seen = [], time.perf_counter(), 0
         for i in range(0, len(perm), pcfg.batch_size):
-            cpu.tick()  # a training outside the engine: follow the other jobs' starts and ends
             idx = perm[i:i + pcfg.batch_size]
             x = train_codes[idx].to(device)  # (B, h, w)
             c = None if train_cond is None else train_cond[idx].to(device)

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaeflow.core import cpu
 from vaeflow.core.checkpoint import save_weights, write_text
 from vaeflow.core.errors import CheckpointError, DataError, VaeflowError
 from vaeflow.core.interfaces import to_unit_float
@@ -106,7 +105,6 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor, te
             net.train()
             correct = 0
             for idx in torch.randperm(n, generator=gen).split(batch_size):
-                cpu.tick()  # a training outside the engine: follow the other jobs' starts and ends
                 x = to_unit_float(train_images[idx]).to(device)  # (B, C, H, W)
                 y = train_labels[idx].to(device)  # (B,)
                 logits = net(x)  # (B, n_classes)

@@ -17,7 +17,6 @@ import math
 
 import torch
 
-from vaeflow.core import cpu
 from vaeflow.core.disentanglement import disentanglement_scores
 from vaeflow.core.hookspecs import hookimpl
 from vaeflow.core.interfaces import Metric, MetricContext, Options
@@ -55,7 +54,6 @@ class Latent(Metric):
         means, kl_dims = [], torch.zeros(model.latent_dim, dtype=torch.float64)
         device, bounded = model.device, model.capabilities.log_likelihood is not None
         for batch in images.split(cfg.batch_size):
-            cpu.tick()  # a long evaluation follows the other jobs' starts and ends
             batch = batch.to(device)  # (B, C, H, W)
             q = model.posterior(batch)
             means.append(q.mode().double().cpu())  # E_q[z]: (B, J)
@@ -116,7 +114,6 @@ class Codebook(Metric):
         sq_err, nll = 0.0, 0.0
         counts = {level: torch.zeros(k, dtype=torch.long) for level, k in model.codebook_sizes.items()}  # (K,)
         for batch in images.split(ctx.config.batch_size):
-            cpu.tick()
             batch = batch.to(model.device)  # (B, C, H, W)
             codes = model.encode_codes(batch)  # {level: (B, h, w)}
             params = model.decode_codes(codes)  # (B, P, H, W)

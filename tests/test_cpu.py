@@ -238,34 +238,6 @@ def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder
     assert cpu.running_jobs(folder) == 1  # the engine's slot is gone, the holder's remains
 
 
-def test_a_long_evaluation_gives_threads_back_when_a_job_starts(tmp_path, monkeypatch, holder):
-    """Loops outside the engine re-count too: an IWAE evaluation that runs while another job starts takes half
-    the CPUs from its next chunk on (4 CPUs assumed, no wait between counts)."""
-    from vaeflow.core.metrics import iwae_log_likelihood
-    from vaeflow.core.model import build_model
-
-    start, folder = holder
-    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
-    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: None)
-    monkeypatch.setattr(cpu, "REFRESH_SECONDS", 0.0)
-    cfg = validate({
-        "data": {"dataset": {"name": "shapes", "image_size": 8, "n_train": 8, "n_test": 8}},
-        "model": {"latent_dim": 2, "encoder": {"name": "mlp", "hidden": [8]}, "decoder": {"name": "mlp", "hidden": [8]},
-                  "likelihood": {"name": "bernoulli"}},
-    })
-    model = build_model(cfg, (1, 8, 8))
-    x = torch.rand(4, 1, 8, 8).round()  # (B, C, H, W)
-    with cpu.cpu_share("evaluate") as share:
-        assert share.threads == 4 == torch.get_num_threads()
-        start()
-        nll = iwae_log_likelihood(model, x, k=4, chunk=1)  # (B,)
-        assert torch.isfinite(nll).all()
-        assert share.jobs == 2 and share.threads == 2 == torch.get_num_threads()
-    cpu.tick()  # outside any share: nothing to re-count, and no error
-
-
 def test_a_slot_that_cannot_be_written_keeps_no_descriptor_or_file(tmp_path, monkeypatch):
     """A full disk between making the slot file and writing it: the job runs as if alone, its descriptor is
     closed and the half-made file removed."""
