@@ -109,7 +109,8 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
     num_threads: Optional[int] = Field(None, gt=0, le=MAX_WORKERS,
                                        description="CPU threads (null: this job's share of the usable CPUs among the "
-                                                   "CPU jobs running, re-counted while it trains)")
+                                                   "CPU jobs running at its start, kept for the whole run and on "
+                                                   "resume; set it for reruns that match bit for bit under any load)")
     nproc: int = Field(1, ge=1, le=MAX_WORKERS, description="data-parallel processes for the pipeline's train stage (torchrun: NCCL on "
                        "GPUs, gloo on CPU); each takes batch_size / nproc of every global batch")
     log_every: int = Field(50, gt=0, le=MAX_STEPS, description="steps between progress/metric syncs")

@@ -1,25 +1,29 @@
-"""CPU threads on a shared machine: how many a job may use, re-counted while it runs.
+"""CPU threads on a shared machine: how many a job may use, and how its idle threads wait.
 
 Two jobs on the same cores, each with as many OpenMP threads as there are cores, run about ten times slower in
-total than one alone (issue #14): libgomp's threads spin while they wait for each other, and the spinning threads of
-one job take the cores the other job's threads wait for. vaeflow avoids the oversubscription rather than the spin:
+total than one alone (issue #14): libgomp's threads spin while they wait for each other (300,000 spins by default),
+and the spinning threads of one job take the cores the other job's threads wait for. vaeflow does two things:
 
-- each CPU job (a training, a pipeline stage, `vaeflow evaluate`) takes its share of the CPUs it may use (affinity,
-  cgroup quota) divided by the number of CPU jobs that run at once: those of this process (evaluate beside render)
-  and those of other vaeflow processes of this user, each of which holds a slot file under the cache folder, locked
-  by an flock that the kernel drops when the process dies (kill -9 included);
-- where the CPUs are this process's affinity set (no cgroup quota), the time other processes spent on them since
-  the last count (/proc/stat less this process's own time) is left to them: a job beside a `pip install` that keeps
-  a core busy takes one thread fewer;
-- a job re-counts every REFRESH_SECONDS while it runs, so the first of two jobs gives up its extra threads when the
-  second starts, and takes them back when it ends.
+- each CPU job (a training, a pipeline stage, `vaeflow evaluate`) takes, once at its start, its share of the CPUs it
+  may use (affinity, cgroup quota) divided by the number of CPU jobs that run then (jobs that start within
+  SETTLE_SECONDS of each other count each other): those of this process (evaluate
+  beside render) and those of other vaeflow processes of this user, each of which holds a slot file under the cache
+  folder, locked by an flock that the kernel drops when the process dies (kill -9 included);
+- `import vaeflow` bounds libgomp's spinning (GOMP_SPINCOUNT=SPIN_COUNT, set before torch loads libgomp, which reads
+  it once): an idle thread spins about a microsecond and then sleeps, so a job whose threads outnumber the free cores
+  (it started alone and another started later, or a `pip install` runs beside it) does not take the cores its own
+  and the other job's threads wait for. Measured on 2 cores (bench/contention.json): one job alone loses a few per
+  cent against libgomp's default (0.97x); a 2-thread job beside a later 1-thread one keeps the pair's total at
+  1.05x one job alone instead of 0.73x. OMP_WAIT_POLICY=PASSIVE (no spin at all) cost 0.88x alone (0.41x on a
+  busier host), as every parallel region then wakes sleeping threads.
 
-libgomp's waiting policy is left as it is: a non-spinning one (OMP_WAIT_POLICY=PASSIVE) measured 0.41x the images/s
-of the default for one job alone on 2 cores (`passive_vs_default_alone` in bench/contention.json), because its
-threads sleep and wake at every parallel region; once no job has more threads than its share, spinning costs nothing.
-`train.num_threads` (or an exported OMP_NUM_THREADS) fixes the count; an exported OMP_WAIT_POLICY is passed on to
-libgomp as usual.
-Imports no torch at module level.
+The count is fixed for the whole job, never changed while it runs: OpenMP reductions round differently with another
+thread count (a VQ-VAE-2 trains to other weights on 1 and 2 threads), so a count that followed the load would make
+the same seed give other numbers. A training records its count in its checkpoint, and a resume keeps it, so a
+resumed run matches an uninterrupted one on any load. `train.num_threads` (or an exported OMP_NUM_THREADS) fixes the
+count for reruns that must match a run made under another load; an exported OMP_WAIT_POLICY or GOMP_SPINCOUNT is
+left to libgomp as it is.
+Imports no torch.
 """
 
 from __future__ import annotations
@@ -29,17 +33,39 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REFRESH_SECONDS = 1.0  # how often a running job re-counts the jobs that share the CPUs
 STALE_TMP_SECONDS = 60.0  # a slot file still being made after this long belongs to a dead process
 SLOT_SUFFIX = ".slot"
-BUSY_ELSEWHERE = 0.5  # CPUs: other processes' use of this job's CPUs from which it leaves them one (rounded)
-STAT_COLUMNS_BUSY = (0, 1, 2, 5, 6, 7)  # /proc/stat cpuN columns: user nice system (idle iowait) irq softirq steal
+SETTLE_SECONDS = 0.1  # a job counts the others this long after taking its slot: jobs started together see each other
+SPIN_COUNT = 1000  # libgomp busy-wait spins before an idle thread sleeps (its default: 300,000; throttled: 100)
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # the user's own choice of waiting, left as it is
 log = logging.getLogger("vaeflow.cpu")
+waiting = "not set"  # what set_waiting_policy found or did, for the log
+
+
+def set_waiting_policy(environ=os.environ, modules=sys.modules) -> str:
+    """Bound libgomp's spinning (GOMP_SPINCOUNT=SPIN_COUNT) unless the user chose a waiting policy or torch (and so
+    libgomp, which reads it once) is already loaded; say which."""
+    global waiting
+    chosen = [f"{k}={environ[k]}" for k in WAIT_SETTINGS if environ.get(k)]
+    if chosen:
+        waiting = f"{', '.join(chosen)} (exported)"
+    elif "torch" in modules:
+        waiting = "libgomp's default spinning (torch was imported before vaeflow)"
+    else:
+        environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        waiting = f"GOMP_SPINCOUNT={SPIN_COUNT} (vaeflow's default)"
+    return waiting
+
+
+def waiting_policy() -> str:
+    """What set_waiting_policy found or did (e.g. "GOMP_SPINCOUNT=1000 (vaeflow's default)")."""
+    return waiting
 
 
 def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -67,26 +93,6 @@ def usable_cpus() -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
-
-
-def cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float | None:
-    """Seconds the CPUs `cpus` have been busy since boot, all processes together (/proc/stat); None if unreadable."""
-    try:
-        lines = stat.read_text().splitlines()
-        ticks = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-    busy = 0
-    for line in lines:
-        name, *values = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            busy += sum(int(values[i]) for i in STAT_COLUMNS_BUSY if i < len(values))
-    return busy / ticks
-
-
-def left_to_others(cpus: int, others: float) -> int:
-    """The CPUs of `cpus` a job may take when other processes keep `others` CPUs busy on them (at least 1)."""
-    return max(1, min(cpus, math.floor(cpus - others + BUSY_ELSEWHERE)))
 
 
 def fair_threads(cpus: int, jobs: int) -> int:
@@ -145,28 +151,25 @@ def running_jobs(folder: Path | None = None) -> int:
 
 
 class CpuShare:
-    """One CPU job's slot and thread count: enter to hold the slot, `refresh()` while running to follow the others."""
+    """One CPU job's slot and thread count: entering holds the slot and sets torch's threads to the job's share, once."""
 
     _count = 0
     _count_lock = threading.Lock()
 
-    def __init__(self, name: str, num_threads: int | None = None, folder: Path | None = None):
+    def __init__(self, name: str, num_threads: int | None = None, folder: Path | None = None, jobs_at_least: int = 1):
         """`name` labels the slot (e.g. the stage id); `num_threads` (train.num_threads), else an exported
-        OMP_NUM_THREADS (e.g. set by a launcher for its ranks), fixes the count."""
+        OMP_NUM_THREADS (e.g. set by a launcher for its ranks), fixes the count; `jobs_at_least`: the jobs this one
+        is planned to run beside, itself included, counted even when they do not run (a pipeline stage's cached
+        siblings), so that its count does not depend on what was cached."""
         self.name, self.folder = name, jobs_dir() if folder is None else folder
+        self.jobs_at_least = max(1, jobs_at_least)
         self.fixed, self.fixed_by = num_threads, "train.num_threads"
         if not num_threads and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
             self.fixed, self.fixed_by = int(os.environ["OMP_NUM_THREADS"]) or None, "OMP_NUM_THREADS"
         self.cpus = usable_cpus()
-        self.jobs, self.threads, self.others = 1, num_threads or self.cpus, 0.0
-        try:  # other processes' use is measured where the CPUs are the affinity set, not a cgroup quota's share
-            self.affinity = set(os.sched_getaffinity(0)) if cgroup_cpus() is None else None
-        except (AttributeError, OSError):
-            self.affinity = None
-        self.sample: tuple[float, float, float] | None = None  # (wall, busy CPU seconds, this process's seconds)
+        self.jobs, self.threads = 1, num_threads or self.cpus
         self.fd: int | None = None
         self.path: Path | None = None
-        self.checked = 0.0
         self.previous: int | None = None  # torch's count before this job set it, restored on exit
 
     def __enter__(self) -> "CpuShare":
@@ -174,7 +177,9 @@ class CpuShare:
 
         self.previous = torch.get_num_threads()
         self._take_slot()
-        self.refresh(force=True)
+        if self.fd is not None and not self.fixed:
+            time.sleep(SETTLE_SECONDS)  # evaluate and render of one stage graph, or two runs started by one script
+        self._choose()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -218,60 +223,39 @@ class CpuShare:
             self.path = None
             log.warning("cannot record this job under %s (%s); its thread count ignores other jobs", self.folder, exc)
 
-    def _others(self) -> float:
-        """CPUs that other processes kept busy on this job's CPUs since the last count (0 before two counts)."""
-        if self.affinity is None:
-            return 0.0
-        busy, now, own = cpu_busy_seconds(self.affinity), time.monotonic(), time.process_time()
-        previous = self.sample
-        if busy is None:
-            self.sample = None
-            return self.others
-        if previous is not None and now - previous[0] < 0.5 * REFRESH_SECONDS:
-            return self.others  # too soon to tell: keep the older sample, so the interval keeps growing
-        self.sample = (now, busy, own)
-        if previous is None:
-            return self.others
-        return max(0.0, ((busy - previous[1]) - (own - previous[2])) / (now - previous[0]))
-
-    def refresh(self, force: bool = False) -> bool:
-        """Re-count the running jobs and the CPUs others use (at most every REFRESH_SECONDS) and set torch's
-        threads; True if they changed."""
-        now = time.monotonic()
-        if not force and now - self.checked < REFRESH_SECONDS:
-            return False
+    def _choose(self) -> None:
+        """Count the running jobs, set torch's threads to this job's share (or the fixed count) and log why."""
         import torch
 
-        self.checked = now
         if self.fixed:
             threads, reason = self.fixed, self.fixed_by
         else:
-            self.jobs = max(1, running_jobs(self.folder)) if self.fd is not None else 1
-            self.others = self._others()
-            threads = min(fair_threads(self.cpus, self.jobs), left_to_others(self.cpus, self.others))
-            reason = (f"{self.cpus} usable CPUs shared by {self.jobs} CPU job(s), {self.others:.1f} kept busy by "
-                      f"other processes")
-        changed = threads != torch.get_num_threads()
-        if changed:
-            torch.set_num_threads(threads)
-        if changed or force:
-            log.info("%s: %d thread(s) (%s)", self.name, threads, reason)
+            self.jobs = max(self.jobs_at_least, running_jobs(self.folder) if self.fd is not None else 1)
+            threads = fair_threads(self.cpus, self.jobs)
+            reason = f"{self.cpus} usable CPUs shared by {self.jobs} CPU job(s)"
+        torch.set_num_threads(threads)
         self.threads = threads
-        return changed
+        log.info("%s: %d thread(s) for the whole job (%s; waiting: %s)", self.name, threads, reason, waiting)
+
+    def fix(self, threads: int, why: str) -> None:
+        """Set this job's count to `threads`, named by `why` (a resumed training keeps its run's count)."""
+        self.fixed, self.fixed_by = threads, why
+        self._choose()
 
 
 _active = threading.local()  # the CpuShare this thread runs under, if any
 
 
 @contextmanager
-def cpu_share(name: str, num_threads: int | None = None):
-    """Hold a CPU slot named `name` while the block runs, with torch's threads set to this job's share; inside
-    another share of the same thread (the train stage around the engine) the outer one is used."""
+def cpu_share(name: str, num_threads: int | None = None, jobs_at_least: int = 1):
+    """Hold a CPU slot named `name` while the block runs, with torch's threads set to this job's share (or
+    `num_threads`; `jobs_at_least`: see CpuShare); inside another share of the same thread (the train stage around the engine)
+    the outer one is used."""
     outer = getattr(_active, "share", None)
     if outer is not None:
         yield outer
         return
-    with CpuShare(name, num_threads) as share:
+    with CpuShare(name, num_threads, jobs_at_least=jobs_at_least) as share:
         _active.share = share
         try:
             yield share

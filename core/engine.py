@@ -125,6 +125,7 @@ class Trainer:
         self.model_terms: tuple[str, ...] = ()  # the model's loss terms and stats, named at the first step
         self.scheduled = self.model.scheduled  # the term train.beta weights (e.g. kl), or None
         self.warned: set[str] = set()
+        self.resumed_threads: int | None = None  # the CPU thread count the checkpoint was trained with
         self._no_norm = torch.zeros((), device=self.device)  # grad_norm term when clipping is off
         if resume:
             self._restore()
@@ -143,6 +144,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "beta": self.beta.state_dict(), "rng": rng,
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "config_hash": self.hash, "config": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
+            "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
         }
 
     def save(self) -> None:
@@ -160,6 +162,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.beta.load_state_dict(state["beta"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        threads = state.get("threads")  # None: trained on an accelerator, or a checkpoint from before it was kept
+        self.resumed_threads = threads if isinstance(threads, int) and threads > 0 else None
         self.shuffle.set_state(state["rng"]["shuffle"])  # at an epoch boundary, the next epoch's order
         self.epoch_shuffle_state = state["rng"]["shuffle_epoch_start"]  # mid-epoch, this epoch's order is replayed
         torch.set_rng_state(state["rng"]["torch"])
@@ -227,6 +231,9 @@ class Trainer:
             # loss to three decimals); process-wide, like torch's thread count
             torch.set_flush_denormal(True)
         with cpu_share("train", self.cfg.train.num_threads) as self.cpu:
+            if self.resumed_threads and not self.cpu.fixed and self.resumed_threads != self.cpu.threads:
+                # another thread count rounds the reductions differently: the resume keeps the run's own count
+                self.cpu.fix(self.resumed_threads, "the count this run started with, kept on resume")
             return self._fit()
 
     def _fit(self) -> TrainResult:
@@ -255,7 +262,6 @@ class Trainer:
                     ckpt_due = t.checkpoint_every is not None and self.step % t.checkpoint_every == 0
                     if len(pending) == t.log_every or last or ckpt_due:
                         terms = self._check(pending, first)
-                        self.cpu.refresh()  # another job started or ended: follow its share of the CPUs
                         sums = sums + terms.sum(0)  # 0 + tensor on the epoch's first sync
                         rate = n_seen / max(loop_time + time.perf_counter() - t0, 1e-9)
                         bar.update(len(pending))

@@ -62,8 +62,8 @@ def user_errors(fn):
 
 
 def cpu_job(fn):
-    """Run a command that computes on the CPU as one CPU job: it takes its share of the threads (core.cpu), and a
-    training running beside it gives up its share."""
+    """Run a command that computes on the CPU as one CPU job: it takes its share of the threads (core.cpu), and jobs
+    that start while it runs count it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

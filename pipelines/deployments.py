@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vaeflow.core.config import Config, ScheduleConfig
+from vaeflow.core.cpu import WAIT_SETTINGS
 from vaeflow.core.interfaces import TAGS
 from vaeflow.core.errors import VaeflowError
 
@@ -363,9 +364,9 @@ def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: di
     """The environment each flow run gets from the deployment's job variables, so that workers write into the
     deployer's workspace and MLflow store: VAEFLOW_HOME, MLFLOW_TRACKING_URI (the workspace's sqlite store unless
     the deployer points at a server), the deployer's VAEFLOW_* settings (plugins, data dir, config overrides),
-    telemetry off, and the deployer's OMP_WAIT_POLICY if set. Flow runs that share a machine's cores take their share
-    of the threads (core.cpu), so OpenMP's spinning costs nothing and PASSIVE (0.4-0.6x one run's speed) is not the
-    default."""
+    telemetry off, and the deployer's OMP_WAIT_POLICY or GOMP_SPINCOUNT if set. Flow runs that share a machine's
+    cores take their share of the threads, and `import vaeflow` bounds OpenMP's spinning (core.cpu), so PASSIVE
+    (0.41-0.88x one run's speed, bench/contention.json) is not the default."""
     environ = os.environ if environ is None else environ
     workspace = Path(workspace).resolve()
     env = {k: v for k, v in sorted(environ.items()) if k.startswith("VAEFLOW_")}
@@ -376,8 +377,9 @@ def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: di
     env["MLFLOW_TRACKING_URI"] = uri
     if environ.get("MLFLOW_REGISTRY_URI"):
         env["MLFLOW_REGISTRY_URI"] = environ["MLFLOW_REGISTRY_URI"]
-    if environ.get("OMP_WAIT_POLICY"):
-        env["OMP_WAIT_POLICY"] = environ["OMP_WAIT_POLICY"]
+    for key in WAIT_SETTINGS:
+        if environ.get(key):
+            env[key] = environ[key]
     env.update(TELEMETRY_OFF)
     env.update(extra or {})
     return env

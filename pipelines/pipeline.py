@@ -30,7 +30,7 @@ from prefect.states import State
 
 from vaeflow.core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
 from vaeflow.core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
-from vaeflow.core.cpu import cpu_share
+from vaeflow.core.cpu import cpu_share, waiting_policy as cpu_waiting
 from vaeflow.core.errors import ConfigError, VaeflowError
 from vaeflow.core.interfaces import Stage, StageContext, file_sha256
 from vaeflow.pipelines.processes import failpoint
@@ -773,8 +773,9 @@ def stage_context(cfg: Config, run: dict, stage: Stage, key: str, fresh: bool) -
 
 @task(name="stage", cache_key_fn=_stage_key, persist_result=True, result_serializer="json",
       retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
-def run_stage(config: str, stage: str, inputs: dict, run: dict, fresh: bool = False) -> dict:
-    """Run one stage of the graph (by id) with its inputs' results; its result carries its MLflow run id."""
+def run_stage(config: str, stage: str, inputs: dict, run: dict, fresh: bool = False, beside: int = 1) -> dict:
+    """Run one stage of the graph (by id) with its inputs' results, as one of `beside` stages the pipeline runs at
+    once; its result carries its MLflow run id."""
     from prefect.runtime import task_run
 
     cfg = _cfg(config)
@@ -782,7 +783,9 @@ def run_stage(config: str, stage: str, inputs: dict, run: dict, fresh: bool = Fa
     s = graph.by_id[stage]
     fresh = fresh and task_run.run_count <= 1  # a retry of a forced stage resumes what its first attempt wrote
     with stage_context(watched(cfg), run, s, graph.key(s, cfg, inputs), fresh) as ctx, \
-            cpu_share(stage, cfg.train.num_threads):  # evaluate beside render: each takes its share of the threads
+            cpu_share(stage, cfg.train.num_threads, beside) as share:  # evaluate beside render: each its share
+        ctx.log.info("%s: %d CPU thread(s) of %d usable, %d CPU job(s) running; OpenMP waiting: %s", stage,
+                     share.threads, share.cpus, share.jobs, cpu_waiting())
         result = s.run(ctx, inputs)
     return {**result, "run_id": ctx.run_id}
 
@@ -864,13 +867,14 @@ class Pipeline:
         self.status: dict[str, str] = {}
         self.runs: dict[str, str] = {}
         self.results: dict[str, dict] = {}
+        self.beside: dict[str, int] = {}  # background stage id -> the stages planned to run at once with it
 
     def _task(self, stage: Stage, refresh: bool):
         return run_stage.with_options(name=stage.name, task_run_name=stage.id, retries=stage.retries,
                                       result_storage=self.storage, refresh_cache=refresh or None)
 
     def _call(self, stage: Stage, inputs: dict, refresh: bool, background: bool):
-        args = (self.config, stage.id, inputs, self.run, refresh)
+        args = (self.config, stage.id, inputs, self.run, refresh, self.beside.get(stage.id, 1))
         task_ = self._task(stage, refresh)
         return task_.submit(*args) if background else task_(*args, return_state=True)
 
@@ -890,6 +894,7 @@ class Pipeline:
         from prefect.context import FlowRunContext
 
         background = FlowRunContext.get() is not None  # futures need a flow's task runner (run_pipeline may be called bare)
+        self.beside = self.planned_beside()  # also when run bare, in order: the same counts, the same numbers
         pending: dict[str, tuple] = {}
         out = self.outcome()
         try:
@@ -921,6 +926,25 @@ class Pipeline:
             raise
         self.close(out)
         return out
+
+    def planned_beside(self) -> dict[str, int]:
+        """For each stage that is not heavy, the most stages execute() runs at once with it (itself included) in a
+        flow when none is cached: evaluate beside render is 2 in a forced re-evaluation, and when the pipeline runs
+        bare (one stage at a time) too, so its thread count, and with it the float rounding of its metrics, does
+        not depend on what was cached or how the pipeline was called."""
+        pending: list[str] = []
+        most: dict[str, int] = {}
+        for i in self.ids:  # execute()'s order of collecting, without the work
+            stage = self.graph.by_id[i]
+            pending = [p for p in pending if p not in self.graph.needs[i]]
+            if stage.heavy:
+                pending = []
+            if stage.skipped(self.cfg) or stage.heavy:
+                continue
+            pending.append(i)
+            for p in pending:
+                most[p] = max(most.get(p, 1), len(pending))
+        return most
 
     def _collect(self, item: tuple) -> None:
         stage, inputs, future, refresh = item

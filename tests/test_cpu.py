@@ -7,9 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,19 +76,16 @@ def test_usable_cpus_within_affinity_and_quota(monkeypatch):
 def test_slots_count_this_and_other_processes(tmp_path, holder, monkeypatch):
     start, folder = holder
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: None)  # jobs only: the holder's start-up is not load
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)  # whatever this machine has: 4 CPUs, 2 jobs, 2 each
     assert cpu.running_jobs(folder) == 0
     with cpu.CpuShare("here", folder=folder) as share:
-        assert cpu.running_jobs(folder) == 1 and share.jobs == 1
-        other = start()
-        share.cpus = 4  # whatever this machine has: 4 CPUs shared by 2 jobs is 2 each
-        share.refresh(force=True)
+        assert cpu.running_jobs(folder) == 1 and share.jobs == 1 and share.threads == 4 == torch.get_num_threads()
+    other = start()
+    with cpu.CpuShare("here", folder=folder) as share:
         assert share.jobs == 2 and share.threads == 2 == torch.get_num_threads()
-        other.stdin.write("done\n")
-        other.stdin.flush()
-        other.wait()
-        share.refresh(force=True)
-        assert share.jobs == 1 and share.threads == 4 == torch.get_num_threads()
+    other.stdin.write("done\n")
+    other.stdin.flush()
+    other.wait()
     assert cpu.running_jobs(folder) == 0
     assert not list(folder.iterdir())  # both slots were removed by their owners
 
@@ -106,14 +101,16 @@ def test_kill_9_leaves_a_slot_the_next_count_clears(holder):
     assert not list(folder.glob(f"*{cpu.SLOT_SUFFIX}"))
 
 
-def test_jobs_of_one_process_in_threads_count_apart(tmp_path):
+def test_jobs_of_one_process_in_threads_count_apart(tmp_path, monkeypatch):
+    """Evaluate and render of one stage graph start together: each counts the other (SETTLE_SECONDS)."""
     folder = tmp_path / "jobs"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     seen, ready, release = [], threading.Barrier(2), threading.Event()
 
     def job():
-        with cpu.CpuShare("stage", folder=folder):
+        with cpu.CpuShare("stage", folder=folder) as share:
             ready.wait()
-            seen.append(cpu.running_jobs(folder))
+            seen.append((cpu.running_jobs(folder), share.jobs))
             release.wait()
 
     threads = [threading.Thread(target=job) for _ in range(2)]
@@ -124,7 +121,7 @@ def test_jobs_of_one_process_in_threads_count_apart(tmp_path):
     release.set()
     for t in threads:
         t.join()
-    assert seen == [2, 2]
+    assert seen == [(2, 2), (2, 2)]
 
 
 def test_nested_share_is_the_outer_one(tmp_path, monkeypatch):
@@ -163,56 +160,6 @@ def test_an_unwritable_folder_runs_alone(tmp_path):
         assert share.jobs == 1 and share.threads == share.cpus
 
 
-def test_cpu_busy_seconds_by_hand(tmp_path):
-    """user + nice + system + irq + softirq + steal of the CPUs asked for, idle and iowait left out, in seconds."""
-    stat = tmp_path / "stat"
-    stat.write_text("cpu  900 0 900 9000 90 0 0 0 0 0\n"
-                    "cpu0 100 10 50 4000 40 5 5 2 0 0\n"
-                    "cpu1 200 20 60 3000 30 1 1 1 0 0\n"
-                    "cpu2 999 999 999 1 1 1 1 1 0 0\n"
-                    "intr 12345\n")
-    ticks = os.sysconf("SC_CLK_TCK")
-    assert cpu.cpu_busy_seconds({0, 1}, stat) == pytest.approx((100 + 10 + 50 + 5 + 5 + 2 + 200 + 20 + 60 + 1 + 1 + 1)
-                                                               / ticks)
-    assert cpu.cpu_busy_seconds({2}, stat) == pytest.approx((999 * 3 + 3) / ticks)
-    assert cpu.cpu_busy_seconds({0}, tmp_path / "none") is None
-
-
-def test_left_to_others_by_hand():
-    """Another process's use of half a CPU or more costs this job a thread; less costs nothing."""
-    assert [cpu.left_to_others(2, o) for o in (0.0, 0.4, 0.6, 1.0, 1.6, 5.0)] == [2, 2, 1, 1, 1, 1]
-    assert [cpu.left_to_others(16, o) for o in (0.0, 1.0, 3.2, 15.9)] == [16, 15, 13, 1]
-
-
-BUSY = "import sys\nprint('busy', flush=True)\nwhile True:\n    pass\n"
-
-
-@pytest.mark.skipif(cpu.cgroup_cpus() is not None or len(os.sched_getaffinity(0)) < 2,
-                    reason="measured on an affinity set of two CPUs or more, without a cgroup quota")
-def test_a_process_that_keeps_a_core_busy_costs_a_thread(tmp_path, monkeypatch):
-    """A busy loop in another process (not a vaeflow job: no slot) keeps one of this job's CPUs busy: the next
-    count leaves it that CPU; when it ends, the thread comes back."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    busy = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
-    try:
-        assert busy.stdout.readline().strip() == "busy"
-        with cpu.CpuShare("beside", folder=tmp_path / "jobs") as share:
-            assert share.jobs == 1
-            threading.Event().wait(1.5)
-            share.refresh(force=True)
-            assert share.others >= 0.5, share.others
-            assert share.threads <= share.cpus - 1 and torch.get_num_threads() == share.threads
-            busy.kill()
-            busy.wait()
-            share.refresh(force=True)  # starts a clean interval
-            threading.Event().wait(1.5)
-            share.refresh(force=True)
-            assert share.others < 0.5 and share.threads == share.cpus
-    finally:
-        busy.kill()
-        busy.wait()
-
-
 def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder):
     """A training beside another job uses half the CPUs (4 assumed), records it, and gives torch its count back."""
     from vaeflow.core.checkpoint import read_metrics
@@ -222,7 +169,6 @@ def test_the_engine_takes_its_share_and_records_it(tmp_path, monkeypatch, holder
     monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
-    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: None)  # jobs only: the holder's start-up is not load
     start()
     cfg = validate({
         "data": {"dataset": {"name": "shapes", "image_size": 16, "n_train": 64, "n_test": 16}},
@@ -272,18 +218,95 @@ def test_a_slot_that_cannot_be_written_keeps_no_descriptor_or_file(tmp_path, mon
     assert not list(folder.iterdir())
 
 
-def test_a_count_too_soon_after_the_last_keeps_the_older_sample(tmp_path, monkeypatch):
-    """Other processes' use is measured over at least half a refresh interval: a count that comes sooner keeps
-    the earlier sample, so the interval keeps growing instead of starting again."""
-    clock = {"now": 100.0}
-    busy = {"s": 0.0}
-    monkeypatch.setattr(cpu, "time", SimpleNamespace(monotonic=lambda: clock["now"], process_time=lambda: 0.0,
-                                                     time=time.time))
-    monkeypatch.setattr(cpu, "cpu_busy_seconds", lambda cpus: busy["s"])
-    share = cpu.CpuShare("x", folder=tmp_path / "jobs")
-    share.affinity = {0, 1}
-    assert share._others() == 0.0  # the first sample: nothing to compare with
-    clock["now"], busy["s"] = 100.2, 0.6  # too soon (and a burst)
-    assert share._others() == 0.0 and share.sample[0] == 100.0
-    clock["now"], busy["s"] = 101.0, 1.0  # one CPU kept busy, on average, over the whole second since the first sample
-    assert share._others() == pytest.approx(1.0) and share.sample[0] == 101.0  # restarting at 100.2 would give 0.5
+TINY = {
+    "data": {"dataset": {"name": "shapes", "image_size": 16, "n_train": 64, "n_test": 16}},
+    "model": {"latent_dim": 2, "encoder": {"name": "mlp", "hidden": [16]}, "decoder": {"name": "mlp", "hidden": [16]},
+              "likelihood": {"name": "bernoulli"}},
+    "train": {"epochs": 3, "batch_size": 16, "device": "cpu", "progress": False, "log_every": 1},
+}
+
+
+def test_the_count_is_fixed_for_the_whole_training(tmp_path, monkeypatch, holder):
+    """Another job that starts while a training runs does not change its thread count (another count would round
+    the reductions differently); the next job to start counts both."""
+    from vaeflow.core.checkpoint import read_metrics
+    from vaeflow.core.engine import Trainer
+
+    start, folder = holder
+    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    seen = []
+
+    class StartAnother:
+        def on_log(self, step, record):
+            seen.append(torch.get_num_threads())
+            if step == 2:
+                start()
+                assert cpu.running_jobs(folder) == 2
+
+    Trainer(validate(TINY), tmp_path / "run", callbacks=[StartAnother()]).fit()
+    assert len(seen) == 12 and set(seen) == {4}
+    assert [r["threads"] for r in read_metrics(tmp_path / "run")] == [4, 4, 4]
+    with cpu.CpuShare("next", folder=folder) as share:
+        assert share.jobs == 2 and share.threads == 2
+
+
+def test_a_resume_keeps_the_count_its_run_started_with(tmp_path, monkeypatch, holder, caplog):
+    """A run started beside another job (2 of 4 CPUs) and killed is resumed alone: it keeps 2 threads, so it rounds
+    as the uninterrupted run would; the checkpoint records the count."""
+    import logging
+
+    from vaeflow.core.checkpoint import load_checkpoint, read_metrics
+    from vaeflow.core.engine import CHECKPOINT_FILE, Trainer, resume
+
+    start, folder = holder
+    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    other = start()
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfterFirstEpoch:
+        def on_epoch(self, record):
+            raise Crash  # after the epoch's checkpoint, as a kill would leave it
+
+    with pytest.raises(Crash):
+        Trainer(validate(TINY), tmp_path / "run", callbacks=[CrashAfterFirstEpoch()]).fit()
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)["threads"] == 2
+    other.kill()
+    other.wait()
+    with caplog.at_level(logging.INFO, logger="vaeflow.cpu"):
+        resume(tmp_path / "run")
+    assert [r["threads"] for r in read_metrics(tmp_path / "run")] == [2, 2, 2]
+    assert "kept on resume" in caplog.text
+    with cpu.CpuShare("alone now", folder=folder) as share:
+        assert share.jobs == 1 and share.threads == 4  # a new job takes every CPU
+
+
+def test_set_waiting_policy_by_hand(monkeypatch):
+    """vaeflow bounds the spinning unless the user chose a policy, or torch (with libgomp) loaded first."""
+    monkeypatch.setattr(cpu, "waiting", cpu.waiting)  # this process's own record, restored after
+    env: dict[str, str] = {}
+    assert "GOMP_SPINCOUNT=1000" in cpu.set_waiting_policy(env, {}) and env == {"GOMP_SPINCOUNT": "1000"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert "exported" in cpu.set_waiting_policy(env, {}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"GOMP_SPINCOUNT": "50"}
+    assert "exported" in cpu.set_waiting_policy(env, {}) and env == {"GOMP_SPINCOUNT": "50"}
+    env = {}
+    assert "before vaeflow" in cpu.set_waiting_policy(env, {"torch": object()}) and env == {}
+
+
+@pytest.mark.parametrize("exported, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "20000"}, "20000"),
+                                                ({"OMP_WAIT_POLICY": "PASSIVE"}, None)])
+def test_import_vaeflow_sets_the_policy_before_torch_loads(exported, expected):
+    """`import vaeflow` (the CLI's and a flow run's first import) sets GOMP_SPINCOUNT without loading torch, so
+    libgomp, which reads it once when torch loads it, sees it; the user's own setting is kept."""
+    code = ("import os, sys\nimport vaeflow\nloaded = 'torch' in sys.modules\nimport torch\n"
+            "print(loaded, os.environ.get('GOMP_SPINCOUNT'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in cpu.WAIT_SETTINGS}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **exported}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", str(expected)]

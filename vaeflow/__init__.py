@@ -27,3 +27,10 @@ def load_model(source, device="cpu"):
     from vaeflow.core.checkpoint import load_model as _load
 
     return _load(source, device)
+
+
+# before anything imports torch (and with it libgomp, which reads its settings once): idle OpenMP threads spin only
+# briefly, so jobs that share cores do not thrash (core.cpu); an exported OMP_WAIT_POLICY or GOMP_SPINCOUNT wins
+from vaeflow.core.cpu import set_waiting_policy as _set_waiting_policy  # noqa: E402
+
+_set_waiting_policy()
