@@ -10,11 +10,12 @@ and the spinning threads of one job take the cores the other job's threads wait 
   beside render) and those of other vaeflow processes of this user, each of which holds a slot file under the cache
   folder, locked by an flock that the kernel drops when the process dies (kill -9 included);
 - `import vaeflow` bounds libgomp's spinning (GOMP_SPINCOUNT=SPIN_COUNT, set before torch loads libgomp, which reads
-  it once): an idle thread spins about a microsecond and then sleeps, so a job whose threads outnumber the free cores
+  it once): an idle thread spins briefly (tens of microseconds at most) and then sleeps, so a job whose threads
+  outnumber the free cores
   (it started alone and another started later, or a `pip install` runs beside it) does not take the cores its own
   and the other job's threads wait for. Measured on 2 cores (bench/contention.json): one job alone loses a few per
-  cent against libgomp's default (0.97x); a 2-thread job beside a later 1-thread one keeps the pair's total at
-  1.05x one job alone instead of 0.73x. OMP_WAIT_POLICY=PASSIVE (no spin at all) cost 0.88x alone (0.41x on a
+  cent at most against libgomp's default (1.00x, within noise); a 2-thread job beside a later 1-thread one keeps the
+  pair's total at 1.02x one job alone instead of 0.71x. OMP_WAIT_POLICY=PASSIVE (no spin at all) cost 0.90x alone (0.41x on a
   busier host), as every parallel region then wakes sleeping threads.
 
 The count is fixed for the whole job, never changed while it runs: OpenMP reductions round differently with another
@@ -53,7 +54,9 @@ def set_waiting_policy(environ=os.environ, modules=sys.modules) -> str:
     libgomp, which reads it once) is already loaded; say which."""
     global waiting
     chosen = [f"{k}={environ[k]}" for k in WAIT_SETTINGS if environ.get(k)]
-    if chosen:
+    if chosen == [f"GOMP_SPINCOUNT={SPIN_COUNT}"]:  # set by the vaeflow process that started this one
+        waiting = f"GOMP_SPINCOUNT={SPIN_COUNT} (vaeflow's default)"
+    elif chosen:
         waiting = f"{', '.join(chosen)} (exported)"
     elif "torch" in modules:
         waiting = "libgomp's default spinning (torch was imported before vaeflow)"
@@ -61,6 +64,12 @@ def set_waiting_policy(environ=os.environ, modules=sys.modules) -> str:
         environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
         waiting = f"GOMP_SPINCOUNT={SPIN_COUNT} (vaeflow's default)"
     return waiting
+
+
+def exported_waiting(environ=os.environ) -> dict[str, str]:
+    """The waiting settings the user exported (an OMP_WAIT_POLICY, a GOMP_SPINCOUNT other than vaeflow's own)."""
+    return {k: environ[k] for k in WAIT_SETTINGS
+            if environ.get(k) and not (k == "GOMP_SPINCOUNT" and environ[k] == str(SPIN_COUNT))}
 
 
 def waiting_policy() -> str:

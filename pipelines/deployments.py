@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vaeflow.core.config import Config, ScheduleConfig
-from vaeflow.core.cpu import WAIT_SETTINGS
+from vaeflow.core.cpu import exported_waiting
 from vaeflow.core.interfaces import TAGS
 from vaeflow.core.errors import VaeflowError
 
@@ -366,7 +366,7 @@ def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: di
     the deployer points at a server), the deployer's VAEFLOW_* settings (plugins, data dir, config overrides),
     telemetry off, and the deployer's OMP_WAIT_POLICY or GOMP_SPINCOUNT if set. Flow runs that share a machine's
     cores take their share of the threads, and `import vaeflow` bounds OpenMP's spinning (core.cpu), so PASSIVE
-    (0.41-0.88x one run's speed, bench/contention.json) is not the default."""
+    (0.41-0.90x one run's speed, bench/contention.json) is not the default."""
     environ = os.environ if environ is None else environ
     workspace = Path(workspace).resolve()
     env = {k: v for k, v in sorted(environ.items()) if k.startswith("VAEFLOW_")}
@@ -377,9 +377,7 @@ def worker_env(workspace: Path, extra: dict[str, str] | None = None, environ: di
     env["MLFLOW_TRACKING_URI"] = uri
     if environ.get("MLFLOW_REGISTRY_URI"):
         env["MLFLOW_REGISTRY_URI"] = environ["MLFLOW_REGISTRY_URI"]
-    for key in WAIT_SETTINGS:
-        if environ.get(key):
-            env[key] = environ[key]
+    env.update(exported_waiting(environ))  # not vaeflow's own default: each flow run's `import vaeflow` sets that
     env.update(TELEMETRY_OFF)
     env.update(extra or {})
     return env

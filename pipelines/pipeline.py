@@ -929,12 +929,13 @@ class Pipeline:
 
     def planned_beside(self) -> dict[str, int]:
         """For each stage that is not heavy, the most stages execute() runs at once with it (itself included) in a
-        flow when none is cached: evaluate beside render is 2 in a forced re-evaluation, and when the pipeline runs
-        bare (one stage at a time) too, so its thread count, and with it the float rounding of its metrics, does
-        not depend on what was cached or how the pipeline was called."""
+        flow over the whole graph when none is cached: evaluate beside render is 2 in a forced re-evaluation, under
+        --until evaluate, and when the pipeline runs bare (one stage at a time) too, so its thread count, and with
+        it the float rounding of its metrics, depends neither on what was cached, nor on what was selected, nor on
+        how the pipeline was called (the cache key holds none of these)."""
         pending: list[str] = []
         most: dict[str, int] = {}
-        for i in self.ids:  # execute()'s order of collecting, without the work
+        for i in [s.id for s in self.graph.stages]:  # execute()'s order of collecting, without the work
             stage = self.graph.by_id[i]
             pending = [p for p in pending if p not in self.graph.needs[i]]
             if stage.heavy:

@@ -149,14 +149,19 @@ def test_pipeline_bench_reports_consistent_ratios(tmp_path):
 
 
 def test_contention_totals_count_only_the_time_both_jobs_ran():
-    """Two jobs' images/s over the window both ran, by hand: job a runs 0-10 s (1000 steps, evenly), job b 2-6 s
-    (400 steps); in 2-6 s a does 400 steps and b 400, at 128 images per step."""
+    """Two jobs' images/s over the window both trained, by hand: job a runs 0-10 s (1000 steps, evenly), job b starts
+    at 2 s, settles its thread count until 2.5 s and ends at 6 s (350 steps); in 2.5-6 s a does 350 steps and b 350,
+    at 128 images per step."""
     from vaeflow.pipelines.bench_contention import overlap_img_per_s, steps_at
 
-    a = {"start": 0.0, "end": 10.0, "steps": 1000, "images": 128_000, "timeline": [[0.0, 0], [5.0, 500], [10.0, 1000]]}
-    b = {"start": 2.0, "end": 6.0, "steps": 400, "images": 51_200, "timeline": [[2.0, 0], [4.0, 200], [6.0, 400]]}
-    assert steps_at(a["timeline"], 2.0) == pytest.approx(200) and steps_at(a["timeline"], 6.0) == pytest.approx(600)
-    assert steps_at(b["timeline"], 0.0) == 0 and steps_at(b["timeline"], 9.0) == 400
+    a = {"start": 0.0, "settle": 0.0, "end": 10.0, "steps": 1000, "images": 128_000,
+         "timeline": [[0.0, 0], [5.0, 500], [10.0, 1000]]}
+    b = {"start": 2.0, "settle": 0.5, "end": 6.0, "steps": 350, "images": 44_800,
+         "timeline": [[2.0, 0], [2.5, 0], [4.25, 175], [6.0, 350]]}
+    assert steps_at(a["timeline"], 2.5) == pytest.approx(250) and steps_at(a["timeline"], 6.0) == pytest.approx(600)
+    assert steps_at(b["timeline"], 0.0) == 0 and steps_at(b["timeline"], 9.0) == 350
     total, span = overlap_img_per_s([a, b])
-    assert span == pytest.approx(4.0)
-    assert total == pytest.approx((400 + 400) * 128 / 4.0)  # not (1000 + 400) * 128 / 10
+    assert span == pytest.approx(3.5)
+    assert total == pytest.approx((350 + 350) * 128 / 3.5)  # not (1000 + 350) * 128 / 10
+    alone, span = overlap_img_per_s([b])  # one job: from its settled start to its end
+    assert span == pytest.approx(3.5) and alone == pytest.approx(350 * 128 / 3.5)

@@ -105,6 +105,7 @@ def test_jobs_of_one_process_in_threads_count_apart(tmp_path, monkeypatch):
     """Evaluate and render of one stage graph start together: each counts the other (SETTLE_SECONDS)."""
     folder = tmp_path / "jobs"
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "SETTLE_SECONDS", 3.0)  # a loaded CI host may start the two threads far apart
     seen, ready, release = [], threading.Barrier(2), threading.Event()
 
     def job():
@@ -295,6 +296,11 @@ def test_set_waiting_policy_by_hand(monkeypatch):
     assert "exported" in cpu.set_waiting_policy(env, {}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
     env = {"GOMP_SPINCOUNT": "50"}
     assert "exported" in cpu.set_waiting_policy(env, {}) and env == {"GOMP_SPINCOUNT": "50"}
+    env = {"GOMP_SPINCOUNT": "1000"}  # inherited from the vaeflow process that started this one
+    assert "vaeflow's default" in cpu.set_waiting_policy(env, {})
+    assert cpu.exported_waiting({"GOMP_SPINCOUNT": "1000"}) == {}
+    assert cpu.exported_waiting({"GOMP_SPINCOUNT": "50", "OMP_WAIT_POLICY": "PASSIVE", "X": "1"}) == \
+        {"GOMP_SPINCOUNT": "50", "OMP_WAIT_POLICY": "PASSIVE"}
     env = {}
     assert "before vaeflow" in cpu.set_waiting_policy(env, {"torch": object()}) and env == {}
 

@@ -190,6 +190,7 @@ def test_worker_env_carries_the_workspace_store_and_settings(tmp_path):
     assert env["DO_NOT_TRACK"] == "true" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and env["EXTRA"] == "1"
     assert "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env  # the flow run's `import vaeflow` sets it
+    assert "GOMP_SPINCOUNT" not in worker_env(tmp_path, environ={"GOMP_SPINCOUNT": "1000"})  # vaeflow's own default
     waiting = worker_env(tmp_path, environ={"GOMP_SPINCOUNT": "20000", "OMP_WAIT_POLICY": "PASSIVE"})
     assert (waiting["GOMP_SPINCOUNT"], waiting["OMP_WAIT_POLICY"]) == ("20000", "PASSIVE")  # the deployer's choice
     assert worker_env(tmp_path, environ={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})["MLFLOW_TRACKING_URI"] == \

@@ -417,6 +417,17 @@ def test_force_reruns_a_stage_and_what_depends_on_it(runs):
     assert parent.data.tags["vaeflow.force"] == "evaluate,register"
 
 
+def test_a_forced_evaluate_under_until_writes_the_full_runs_numbers(runs):
+    """--until evaluate leaves render out of the run, yet evaluate takes the thread count it has beside render in
+    the full graph (the cache key does not hold the selection), so its metrics come out byte-identical."""
+    from vaeflow.pipelines.pipeline import run_pipeline
+
+    before = Path(runs["first"]["eval"]).read_text()
+    forced = run_pipeline(str(TINY), SETS, until="evaluate", force=["evaluate"])
+    assert forced["stages"]["evaluate"] == "ran" and "render" not in forced["stages"]
+    assert Path(forced["eval"]).read_text() == before
+
+
 def test_force_train_retrains_from_scratch_to_the_same_weights(home):
     """--force train removes the stage's folder (weights and checkpoint) and trains again: with the same seed the
     weights come out bit-identical, in the same folder."""
