@@ -6,17 +6,16 @@ and the spinning threads of one job take the cores the other job's threads wait 
 
 - each CPU job (a training, a pipeline stage, `vaeflow evaluate`) takes, once at its start, its share of the CPUs it
   may use (affinity, cgroup quota) divided by the number of CPU jobs that run then (jobs that start within
-  SETTLE_SECONDS of each other count each other): those of this process (evaluate
-  beside render) and those of other vaeflow processes of this user, each of which holds a slot file under the cache
-  folder, locked by an flock that the kernel drops when the process dies (kill -9 included);
+  SETTLE_SECONDS of each other count each other): those of this process (evaluate beside render) and those of other
+  vaeflow processes of this user, each of which holds a slot file under the cache folder, locked by an flock that
+  the kernel drops when the process dies (kill -9 included);
 - `import vaeflow` bounds libgomp's spinning (GOMP_SPINCOUNT=SPIN_COUNT, set before torch loads libgomp, which reads
   it once): an idle thread spins briefly (tens of microseconds at most) and then sleeps, so a job whose threads
-  outnumber the free cores
-  (it started alone and another started later, or a `pip install` runs beside it) does not take the cores its own
-  and the other job's threads wait for. Measured on 2 cores (bench/contention.json): one job alone loses a few per
-  cent at most against libgomp's default (1.00x, within noise); a 2-thread job beside a later 1-thread one keeps the
-  pair's total at 1.02x one job alone instead of 0.71x. OMP_WAIT_POLICY=PASSIVE (no spin at all) cost 0.90x alone (0.41x on a
-  busier host), as every parallel region then wakes sleeping threads.
+  outnumber the free cores (it started alone and another started later, or a `pip install` runs beside it) does not
+  take the cores its own and the other job's threads wait for. Measured on 2 cores (bench/contention.json): one job
+  alone runs at 1.00x libgomp's default (within noise); a 2-thread job beside a later 1-thread one keeps the pair's
+  total at 1.02x one job alone instead of 0.71x. OMP_WAIT_POLICY=PASSIVE (no spin at all) cost 0.90x alone (0.41x on
+  a busier host), as every parallel region then wakes sleeping threads.
 
 The count is fixed for the whole job, never changed while it runs: OpenMP reductions round differently with another
 thread count (a VQ-VAE-2 trains to other weights on 1 and 2 threads), so a count that followed the load would make
