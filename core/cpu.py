@@ -20,7 +20,8 @@ and the spinning threads of one job take the cores the other job's threads wait 
 The count is fixed for the whole job, never changed while it runs: OpenMP reductions round differently with another
 thread count (a VQ-VAE-2 trains to other weights on 1 and 2 threads), so a count that followed the load would make
 the same seed give other numbers. A training records its count in its checkpoint, and a resume keeps it, so a
-resumed run matches an uninterrupted one on any load. `train.num_threads` (or an exported OMP_NUM_THREADS) fixes the
+resumed run matches an uninterrupted one on any load (on fewer usable CPUs than its count, it takes its share and
+warns). `train.num_threads` (or an exported OMP_NUM_THREADS) fixes the
 count for reruns that must match a run made under another load; an exported OMP_WAIT_POLICY or GOMP_SPINCOUNT is
 left to libgomp as it is.
 Imports no torch.
@@ -36,6 +37,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,12 +166,14 @@ class CpuShare:
     _count = 0
     _count_lock = threading.Lock()
 
-    def __init__(self, name: str, num_threads: int | None = None, folder: Path | None = None, jobs_at_least: int = 1):
+    def __init__(self, name: str, num_threads: int | None = None, folder: Path | None = None, jobs_at_least: int = 1,
+                 report: Callable[[int, str], None] | None = None):
         """`name` labels the slot (e.g. the stage id); `num_threads` (train.num_threads), else an exported
         OMP_NUM_THREADS (e.g. set by a launcher for its ranks), fixes the count; `jobs_at_least`: the jobs this one
         is planned to run beside, itself included, counted even when they do not run (a pipeline stage's cached
-        siblings), so that its count does not depend on what was cached."""
-        self.name, self.folder = name, jobs_dir() if folder is None else folder
+        siblings), so that its count does not depend on what was cached; `report(level, message)` also gets each
+        line logged on `vaeflow.cpu` (a pipeline stage's Prefect log)."""
+        self.name, self.folder, self.report = name, jobs_dir() if folder is None else folder, report
         self.jobs_at_least = max(1, jobs_at_least)
         self.fixed, self.fixed_by = num_threads, "train.num_threads"
         if not num_threads and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
@@ -243,27 +247,48 @@ class CpuShare:
             reason = f"{self.cpus} usable CPUs shared by {self.jobs} CPU job(s)"
         torch.set_num_threads(threads)
         self.threads = threads
-        log.info("%s: %d thread(s) for the whole job (%s; waiting: %s)", self.name, threads, reason, waiting)
+        self._say(logging.INFO, f"{self.name}: {threads} CPU thread(s) for the whole job ({reason}; "
+                                f"OpenMP waiting: {waiting})")
+
+    def _say(self, level: int, message: str) -> None:
+        """Log `message` on vaeflow.cpu and pass it to `report`."""
+        log.log(level, "%s", message)
+        if self.report is not None:
+            self.report(level, message)
 
     def fix(self, threads: int, why: str) -> None:
-        """Set this job's count to `threads`, named by `why` (a resumed training keeps its run's count)."""
+        """Set this job's count to `threads`, named by `why`."""
         self.fixed, self.fixed_by = threads, why
         self._choose()
+
+    def resume(self, threads: int | None) -> None:
+        """Keep the count a resumed training's checkpoint was trained with (`threads`), so that it rounds as the
+        uninterrupted run would; not over train.num_threads or OMP_NUM_THREADS, and not above the usable CPUs."""
+        if not threads or self.fixed or threads == self.threads:
+            return
+        if threads > self.cpus:  # a run moved to a smaller machine: as many threads as there are CPUs would thrash
+            self._say(logging.WARNING, f"{self.name}: the checkpoint was trained with {threads} CPU threads, but "
+                                       f"only {self.cpus} CPU(s) are usable here; it goes on with {self.threads}, so "
+                                       f"its float rounding differs from an uninterrupted run's (set "
+                                       f"train.num_threads to choose)")
+            return
+        self.fix(threads, "the count this run started with, kept on resume")
 
 
 _active = threading.local()  # the CpuShare this thread runs under, if any
 
 
 @contextmanager
-def cpu_share(name: str, num_threads: int | None = None, jobs_at_least: int = 1):
+def cpu_share(name: str, num_threads: int | None = None, jobs_at_least: int = 1,
+              report: Callable[[int, str], None] | None = None):
     """Hold a CPU slot named `name` while the block runs, with torch's threads set to this job's share (or
-    `num_threads`; `jobs_at_least`: see CpuShare); inside another share of the same thread (the train stage around the engine)
-    the outer one is used."""
+    `num_threads`; `jobs_at_least` and `report`: see CpuShare); inside another share of the same thread (the train
+    stage around the engine) the outer one is used."""
     outer = getattr(_active, "share", None)
     if outer is not None:
         yield outer
         return
-    with CpuShare(name, num_threads, jobs_at_least=jobs_at_least) as share:
+    with CpuShare(name, num_threads, jobs_at_least=jobs_at_least, report=report) as share:
         _active.share = share
         try:
             yield share

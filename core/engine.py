@@ -231,9 +231,7 @@ class Trainer:
             # loss to three decimals); process-wide, like torch's thread count
             torch.set_flush_denormal(True)
         with cpu_share("train", self.cfg.train.num_threads) as self.cpu:
-            if self.resumed_threads and not self.cpu.fixed and self.resumed_threads != self.cpu.threads:
-                # another thread count rounds the reductions differently: the resume keeps the run's own count
-                self.cpu.fix(self.resumed_threads, "the count this run started with, kept on resume")
+            self.cpu.resume(self.resumed_threads)  # another count rounds the reductions differently
             return self._fit()
 
     def _fit(self) -> TrainResult:

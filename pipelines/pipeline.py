@@ -30,7 +30,7 @@ from prefect.states import State
 
 from vaeflow.core.checkpoint import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
 from vaeflow.core.config import Config, apply_sets, canonical_json, config_hash, hashed_dump, load_config, validate
-from vaeflow.core.cpu import cpu_share, waiting_policy as cpu_waiting
+from vaeflow.core.cpu import cpu_share
 from vaeflow.core.errors import ConfigError, VaeflowError
 from vaeflow.core.interfaces import Stage, StageContext, file_sha256
 from vaeflow.pipelines.processes import failpoint
@@ -783,9 +783,7 @@ def run_stage(config: str, stage: str, inputs: dict, run: dict, fresh: bool = Fa
     s = graph.by_id[stage]
     fresh = fresh and task_run.run_count <= 1  # a retry of a forced stage resumes what its first attempt wrote
     with stage_context(watched(cfg), run, s, graph.key(s, cfg, inputs), fresh) as ctx, \
-            cpu_share(stage, cfg.train.num_threads, beside) as share:  # evaluate beside render: each its share
-        ctx.log.info("%s: %d CPU thread(s) of %d usable, %d CPU job(s) running; OpenMP waiting: %s", stage,
-                     share.threads, share.cpus, share.jobs, cpu_waiting())
+            cpu_share(stage, cfg.train.num_threads, beside, report=ctx.log.log):  # evaluate beside render
         result = s.run(ctx, inputs)
     return {**result, "run_id": ctx.run_id}
 

@@ -287,6 +287,53 @@ def test_a_resume_keeps_the_count_its_run_started_with(tmp_path, monkeypatch, ho
         assert share.jobs == 1 and share.threads == 4  # a new job takes every CPU
 
 
+def test_a_resume_on_fewer_cpus_takes_its_share_and_says_so(tmp_path, monkeypatch, holder):
+    """A run trained with 4 threads and resumed where 2 CPUs are usable does not run 4 threads on 2 CPUs: it takes
+    the share and warns that its rounding differs; inside a pipeline stage's share the lines reach the stage's
+    report (its Prefect log), the start's and the resume's alike."""
+    import logging
+
+    from vaeflow.core.checkpoint import load_checkpoint, read_metrics
+    from vaeflow.core.engine import CHECKPOINT_FILE, Trainer, resume
+
+    start, folder = holder
+    monkeypatch.setenv("VAEFLOW_CACHE_DIR", str(folder.parent))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfterFirstEpoch:
+        def on_epoch(self, record):
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(validate(TINY), tmp_path / "run", callbacks=[CrashAfterFirstEpoch()]).fit()
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)["threads"] == 4
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 2)
+    said = []
+    with cpu.cpu_share("train", report=lambda level, message: said.append((level, message))):
+        resume(tmp_path / "run")
+    assert [r["threads"] for r in read_metrics(tmp_path / "run")] == [4, 2, 2]
+    assert [level for level, _ in said] == [logging.INFO, logging.WARNING]
+    assert "2 CPU thread(s) for the whole job (2 usable CPUs shared by 1 CPU job(s)" in said[0][1]
+    assert "trained with 4 CPU threads" in said[1][1] and "goes on with 2" in said[1][1]
+
+    # with room for it, the resumed count is kept, and the stage's report says so
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 4)
+    with pytest.raises(Crash):
+        Trainer(validate(TINY), tmp_path / "again", callbacks=[CrashAfterFirstEpoch()]).fit()
+    other = start()  # resumed beside another job: its share would be 2, the run keeps 4
+    said.clear()
+    with cpu.cpu_share("train", report=lambda level, message: said.append((level, message))):
+        resume(tmp_path / "again")
+    other.kill()
+    other.wait()
+    assert [r["threads"] for r in read_metrics(tmp_path / "again")] == [4, 4, 4]
+    assert "2 CPU thread(s)" in said[0][1] and "4 CPU thread(s)" in said[1][1] and "kept on resume" in said[1][1]
+
+
 def test_set_waiting_policy_by_hand(monkeypatch):
     """vaeflow bounds the spinning unless the user chose a policy, or torch (with libgomp) loaded first."""
     monkeypatch.setattr(cpu, "waiting", cpu.waiting)  # this process's own record, restored after
