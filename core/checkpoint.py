@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+import difflib
+from typing import Any, Optional
 
 import safetensors.torch
 import torch
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from vaeflow.core.config import Config, config_hash, dump_yaml, read_yaml, validate
 from vaeflow.core.errors import CheckpointError, PluginError, VaeflowError
-from vaeflow.core.files import append_line, atomic_write, write_text  # noqa: F401 (re-exported: callers import them from here)
+from vaeflow.core.files import append_line, atomic_write, read_record, write_text  # noqa: F401 (re-exported: callers import them from here)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,6 +77,10 @@ def architecture_signature(module: torch.nn.Module) -> str:
 def read_run_config(run_dir: str | Path) -> Config:
     """The resolved config stored in a run directory."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        hint = f" (pass its folder, {run_dir.parent})" if (run_dir.parent / CONFIG_FILE).is_file() else ""
+        raise CheckpointError(f"{run_dir} is a file, not a run directory{hint}; pass the --out folder of "
+                              f"`vaeflow train`, or a registered model models:/NAME@ALIAS")
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist; pass the --out folder of `vaeflow train`")
     if not (run_dir / CONFIG_FILE).is_file():
@@ -89,14 +97,35 @@ def not_a_run(folder: Path) -> str:
             f"{CHECKPOINT_FILE} and, once trained, {WEIGHTS_FILE}{hint}")
 
 
+class PluginRecord(BaseModel):
+    """One entry of a run's plugins.json: the plugin a config field selected, and the package that provided it."""
+
+    model_config = ConfigDict(extra="allow")
+    family: str
+    name: str
+    package: Optional[str] = None
+    version: Optional[str] = None
+
+
+def read_plugins(folder: Path) -> dict[str, PluginRecord] | None:
+    """The plugins a run directory's model needs ({config field: record}), or None when it has no plugins.json."""
+    path = folder / PLUGINS_FILE
+    if not path.is_file():
+        return None
+    return read_record(path, TypeAdapter(dict[str, PluginRecord]),
+                       f"`vaeflow train` writes it as {{config field: {{family, name, package, version}}}}; restore "
+                       f"it from a copy of the run (its MLflow run's artifacts), or delete it to load the model with "
+                       f"the plugins its {CONFIG_FILE} names")
+
+
 def _upgrade(raw: dict, run_dir: Path) -> dict:
     """A run config written before model kinds were plugins (its plugins.json names no `kind`) carried every
     model field of every kind (vq defaults on a vae, say): drop the keys its kind does not declare."""
     from vaeflow.core.registry import get_registry
 
-    plugins = run_dir / PLUGINS_FILE
+    plugins = read_plugins(run_dir)
     model = raw.get("model")
-    if not (plugins.is_file() and isinstance(model, dict)) or "kind" in json.loads(plugins.read_text()):
+    if plugins is None or not isinstance(model, dict) or "kind" in plugins:
         return raw
     entry = get_registry().entries["model"].get(model.get("kind", "vae"))
     if entry is not None:
@@ -153,15 +182,33 @@ def check_plugins(folder: Path) -> None:
     """Fail with the missing plugin and its package when a model needs components not installed here."""
     from vaeflow.core.registry import get_registry
 
-    path = folder / PLUGINS_FILE
-    if not path.is_file():
-        return
     registry = get_registry()
-    for field, info in json.loads(path.read_text()).items():
-        if info["name"] not in registry.entries.get(info["family"], {}):
-            raise PluginError(f"this model needs the {info['family']} {info['name']!r} (for {field}) from the package "
-                              f"{info['package']!r}, which is not installed here: `pip install {info['package']}`, "
+    for field, info in (read_plugins(folder) or {}).items():
+        known = registry.entries.get(info.family, {})
+        if info.name in known:
+            continue
+        installed = installed_version(info.package)
+        if installed is None:
+            raise PluginError(f"this model needs the {info.family} {info.name!r} (for {field}) from the package "
+                              f"{info.package!r}, which is not installed here: `pip install {info.package}`, "
                               f"or set VAEFLOW_PLUGINS to the module that provides it")
+        close = difflib.get_close_matches(info.name, list(known), n=1)
+        raise PluginError(f"this model needs the {info.family} {info.name!r} (for {field}, {folder / PLUGINS_FILE}), "
+                          f"but the package {info.package!r} installed here ({installed}; the model was made with "
+                          f"{info.version}) has no such {info.family}"
+                          f"{f' (did you mean {close[0]!r}?)' if close else ''}; known {info.family}s: "
+                          f"{', '.join(sorted(known)) or 'none'}. Install the version the model was made with, or "
+                          f"set VAEFLOW_PLUGINS to the module that provides it")
+
+
+def installed_version(package: str | None) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package) if package else None
+    except PackageNotFoundError:
+        return None
 
 
 def missing_store(uri: str, cli: bool = True) -> str | None:
@@ -171,9 +218,10 @@ def missing_store(uri: str, cli: bool = True) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = Path(uri.removeprefix("sqlite:///"))
-    if path.is_file():
+    if path.is_file() and path.stat().st_size > 0:
         return None
-    lines = [f"there is no MLflow store at {uri} (no file {path}): nothing was tracked or registered there yet"]
+    why = "an empty file" if path.is_file() else "no file"  # sqlite would make its tables in an empty one
+    lines = [f"there is no MLflow store at {uri} ({why} {path}): nothing was tracked or registered there yet"]
     found = next((p / STORE_FILE for p in path.parent.parents if (p / STORE_FILE).is_file()), None)
     if found is not None and cli:
         lines.append(f"a store exists at {found}: run from {found.parent} or set VAEFLOW_HOME={found.parent}")
@@ -207,7 +255,19 @@ def resolve_model_dir(source: str | Path) -> Path:
                               f"{str(exc).splitlines()[0][:300]}. Check the name and alias (`vaeflow models list`) "
                               f"and MLFLOW_TRACKING_URI") from None
     inner = local / "artifacts" / "model_dir"
-    return inner if inner.is_dir() else local
+    if (inner / CONFIG_FILE).is_file() or (local / CONFIG_FILE).is_file():
+        return inner if inner.is_dir() else local
+    names = sorted(p.name for p in local.iterdir()) if local.is_dir() else [local.name]
+    temp = Path(tempfile.gettempdir())
+    copy = next((p for p in (local, *local.parents) if p.parent == temp and p.name.startswith("tmp")), None)
+    if copy is not None:
+        shutil.rmtree(copy, ignore_errors=True)  # MLflow's own temporary copy of what it fetched (mkdtemp's tmp*)
+    what = ("one level's code prior of a VQ model: `vaeflow generate --model` of that model's models:/NAME@ALIAS "
+            "finds its priors, or pass the prior's folder as --prior") if "prior.json" in names else (
+        "the feature network of the sample-quality metrics (FID)") if "features.json" in names else (
+        f"not a model made by vaeflow (it holds {', '.join(names[:6]) or 'nothing'})")
+    raise CheckpointError(f"{text} is {what}; it has no {CONFIG_FILE}, so it is not a model this command can load. "
+                          f"The models: `vaeflow models list`")
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu"):

@@ -17,7 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_args,
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, create_model, model_validator,
+    BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, create_model, field_validator,
+    model_validator,
 )
 
 from vaeflow.core.bounds import (  # noqa: F401  (re-exported: the config's bounds)
@@ -31,9 +32,10 @@ ENV_PREFIX = "VAEFLOW_"
 
 
 class Section(BaseModel):
-    """Base of every config section: typos are errors with their field path."""
+    """Base of every config section: typos are errors with their field path, and a float is finite (inf and nan are
+    typos too: `lr: inf` is not a learning rate)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ComponentSpec(Section):
@@ -167,6 +169,15 @@ class TrackingConfig(Section):
     workspace: str = Field(".vaeflow", description="folder for the pipeline's cached stage outputs")
     promote_metric: str = Field("iwae_nll_nats", description="eval metric that decides promotion to champion")
     promote_lower_is_better: bool = Field(True, description="direction of promote_metric")
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, name: str) -> str:
+        """A name the MLflow registry takes (no '/' or ':', not blank) and that reads the same in a models:/ URI."""
+        if not name.strip() or name != name.strip() or any(c in name for c in "/:@") or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a registry name: MLflow names cannot be blank or contain '/' or ':', "
+                             f"and '@' or spaces at the ends break models:/NAME@ALIAS; e.g. vae-fashion-mnist")
+        return name
 
 
 class PriorSampleConfig(Section):
@@ -584,6 +595,14 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], data: 
             bad = (err.get("ctx") or {}).get("tag")
             path = "model.kind"
             msg = f"unknown model kind {bad!r}; known kinds: {', '.join(registry.names('model')) or 'none'}"
+        elif kind == "union_tag_not_found" and clean == ["model"]:
+            got, kinds = err.get("input"), ", ".join(registry.names("model")) or "none"
+            yaml_repr = lambda v: "null" if v is None else repr(v)  # noqa: E731 (as the user wrote it)
+            if isinstance(got, dict):
+                path, msg = "model.kind", f"{yaml_repr(got.get('kind'))} is not a model kind; choose one of: {kinds}"
+            else:
+                msg = (f"give a mapping with a kind, e.g. `model: {{kind: vae, latent_dim: 10}}`, not "
+                       f"{yaml_repr(got)}; kinds: {kinds}")
         elif kind == "union_tag_invalid" and family:
             bad = (err.get("ctx") or {}).get("tag")
             msg = f"unknown {family} {bad!r}; known {family}s: {', '.join(registry.names(family)) or 'none'}"

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from vaeflow.core.beta import BetaSchedule
 from vaeflow.core.checkpoint import (
-    CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, append_metrics, begin_run, load_checkpoint, read_metrics,
+    CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, append_metrics, begin_run, load_checkpoint, read_metrics,
     read_run_config, save_checkpoint, save_weights, weights_metadata, write_text,
 )
 from vaeflow.core.config import Config, config_hash
@@ -297,6 +297,8 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
+        if not record and (done := read_metrics(self.run_dir)):  # resumed when already trained: its last epoch's
+            record, img_per_s = done[-1], float(done[-1].get("img_per_s", 0.0))
         return TrainResult(self.run_dir, self.step, self.epoch, img_per_s, record)
 
     def _notify(self, event: str, *args) -> None:
@@ -337,6 +339,11 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / WEIGHTS_FILE).exists():
         raise CheckpointError(f"{run_dir} already holds a run; use `vaeflow train --resume {run_dir}` or another --out")
+    others = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() and not (run_dir / CONFIG_FILE).exists() else []
+    if others:  # `--out ''` or `--out .`: a run would mix its files with these
+        raise CheckpointError(f"{run_dir.absolute()} is a folder with other files ({', '.join(others[:5])}"
+                              f"{', ...' if len(others) > 5 else ''}); a run gets a folder of its own: pass a new or "
+                              f"empty one, e.g. --out {run_dir / 'run'}")
     before = set(run_dir.iterdir()) if run_dir.is_dir() else None  # None: this call creates the folder
     path = run_dir.absolute()
     made = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)  # the topmost folder to make

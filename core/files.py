@@ -181,3 +181,21 @@ def _why(exc: OSError, nearest: Path, target: Path) -> str:
     if missing:
         return f"{missing}none can be made in {nearest} ({exc.strerror})"
     return f"{nearest} does not take new files ({exc.strerror})"
+
+
+def read_record(path: str | Path, schema, advice: str):
+    """`path`'s JSON validated by `schema` (a pydantic model or TypeAdapter); bad JSON, a missing key or a wrong type
+    is a CheckpointError naming the file, the place in it and `advice` (how to get a good copy)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from vaeflow.core.errors import CheckpointError
+
+    adapter = schema if isinstance(schema, TypeAdapter) else TypeAdapter(schema)
+    try:
+        return adapter.validate_json(Path(path).read_bytes())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise CheckpointError(f"{path} is corrupt ({where + ': ' if where else ''}{err['msg']}); {advice}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}; {advice}") from None

@@ -28,6 +28,33 @@ def save_grid(images: torch.Tensor, out: Path, nrow: int) -> Path:
     return out
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (MemAvailable of /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_grid_memory(count: int, shape: tuple[int, ...], option: str) -> None:
+    """A VaeflowError, before any work, when a grid of `count` images of `shape` (C, H, W) would not fit in half the
+    memory available: the decoded float32 images, the float32 grid and its 8-bit copy."""
+    per_image = math.prod(shape) * (4 + 4 + 1)
+    available = available_memory()
+    if available is None or count * per_image <= available // 2:
+        return
+    from vaeflow.core.files import human_bytes
+
+    most = max(1, available // 2 // per_image)
+    raise VaeflowError(f"{option}: a grid of {count:,} images of {'x'.join(map(str, shape))} needs about "
+                       f"{human_bytes(count * per_image)} of memory, and {human_bytes(available)} is available; "
+                       f"ask for at most {most:,} images")
+
+
 def square_rows(n: int) -> int:
     """Images per row of a square-ish grid of n."""
     return max(1, math.ceil(math.sqrt(n)))

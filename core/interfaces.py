@@ -20,9 +20,9 @@ Shape = tuple[int, int, int]  # (C, H, W)
 
 
 class Options(BaseModel):
-    """Base for component options: unknown keys are errors, not silently ignored."""
+    """Base for component options: unknown keys are errors, not silently ignored, and floats are finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Component:

@@ -12,12 +12,14 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import safetensors.torch
 import torch
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from vaeflow.core.checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_text
+from vaeflow.core.checkpoint import atomic_write, load_checkpoint, read_record, save_checkpoint, write_text
 from vaeflow.core.config import PriorConfig
 from vaeflow.core.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from vaeflow.core.interfaces import Prior, file_sha256
@@ -26,6 +28,41 @@ from vaeflow.core.registry import Registry, get_registry
 CODES_FILE, CODES_MANIFEST = "codes.safetensors", "codes.json"
 PRIOR_WEIGHTS, PRIOR_INFO, PRIOR_CHECKPOINT = "prior.safetensors", "prior.json", "checkpoints/last.pt"
 LN2 = math.log(2.0)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")  # what loading does not read is kept as it is
+
+
+class PriorLevel(_Record):
+    """One level of a prior.json's `levels`: its code grid, codebook size and the level it is conditioned on."""
+
+    grid: list[int]
+    codebook_size: int
+    condition: Optional[str] = None
+
+
+class PriorSpec(_Record):
+    """A prior.json's `spec`: the prior plugin's name and its options."""
+
+    name: str
+
+
+class PriorLineage(_Record):
+    """A prior.json's `lineage`: the stage-1 model whose codes it was trained on."""
+
+    codebook_sha256: str
+    stage1_weights_sha256: str
+
+
+class PriorInfo(_Record):
+    """What loading a prior reads from its prior.json."""
+
+    level: str
+    levels: dict[str, PriorLevel]
+    spec: PriorSpec
+    lineage: PriorLineage
+    package: Optional[str] = None
 
 
 # --- codes -----------------------------------------------------------------------------------
@@ -224,9 +261,13 @@ def load_prior(folder: str | Path, model=None, device: str | torch.device = "cpu
     with `level`, refuse a prior for another level."""
     folder = Path(folder)
     path = folder / PRIOR_INFO
+    if not folder.is_dir():
+        raise CheckpointError(f"prior folder {folder} does not exist; pass the run folder of a train_prior stage "
+                              f"(a folder under .vaeflow/priors where `vaeflow run` ran), one per level, top first")
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a trained prior (no {PRIOR_INFO}); train it with `vaeflow run`")
-    info = json.loads(path.read_text())
+    info = read_record(path, PriorInfo, "the train_prior stage writes it; run that stage again (`vaeflow run CONFIG "
+                                        "--force train_prior_LEVEL`) or use the registered model's priors").model_dump()
     if level is not None and info["level"] != level:
         raise CheckpointError(f"{folder} is the {info['level']} prior, but it was given for the {level} level "
                               f"(pass the priors top first)")

@@ -248,6 +248,10 @@ def kernel_distance(f1, f2, subsets: int = 10, subset_size: int = 1000, seed: in
 def quality_scores(net: nn.Module, real_images: torch.Tensor, fake_images: torch.Tensor, batch_size: int = 500,
                    kid_subsets: int = 10, kid_subset_size: int = 1000, seed: int = 0) -> dict:
     """FID and KID between real and generated images (N, C, H, W) in the feature space of `net`."""
+    if len(real_images) < 2 or len(fake_images) < 2:  # a covariance needs two
+        raise DataError(f"FID and KID need at least 2 real (test) and 2 generated images, got {len(real_images)} and "
+                        f"{len(fake_images)}: give the test split 2 or more images (e.g. data.dataset.n_test), or "
+                        f"set quality.enabled: false")
     f_real = extract_features(net, real_images, batch_size)  # (N1, F)
     f_fake = extract_features(net, fake_images, batch_size)  # (N2, F)
     return {"fid": fid_from_features(f_real, f_fake),

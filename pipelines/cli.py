@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import json
 import shlex
 import sys
@@ -281,7 +282,10 @@ def train(
             raise VaeflowError("--resume RUN_DIR takes no CONFIG, --out or --set: the run dir holds its config")
         if (resume / "config.yaml").is_file():  # a run dir (else engine.resume says what one is)
             check_writable(resume, folder=True, option="--resume")
+        finished = (resume / engine.WEIGHTS_FILE).is_file()  # written once the last epoch is done
         result = engine.resume(resume)
+        if finished and not as_json and int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"{resume} was already trained to its last epoch; nothing to resume (its last epoch below)")
     else:
         if config is None:
             raise VaeflowError("give a CONFIG file (e.g. configs/vae-shapes-tiny.yaml) or --resume RUN_DIR")
@@ -303,7 +307,7 @@ def train(
     typer.echo(f"next: vaeflow evaluate --model {result.run_dir}")
 
 
-TRAIN_BOOKKEEPING = ("epoch", "step", "img_per_s", "seconds", "lr", "beta", "capacity")  # the rest: loss and the kind's terms
+TRAIN_BOOKKEEPING = ("epoch", "step", "img_per_s", "seconds", "lr", "beta", "capacity", "threads")  # the rest: loss and the kind's terms
 
 
 def _torchrun(nproc: int) -> int:
@@ -339,11 +343,25 @@ def _resolve(model: str) -> str:
 
 
 def _load(model: str, sets: list[str]):
+    """The trained model and its config with the --set overrides that apply to a trained model (data, eval, render);
+    an override of what its weights fix (the model section, the image shape) is an error, not silently ignored."""
     from vaeflow.core import load_model
-    from vaeflow.core.config import apply_sets
+    from vaeflow.core.config import apply_sets, parse_set
+    from vaeflow.core.model import data_shape
 
-    net, cfg = load_model(_resolve(model), device="auto")
-    return net, apply_sets(cfg, sets)
+    net, stored = load_model(_resolve(model), device="auto")
+    cfg = apply_sets(stored, sets)
+    named = [dotted for dotted, _ in parse_set(list(sets))]
+    if cfg.model != stored.model:
+        keys = [d for d in named if d.split(".")[0] == "model"]
+        raise VaeflowError(f"--set {', '.join(keys)}: a trained model's model section is fixed by its weights (its "
+                           f"config.yaml); train a new model to change it: `vaeflow train CONFIG --set ...`")
+    shape, trained = data_shape(cfg), data_shape(stored)
+    if shape != trained:
+        keys = [d for d in named if d.split(".")[0] == "data"]
+        raise VaeflowError(f"--set {', '.join(keys)}: the model was trained on {'x'.join(map(str, trained))} images, "
+                           f"and this data would be {'x'.join(map(str, shape))}; drop it, or train a model on that data")
+    return net, cfg
 
 
 @app.command()
@@ -407,11 +425,16 @@ def generate(
     set_: SetOption = [],
 ):
     """Sample and save a grid: z ~ N(0, I) for a VAE; for a VQ-VAE(-2), codes from its priors, top then bottom."""
+    from vaeflow.core.images import check_grid_memory
+    from vaeflow.core.model import data_shape
     from vaeflow.pipelines.render import check_image_path, samples, save_grid, square_rows
 
     check_writable(check_image_path(out))  # before any work
+    if not math.isfinite(temperature):
+        raise VaeflowError(f"--temperature {temperature}: give a finite temperature, e.g. 1 (the model itself) or 0.7")
     model = _resolve(model)
     net, cfg = _load(model, set_)
+    check_grid_memory(n, data_shape(cfg), "-n")
     if not net.capabilities.discrete:
         if prior or top_k is not None:
             raise VaeflowError(f"--prior and --top-k apply to VQ models; {model} is a {cfg.model.kind}")
@@ -471,7 +494,8 @@ def render(
 @cpu_job
 def interpolate(
     model: ModelOption,
-    pairs: Annotated[int, typer.Option(min=1, help="rows: pairs of test images")] = 8,
+    pairs: Annotated[int, typer.Option(min=1, help="rows: pairs of test images (two rows each for a VQ model: "
+                                                   "lerped, and snapped to its codes)")] = 8,
     steps: Annotated[int, typer.Option(min=2, help="columns: points from one image to the other")] = 10,
     out: Annotated[Path, typer.Option("--out", help="PNG file of the interpolation grid")] = Path("interpolation.png"),
     seed: SeedOption = 0,
@@ -479,10 +503,18 @@ def interpolate(
 ):
     """Interpolate linearly between the posterior means of pairs of test images, decode, and save a grid."""
     from vaeflow.core.data import load_split
+    from vaeflow.core.images import check_grid_memory
+    from vaeflow.core.model import data_shape
     from vaeflow.pipelines.render import check_image_path, interpolations
 
+    from vaeflow.core.bounds import MAX_GRID
+
+    for option, value in (("--pairs", pairs), ("--steps", steps)):
+        if value > MAX_GRID:
+            raise VaeflowError(f"{option} {value}: at most {MAX_GRID} rows or columns in one figure")
     check_writable(check_image_path(out))  # before any work
-    net, cfg = _load(model, set_)
+    net, cfg = _load(_resolve(model), set_)
+    check_grid_memory(pairs * steps * (2 if net.capabilities.discrete else 1), data_shape(cfg), "--pairs x --steps")
     interpolations(net, load_split(cfg, "test"), pairs, steps, seed, out)
     typer.echo(f"wrote {pairs} interpolations of {steps} steps to {out}")
 
@@ -592,13 +624,13 @@ def serve(
     """Register the pipeline's deployments (vaeflow_pipeline/NAME, and NAME-STAGE for each stage of the config's
     graph) and run their flow runs in this process until Ctrl-C (needs PREFECT_API_URL). For several worker
     processes, use `vaeflow deploy`."""
-    from vaeflow.core.config import load_config
+    from vaeflow.core.config import config_path, load_config
     from vaeflow.pipelines.deployments import require_api, schedules_from, serve_deployments
 
     cfg = load_config(config, set_)
     require_api("serve")
     schedules = schedules_from(cfg, cron, interval)
-    serve_deployments(config.resolve(), list(set_), schedules, name or cfg.tracking.model_name, pin)
+    serve_deployments(config_path(config).resolve(), list(set_), schedules, name or cfg.tracking.model_name, pin)
 
 
 @app.command()
@@ -621,7 +653,7 @@ def deploy(
     work pool, for any number of `prefect worker start --pool POOL` processes to run (needs PREFECT_API_URL)."""
     import os
 
-    from vaeflow.core.config import load_config
+    from vaeflow.core.config import config_path, load_config
     from vaeflow.pipelines.deployments import (check_runnable, deploy_summary, deploy_to_pool, ensure_process_pool,
                                        parse_env, require_api, schedules_from, worker_env)
 
@@ -633,8 +665,9 @@ def deploy(
     folder = (workspace or Path(os.environ.get("VAEFLOW_HOME") or Path.cwd())).resolve()
     run_env = worker_env(folder, extra)
     pool_message = ensure_process_pool(pool)
-    done = deploy_to_pool(config.resolve(), list(set_), cfg, schedules, name or cfg.tracking.model_name, pool, run_env, pin)
-    for line in deploy_summary(done, pool, pool_message, config, pin, schedules, run_env):
+    source = config_path(config).resolve()  # a template name: the shipped file, which every run reads
+    done = deploy_to_pool(source, list(set_), cfg, schedules, name or cfg.tracking.model_name, pool, run_env, pin)
+    for line in deploy_summary(done, pool, pool_message, source, pin, schedules, run_env):
         typer.echo(line)
 
 

@@ -65,10 +65,14 @@ def eval_mode(module: nn.Module):
         module.train(was_training)
 
 
-def pick(n: int, count: int, seed: int, what: str = "images") -> torch.Tensor:
-    """`count` distinct indices of n, drawn with a generator seeded by `seed`: (count,) int64."""
+def pick(n: int, count: int, seed: int, option: str = "") -> torch.Tensor:
+    """`count` distinct indices of n, drawn with a generator seeded by `seed`: (count,) int64; `option` names the
+    renderer option that asked for them, for the message when n is too few."""
     if count > n:
-        raise VaeflowError(f"the renderer needs {count} held-out {what}, but ctx.images holds {n}")
+        asked = f" (its option {option})" if option else ""
+        raise VaeflowError(f"it needs {count} held-out images{asked}, but only {n} are given: lower that option in "
+                           f"render.renderers, or render with more test images (render.max_examples, and the test "
+                           f"split's size, e.g. data.dataset.n_test, cap them)")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
 
 
@@ -440,7 +444,7 @@ class TraversalRenderer(Renderer):
             order = activity_order(stats)  # (J,)
             inactive = inactive_dims(stats, o.inactive_kl, o.inactive_variance)  # (J,)
             values = span_values(stats, o.range, o.k, o.q, o.steps)  # (J, S)
-            examples = pick(len(ctx.images), o.n_examples, ctx.seed)  # (B,)
+            examples = pick(len(ctx.images), o.n_examples, ctx.seed, "n_examples")  # (B,)
             base = ctx.model.posterior(ctx.images[examples].to(device_of(ctx.model))).mode().float().cpu()  # (B, J)
             grid = traversal_images(ctx.model, base, values, order, o.batch_size)  # (B, J, S, C, H, W)
         j = len(order)
@@ -535,7 +539,7 @@ class InterpolationRenderer(Renderer):
         """Write interpolation.png."""
         check_kind(self, ctx.model)
         o, model = self.options, ctx.model
-        idx = pick(len(ctx.images), 2 * o.pairs, ctx.seed)  # (2P,)
+        idx = pick(len(ctx.images), 2 * o.pairs, ctx.seed, "pairs, two images each")  # (2P,)
         x_a, x_b = ctx.images[idx[:o.pairs]], ctx.images[idx[o.pairs:]]  # (P, C, H, W) each
         labels: list[str] = []
         with eval_mode(model):
@@ -622,7 +626,7 @@ class DiscreteRenderer(Renderer):
             raise VaeflowError(f"discrete renderer: positions names level(s) {sorted(unknown)}; the model has {levels}")
         paths = []
         with eval_mode(model):
-            x = ctx.images[pick(len(ctx.images), o.n_images, ctx.seed)]  # (B, C, H, W)
+            x = ctx.images[pick(len(ctx.images), o.n_images, ctx.seed, "n_images")]  # (B, C, H, W)
             codes = encode_codes(model, x, o.batch_size)  # {level: (B, h, w)}
             recon = decode_codes(model, codes, o.batch_size)  # (B, C, H, W)
             if "resample" in o.parts and several:

@@ -260,6 +260,23 @@ def test_vq_interpolation_ends_decode_the_codes_and_snap_back_onto_them(vq, imag
     assert pixels(path).shape[0] == 2 * 2 * TILE + PADDING  # a lerp and a snap row per pair
 
 
+def test_vaeflow_interpolate_on_a_vq_model_draws_lerped_and_snapped_rows(vq, images, tmp_path):
+    """`vaeflow interpolate` on a VQ-VAE-2 (it has no latent vector to walk) draws the interpolation renderer's rows
+    without the input columns: a lerp and a snap row per pair, the last column the second image's reconstruction."""
+    from vaeflow.pipelines.render import interpolations
+
+    pairs, steps, seed = 2, 4, 7
+    path = interpolations(vq, images, pairs, steps, seed, tmp_path / "sub" / "vi.png")
+    png = pixels(path)
+    assert png.shape[0] == 2 * pairs * TILE + PADDING and png.shape[1] >= steps * TILE + PADDING
+    x_b = images[pick(len(images), 2 * pairs, seed)[pairs]][None]  # (1, 1, 32, 32): the first pair's second image
+    with torch.no_grad():
+        recon_b = vq.likelihood.mean(vq.decode_codes(vq.encode_codes(x_b)))[0]  # (1, 32, 32)
+    last = png[PADDING:PADDING + 32, -TILE:-PADDING, 0]  # the lerp row's t = 1 tile
+    assert (last.int() - as_bytes(recon_b)[0].int()).abs().max() <= 1
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["vi.png"]  # no staging folder left
+
+
 # --- discrete --------------------------------------------------------------------------------
 def test_resampling_one_level_keeps_the_other_codes(vq, priors, images):
     codes = vq.encode_codes(images[:2])
