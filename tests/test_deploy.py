@@ -204,6 +204,25 @@ def test_deploy_without_a_server_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "needs a Prefect server" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_deploy_of_a_template_name_hands_the_runs_the_shipped_file(prefect_pg_server, tmp_path):
+    """`vaeflow deploy vae-shapes-tiny` (a template name, as `vaeflow run` takes): the deployment's runs read the
+    shipped template, not a file of that name in the folder deploy ran from."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from vaeflow.core.config import templates
+
+    tag = uuid.uuid4().hex[:8]
+    env = {**os.environ, "PREFECT_API_URL": prefect_pg_server, "PREFECT_HOME": str(tmp_path / "client-home")}
+    r = subprocess.run([VAEFLOW, "deploy", "vae-shapes-tiny", "--pool", f"tmpl-{tag}", "--name", f"tmpl-{tag}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    shipped = str(templates()["vae-shapes-tiny"].resolve())
+    assert f"each run reads {shipped} when it starts" in r.stdout
+    with temporary_settings({PREFECT_API_URL: prefect_pg_server}), get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name(f"{FLOW}/tmpl-{tag}").parameters["config_path"] == shipped
+
+
 # --- the real thing --------------------------------------------------------------------------
 def start_worker(pool: str, name: str, env: dict, log: Path) -> subprocess.Popen:
     """`prefect worker start` in its own process group, one flow run at a time."""
