@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 
 class VaeflowError(Exception):
     """A mistake the user can fix: bad config, unknown plugin, missing file, corrupt checkpoint."""
@@ -34,3 +36,14 @@ class CheckpointError(VaeflowError):
 
 class NonFiniteError(VaeflowError):
     """Training produced NaN or Inf; the last good checkpoint is kept."""
+
+
+def masked_url(url: str) -> str:
+    """A URL as messages show it: any password in it masked."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    except ValueError:
+        pass
+    return url

@@ -561,6 +561,9 @@ def run(
     from vaeflow.pipelines.workspace import workspace
 
     check_writable(workspace(cfg), folder=True, option="the workspace (VAEFLOW_HOME, tracking.workspace)")
+    from vaeflow.pipelines.deployments import check_prefect_api
+
+    check_prefect_api("run")  # a PREFECT_API_URL where no server answers: exit 2 now, before any run or store exists
     quiet_user_errors(echoed=True)  # a stage's user error is printed once, last, by user_errors
     call = lambda: pipeline(str(config), list(set_), until, force=list(force) or None)  # noqa: E731
     again = shlex.join(["vaeflow", "run", str(config), *(a for s in set_ for a in ("--set", s)),
@@ -628,8 +631,8 @@ def serve(
     from vaeflow.pipelines.deployments import require_api, schedules_from, serve_deployments
 
     cfg = load_config(config, set_)
+    schedules = schedules_from(cfg, cron, interval)  # argument errors first, offline
     require_api("serve")
-    schedules = schedules_from(cfg, cron, interval)
     serve_deployments(config_path(config).resolve(), list(set_), schedules, name or cfg.tracking.model_name, pin)
 
 
@@ -658,8 +661,8 @@ def deploy(
                                        parse_env, require_api, schedules_from, worker_env)
 
     cfg = load_config(config, set_)
+    schedules = schedules_from(cfg, cron, interval)  # argument errors first, offline
     require_api("deploy")
-    schedules = schedules_from(cfg, cron, interval)
     extra = parse_env(env)
     check_runnable(cfg, str(config))  # shape errors exit 2 here, not in every worker's run
     folder = (workspace or Path(os.environ.get("VAEFLOW_HOME") or Path.cwd())).resolve()

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from vaeflow.core.config import Config, ScheduleConfig
 from vaeflow.core.cpu import exported_waiting
 from vaeflow.core.interfaces import TAGS
-from vaeflow.core.errors import VaeflowError
+from vaeflow.core.errors import VaeflowError, masked_url
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding pipelines/ and core/: the deployments' source
 PIPELINE_ENTRYPOINT = "pipelines/pipeline.py:pipeline"
@@ -436,16 +436,112 @@ def deploy_to_pool(config_path: Path, overrides: list[str], cfg: Config, schedul
 
 # --- command-line helpers (vaeflow serve / vaeflow deploy) ---------------------------------------
 def require_api(command: str) -> str:
-    """PREFECT_API_URL, or a user error saying how to get a server."""
+    """PREFECT_API_URL, or a user error saying how to get a server; a user error too when no server answers there
+    (check_prefect_api), before anything is registered."""
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         raise VaeflowError(f"vaeflow {command} needs a Prefect server: run `make server` (or `prefect server start`) "
                            "and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    check_prefect_api(command)
     return url
 
 
+PREFECT_PROBE_TIMEOUT = 5.0  # seconds: a Prefect server answers /health at once
+
+
+def check_prefect_api(command: str = "run", timeout: float = PREFECT_PROBE_TIMEOUT) -> None:
+    """When PREFECT_API_URL is set (environment or Prefect profile): raise a VaeflowError unless a Prefect server
+    answers its health check there within `timeout` seconds, without Prefect's retries. Without it, nothing: `vaeflow
+    run` then starts a temporary local server. Call it before any work starts (no MLflow run, no store is made)."""
+    from pydantic import ValidationError
+
+    try:
+        from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+        url = PREFECT_API_URL.value()
+    except ValidationError as exc:  # Prefect refuses its own settings, PREFECT_API_URL's value among them
+        raise VaeflowError(f"Prefect's settings are invalid: {_settings_problem(exc)}; fix the variable (or "
+                           f"`prefect config view` for the profile's), e.g. PREFECT_API_URL=http://127.0.0.1:4200/api"
+                           ) from None
+    if not url:
+        return
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+        try:
+            with get_client(sync_client=True, httpx_settings={"timeout": timeout}) as client:
+                error = client.api_healthcheck()
+        except Exception as exc:  # an address the client can not even use
+            error = exc
+    if error is None:
+        return
+    shown = masked_url(str(url))
+    where = f"PREFECT_API_URL={shown}" + ("" if os.environ.get("PREFECT_API_URL") else
+                                          " (from the active Prefect profile; see `prefect config view`)")
+    example = "http://127.0.0.1:4200/api"
+    if isinstance(error, httpx.HTTPStatusError):
+        status = error.response.status_code
+        if status in (401, 403):
+            raise VaeflowError(f"{where}: the Prefect server refused the request (HTTP {status}); check PREFECT_API_KEY "
+                               f"(Prefect Cloud) or PREFECT_API_AUTH_STRING (a server with basic auth)")
+        raise VaeflowError(f"{where}: a server answered HTTP {status} at {shown.rstrip('/')}/health, so this is not a "
+                           f"Prefect API address; a Prefect server's API URL ends in /api, e.g. {example}")
+    if isinstance(error, (httpx.UnsupportedProtocol, httpx.InvalidURL)) or not str(url).startswith(("http://", "https://")):
+        raise VaeflowError(f"{where} is not an http(s) address of a Prefect API; e.g. PREFECT_API_URL={example}")
+    reason = (f"no answer within {timeout:g} s" if isinstance(error, httpx.TimeoutException) else
+              "connection refused" if "refused" in str(error).lower() or "All connection attempts failed" in str(error)
+              else (str(error).splitlines() or [type(error).__name__])[0][:200])
+    todo = (f"start one with `prefect server start` (then PREFECT_API_URL={example}), fix PREFECT_API_URL, or unset it "
+            f"to let `vaeflow run` start a temporary local server" if command == "run" else
+            f"start one with `make server` or `prefect server start` (then PREFECT_API_URL={example}), or fix "
+            f"PREFECT_API_URL; `vaeflow {command}` needs a server that keeps running")
+    raise VaeflowError(f"{where}: no Prefect server answers there ({reason}); {todo}")
+
+
+def _settings_problem(exc) -> str:
+    """The first problem of a pydantic ValidationError of Prefect's settings, naming the variable and its value."""
+    first = (exc.errors() or [{}])[0]
+    msg = str(first.get("msg", exc)).removeprefix("Value error, ")
+    loc = "_".join(str(p) for p in first.get("loc", ())).upper()
+    var = f"PREFECT_{loc}" if loc else ("PREFECT_API_URL" if os.environ.get("PREFECT_API_URL") else "")
+    value = os.environ.get(var) if var else None
+    return f"{var}={masked_url(value)}: {msg}" if value is not None else f"{var or 'a setting'}: {msg}"
+
+
+CRON_EXAMPLES = "e.g. '0 3 * * *' (03:00 daily) or '*/15 * * * *' (every 15 minutes)"
+MAX_INTERVAL = 366 * 24 * 3600  # ScheduleConfig.interval_seconds' bound
+
+
+def cron_problem(cron: str, timezone: str | None = None) -> str | None:
+    """Why Prefect would refuse this cron schedule (validated as Prefect validates it: its CronSchedule), or None."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+    return None
+
+
 def schedules_from(cfg: Config, cron: list[str], interval: list[int]) -> list[ScheduleConfig]:
-    """The config's `schedules:` plus --cron / --interval."""
+    """The config's `schedules:` plus --cron / --interval, each checked as Prefect will check it: a user error names
+    the option (or the config entry), the value and an example."""
+    for i, s in enumerate(cfg.schedules):
+        if s.cron is not None and (why := cron_problem(s.cron, s.timezone)):
+            raise VaeflowError(f"schedules[{i}] in the config (cron {s.cron!r}"
+                               + (f", timezone {s.timezone!r}" if s.timezone else "") + f"): {why}; a cron expression "
+                               f"has five fields, minute hour day-of-month month day-of-week, {CRON_EXAMPLES}, and a "
+                               f"timezone is an IANA name such as Europe/Paris")
+    for c in cron:
+        if why := cron_problem(c):
+            raise VaeflowError(f"--cron {c!r}: {why}; give five fields, minute hour day-of-month month day-of-week, "
+                               f"{CRON_EXAMPLES.replace('e.g. ', 'e.g. --cron ').replace(' or ', ' or --cron ')}")
+    for i in interval:
+        if not 0 < i <= MAX_INTERVAL:
+            raise VaeflowError(f"--interval {i}: give seconds between 1 and {MAX_INTERVAL} (366 days), e.g. "
+                               f"--interval 3600 (hourly)")
     try:
         return (cfg.schedules + [ScheduleConfig(cron=c) for c in cron]
                 + [ScheduleConfig(interval_seconds=i) for i in interval])

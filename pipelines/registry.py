@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -212,16 +213,37 @@ def register_prior(client: MlflowClient, run_id: str, prior_dir: Path, stage1_na
 def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str]:
     """(name, version) of models:/NAME@alias or models:/NAME/VERSION."""
     body = uri.removeprefix("models:/")
+    if "@" not in body and "/" not in body:
+        raise VaeflowError(f"{uri} names no version: add an alias or a version number, e.g. models:/{body or 'NAME'}"
+                           f"@champion or models:/{body or 'NAME'}/1")
+    name = body.split("@", 1)[0] if "@" in body else body.rsplit("/", 1)[0]
     try:
         if "@" in body:
-            name, alias = body.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, version = body.rsplit("/", 1)
+            return name, str(client.get_model_version_by_alias(name, body.split("@", 1)[1]).version)
+        version = body.rsplit("/", 1)[1]
         if version == "latest":
             return name, str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
         return name, str(client.get_model_version(name, version).version)
     except (MlflowException, ValueError):
-        raise VaeflowError(f"{uri}: no such registered model version; see `vaeflow models list`") from None
+        raise VaeflowError(f"{uri}: no such registered model version; {_what_is_registered(client, name)}") from None
+
+
+def _what_is_registered(client: MlflowClient, name: str) -> str:
+    """What a models:/ URI of `name` could name: its versions and aliases, or the registered names."""
+    import difflib
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=1000)]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"no model is registered as {name!r}{hint}; registered: {', '.join(sorted(names)[:20]) or 'none'} "
+                f"(`vaeflow models list`)")
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(model.aliases.items())) or "none"
+    return (f"{name!r} has versions {', '.join(map(str, versions)) or 'none'} and aliases {aliases} "
+            f"(`vaeflow models list`)")
 
 
 def find_priors(client: MlflowClient, uri: str, levels: tuple[str, ...]) -> dict[str, Path]:
@@ -298,13 +320,52 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
         return None
 
 
+# MLflow's own rules (mlflow.utils.validation: _validate_model_alias_name and _validate_model_alias_name_reserved)
+ALIAS_MAX_LENGTH = 255
+ALIAS_RULE = ("an alias is 1 to 255 letters, digits, underscores (_) and dashes (-), and MLflow reserves 'latest' "
+              "(any case) and v<number> (v3, V12: version 3, 12), e.g. champion, staging, prod-2024")
+
+
+def alias_problem(alias: str) -> str | None:
+    """What breaks MLflow's rules for a registered model alias, or None when it is a valid alias."""
+    if not alias:
+        return "is empty"
+    if not re.fullmatch(r"[\w\-]+", alias):
+        bad = "".join(dict.fromkeys(c for c in alias if not re.fullmatch(r"[\w\-]", c)))
+        return f"has characters MLflow does not allow in an alias ({bad!r})"
+    if len(alias) > ALIAS_MAX_LENGTH:
+        return f"is {len(alias)} characters long (at most {ALIAS_MAX_LENGTH})"
+    if alias.lower() == "latest":
+        return "is reserved by MLflow (models:/NAME/latest means the newest version)"
+    if re.fullmatch(r"[vV]\d+", alias):
+        return f"is reserved by MLflow (models:/NAME@{alias} means version {alias[1:]})"
+    return None
+
+
+def check_alias(alias: str, option: str = "--alias") -> str:
+    """The alias, or a VaeflowError naming it (as `option`), what is wrong and MLflow's rule."""
+    problem = alias_problem(alias)
+    if problem is not None:
+        raise VaeflowError(f"{option} {alias!r} {problem}: {ALIAS_RULE}")
+    return alias
+
+
 def promote(client: MlflowClient, name: str, version: int, alias: str = CHAMPION) -> None:
-    """Point `alias` at a version, checking that the version exists."""
+    """Point `alias` at a version, checking the alias against MLflow's rules and that the version exists."""
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+
+    check_alias(alias)
     try:
         client.get_model_version(name, str(version))
     except MlflowException:
         raise VaeflowError(f"model {name!r} has no version {version}; see `vaeflow models list`") from None
-    client.set_registered_model_alias(name, alias, str(version))
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
+            raise
+        raise VaeflowError(f"MLflow refused alias {alias!r} for model {name!r} version {version}: "
+                           f"{str(exc).splitlines()[0][:300]}; {ALIAS_RULE}") from None
 
 
 def list_models(client: MlflowClient) -> list[dict]:

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from vaeflow import __version__
 from vaeflow.core.config import Config, config_hash
 from vaeflow.core.checkpoint import STORE_FILE, missing_store, plugins_used  # noqa: F401 (missing_store re-exported)
+from vaeflow.core.errors import VaeflowError, masked_url
 
 DB_FILE = STORE_FILE
 ARTIFACTS_DIR = "mlartifacts"
@@ -53,14 +54,27 @@ def _create_sqlite_once(uri: str) -> None:
 
 def get_client(create: bool = True) -> MlflowClient:
     """A client for the configured store. The embedded sqlite one is created when missing, unless `create` is False
-    (a lookup: a VaeflowError then says there is no store, and no file is made)."""
+    (a lookup: a VaeflowError then says there is no store, and no file is made).
+
+    A store that can not be used is a VaeflowError naming it and what would work (store_problem, probe_server): a URI
+    MLflow has no store for, a folder store, a file that is not an SQLite database, a tracking server that does not
+    answer (one short probe, probe_server, instead of MLflow's minutes of retries)."""
     uri = tracking_uri()
     if not create and (why := missing_store(uri)):
-        from vaeflow.core.errors import VaeflowError
-
         raise VaeflowError(why)
-    if uri.startswith("sqlite:///"):
-        _create_sqlite_once(uri)
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri)
+    else:
+        probe_database(uri)
+    try:
+        if uri.startswith("sqlite:///"):
+            _create_sqlite_once(uri)
+        client = MlflowClient(uri, registry_uri=uri)
+    except Exception as exc:
+        why = store_problem(uri, exc)
+        if why is None:
+            raise
+        raise VaeflowError(why) from None
     # for the few fluent calls (log_model) made inside a task's own thread; MLflow 3 also exports these as
     # environment variables, which would then pin every later call in this process to this store as if the
     # user had set MLFLOW_TRACKING_URI, so the user's own values are put back
@@ -72,7 +86,147 @@ def get_client(create: bool = True) -> MlflowClient:
             os.environ.pop(var, None)
         else:
             os.environ[var] = value
-    return MlflowClient(uri, registry_uri=uri)
+    return client
+
+
+# --- a store that can not be used: what was wrong, where, and what would work ---------------------
+STORE_FORMS = ("sqlite:///PATH/mlflow.db (a local store), http(s)://HOST:PORT (an `mlflow server`), or a database "
+               "URL such as postgresql://USER@HOST:PORT/DB")
+PROBE_TIMEOUT = 5.0  # seconds: a tracking server answers /health at once; MLflow's own retries take minutes
+_answered: set[str] = set()  # servers that answered in this process: probed once
+
+
+def store_source(uri: str) -> str:
+    """Where the store URI came from, as a message names it: `MLFLOW_TRACKING_URI=...`, or the embedded store."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return f"MLFLOW_TRACKING_URI={masked_url(uri)}"
+    return f"the MLflow store {uri} (mlflow.db in VAEFLOW_HOME or the current folder)"
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """An exception and the ones it was raised from or during."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of an exception and of the ones it was raised from or during."""
+    return "\n".join(str(e) for e in _chain(exc))
+
+
+def store_problem(uri: str, exc: BaseException) -> str | None:
+    """What is wrong with the store at `uri`, given what opening it raised; None when it is not the store's URI or
+    file (a bug, or a passing failure: the caller re-raises it)."""
+    from urllib.parse import urlsplit
+
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    text = _chain_text(exc)
+    where = store_source(uri)
+    scheme = urlsplit(uri).scheme if "://" in uri else ""
+    if isinstance(exc, UnsupportedModelRegistryStoreURIException) or "unsupported URI" in text:
+        return f"{where} is not a store URI MLflow can use (scheme {scheme or 'none'!r}); use {STORE_FORMS}"
+    if scheme in ("", "file") and "filesystem tracking backend" in text:
+        return (f"{where} names a folder store (MLflow's filesystem backend, like ./mlruns), which MLflow 3 no "
+                f"longer opens by default; use sqlite:///PATH/mlflow.db or a tracking server http(s)://HOST:PORT "
+                f"(`mlflow migrate-filestore` converts an existing folder store), or set MLFLOW_ALLOW_FILE_STORE=true "
+                f"to use the folder anyway")
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        via = " (MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") else ""
+        if "file is not a database" in text or "file is encrypted" in text:
+            return (f"{path}{via} is not an SQLite database (corrupt, or another kind of file), so the MLflow store "
+                    f"in it can not be read: restore it from a backup, or move it aside and run `vaeflow run CONFIG` "
+                    f"to start a new store; or point VAEFLOW_HOME or MLFLOW_TRACKING_URI at the right store")
+        if "unable to open database file" in text:
+            return (f"cannot open the MLflow store {path}{via}: check that the file and its folder are readable and "
+                    f"writable, or point VAEFLOW_HOME or MLFLOW_TRACKING_URI at another store")
+    missing = next((e for e in _chain(exc) if isinstance(e, ImportError)), None)
+    if missing is not None and _database_scheme(uri):
+        return (f"{where} needs the database driver module {missing.name or '?'!r}, which is not installed: install "
+                f"it, or name an installed driver in the URL (e.g. postgresql+psycopg2://USER@HOST:PORT/DB)")
+    return None
+
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # the database schemes MLflow accepts
+
+
+def _database_scheme(uri: str) -> str | None:
+    """The database of a database-server store URL (postgresql+psycopg2://... -> postgresql), else None."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    return scheme if scheme in DATABASE_PORTS else None
+
+
+def probe_database(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """For a database-server store (postgresql://, mysql://, mssql://) with a host: raise a VaeflowError unless its
+    port accepts a connection within `timeout` seconds (MLflow retries a refused connection for about 100 s). A
+    socket path or no host: nothing to probe. Other URIs: nothing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    scheme = _database_scheme(uri)
+    if scheme is None or uri in _answered:
+        return
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or DATABASE_PORTS[scheme]
+    except ValueError as exc:
+        raise VaeflowError(f"MLFLOW_TRACKING_URI={masked_url(uri)} is not a valid database URL ({exc}); use "
+                           f"{STORE_FORMS}") from None
+    if not host:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = ("its host name does not resolve" if isinstance(exc, socket.gaierror) else
+                  f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else
+                  "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc)[:200])
+        raise VaeflowError(f"MLFLOW_TRACKING_URI={masked_url(uri)}: no {scheme} database server answers at "
+                           f"{host}:{port} ({reason}); start it, fix the address, or unset MLFLOW_TRACKING_URI to use "
+                           f"the local store (mlflow.db in VAEFLOW_HOME or the current folder)") from None
+    _answered.add(uri)
+
+
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Raise a VaeflowError unless a server answers at the tracking server address `uri` within `timeout` seconds.
+
+    MLflow retries a request that gets no answer with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default, each
+    up to MLFLOW_HTTP_REQUEST_TIMEOUT, 120 s), so a wrong address would hang a command for minutes. Any HTTP answer
+    counts, whatever its status (a server behind a proxy or with authentication may refuse /health): what follows
+    reports it. One GET of /health per server and process."""
+    import requests
+
+    base = uri.rstrip("/")
+    if base in _answered:
+        return
+    try:
+        requests.get(f"{base}/health", timeout=timeout, allow_redirects=False)
+    except requests.exceptions.SSLError:
+        pass  # something answered, in TLS: MLflow's own TLS settings (MLFLOW_TRACKING_SERVER_CERT_PATH, ...) decide
+    except requests.exceptions.Timeout:
+        raise VaeflowError(_no_server(uri, f"no answer within {timeout:g} s")) from None
+    except requests.exceptions.ConnectionError as exc:
+        text = str(exc)
+        reason = ("connection refused" if "refused" in text.lower() else
+                  "its host name does not resolve" if any(s in text for s in ("NameResolution", "not known",
+                                                                               "nodename nor servname",
+                                                                               "Temporary failure in name"))
+                  else text.splitlines()[0][:200])
+        raise VaeflowError(_no_server(uri, reason)) from None
+    except requests.exceptions.RequestException as exc:  # a malformed address
+        raise VaeflowError(f"MLFLOW_TRACKING_URI={masked_url(uri)} is not a usable server address "
+                           f"({str(exc).splitlines()[0][:200]}); use {STORE_FORMS}") from None
+    _answered.add(base)
+
+
+def _no_server(uri: str, reason: str) -> str:
+    return (f"MLFLOW_TRACKING_URI={masked_url(uri)}: no MLflow tracking server answers there ({reason}). Start one "
+            f"(e.g. `mlflow server --backend-store-uri sqlite:///PATH/mlflow.db --host 127.0.0.1 --port 5000`), fix "
+            f"the address, or unset MLFLOW_TRACKING_URI to use the local store (mlflow.db in VAEFLOW_HOME, else the "
+            f"current folder)")
 
 
 # MLflow 3's UI opens an experiment in its model-training view (not the GenAI one) with this tag

@@ -214,3 +214,21 @@ def test_resume_of_a_finished_run_says_so_and_shows_its_last_epoch(trained, tmp_
     assert f"loss {last['loss']:.4g}" in proc.stdout and f"{last['img_per_s']:,.0f} img/s in the last" in proc.stdout
     assert (run / WEIGHTS_FILE).read_bytes() == before and (run / CHECKPOINT_FILE).is_file()
 
+
+
+def test_a_models_uri_without_a_version_or_with_a_wrong_one_says_what_is_registered(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "model").mkdir()
+    client.create_registered_model("shapes-vae")
+    for _ in range(2):
+        client.create_model_version("shapes-vae", source=str(tmp_path / "model"))
+    client.set_registered_model_alias("shapes-vae", "champion", "2")
+    cases = [("models:/shapes-vae", ["names no version", "models:/shapes-vae@champion or models:/shapes-vae/1"]),
+             ("models:/shapes-vae@nope", ["has versions 1, 2 and aliases @champion -> 2"]),
+             ("models:/shapes-vae/7", ["has versions 1, 2"]),
+             ("models:/shape-vae@champion", ["no model is registered as 'shape-vae' (did you mean 'shapes-vae'?)"])]
+    for uri, words in cases:
+        user_error(vaeflow("generate", "--model", uri, "--out", tmp_path / "s.png", cwd=tmp_path), uri, *words)
+    assert not (tmp_path / "s.png").exists()
