@@ -40,7 +40,8 @@ def registry(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("registry")
     (folder / "model").mkdir()
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # else the registry is MLflow's process-wide one
     client.create_registered_model(MODEL)
     client.create_model_version(MODEL, source=str(folder / "model"))
     return folder
@@ -73,7 +74,8 @@ def test_an_alias_mlflow_refuses_past_the_check_is_a_user_error(registry, monkey
     from vaeflow.pipelines import registry as reg
 
     monkeypatch.setattr(reg, "alias_problem", lambda alias: None)
-    client = MlflowClient(f"sqlite:///{registry / 'mlflow.db'}")
+    uri = f"sqlite:///{registry / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # else the registry is MLflow's process-wide one
     with pytest.raises(VaeflowError, match=r"MLflow refused alias 'v7' for model .* version 1"):
         reg.promote(client, MODEL, 1, "v7")
 

@@ -219,7 +219,8 @@ def test_resume_of_a_finished_run_says_so_and_shows_its_last_epoch(trained, tmp_
 def test_a_models_uri_without_a_version_or_with_a_wrong_one_says_what_is_registered(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # else the registry is MLflow's process-wide one
     (tmp_path / "model").mkdir()
     client.create_registered_model("shapes-vae")
     for _ in range(2):
