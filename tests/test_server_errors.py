@@ -108,12 +108,14 @@ def test_deploy_refuses_a_bad_cron_and_an_interval_past_a_year(tmp_path):
                "--cron 'every day'", "'0 3 * * *'")
     user_error(vaeflow("deploy", TINY, "--pool", "p1", "--interval", str(10**9), cwd=tmp_path),
                f"--interval {10**9}", "31622400", "--interval 3600")
+    assert listing(tmp_path) == []  # refused before any store, workspace or deployment was made
 
 
 def test_a_bad_cron_in_the_configs_schedules_is_named(tmp_path):
     config = tmp_path / "scheduled.yaml"
     config.write_text(TINY.read_text() + "\nschedules:\n  - cron: '0 3 * * *'\n  - cron: 'nightly'\n")
     user_error(vaeflow("serve", config, cwd=tmp_path), "schedules[1]", "'nightly'", "'0 3 * * *'")
+    assert listing(tmp_path) == ["scheduled.yaml"]
 
 
 # --- 4. an MLflow store that can not be used ---------------------------------------------------------------------

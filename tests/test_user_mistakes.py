@@ -15,16 +15,7 @@ from vaeflow.core.checkpoint import CHECKPOINT_FILE, PLUGINS_FILE, WEIGHTS_FILE
 from vaeflow.core.config import load_config
 from vaeflow.core.errors import CheckpointError, ConfigError, DataError, VaeflowError
 from conftest import TINY
-from test_bad_input import SMALL, user_error, vaeflow
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny VAE trained for one epoch on 256 shapes (64 test images)."""
-    run = tmp_path_factory.mktemp("mistakes") / "run"
-    proc = vaeflow("train", TINY, "--out", run, "--set", "train.epochs=1", *SMALL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
+from test_bad_input import SMALL, trained, user_error, vaeflow  # noqa: F401 (trained: the tiny run, a fixture)
 
 
 def copy_run(trained: Path, to: Path) -> Path:
